@@ -1,0 +1,938 @@
+//! The TOML configuration: schema, `${VAR}` substitution, validation.
+//!
+//! Everything a run needs is in one file. Parsing is strict
+//! (`deny_unknown_fields` everywhere) and every problem is reported with the
+//! file, line and column it comes from before anything starts.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::record::{KindSet, Millis, OutputKind};
+
+/// A configuration error, located in its file where possible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column, when known.
+    pub location: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.location {
+            Some((line, col)) => write!(f, "{}:{line}:{col}: {}", self.file.display(), self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A length of time written as `"250ms"`, `"5s"`, `"1m"`, `"1h"` or `"1d"`
+/// (a bare integer is milliseconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Duration(Millis);
+
+impl Duration {
+    pub const fn from_millis(ms: Millis) -> Self {
+        Duration(ms)
+    }
+    pub const fn millis(self) -> Millis {
+        self.0
+    }
+    pub fn std(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.0.max(0) as u64)
+    }
+
+    /// Parses `"<integer><unit>"`, unit one of ms, s, m, h, d.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let bad = || {
+            format!(
+                "invalid duration {text:?}: expected a whole number and a unit, one of ms, s, m, h, d (e.g. \"250ms\", \"5s\", \"1h\")"
+            )
+        };
+        if digits.is_empty() {
+            return Err(bad());
+        }
+        let n: i64 = digits.parse().map_err(|_| bad())?;
+        let scale = match unit.trim() {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(scale)
+            .map(Duration)
+            .ok_or_else(|| format!("duration {text:?} is too large"))
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0;
+        for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+            if ms != 0 && ms % scale == 0 {
+                return write!(f, "{}{unit}", ms / scale);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Millis(i64),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a duration such as \"250ms\", \"5s\", \"1m\", \"1h\" or a number of milliseconds",
+            )
+        })? {
+            Raw::Text(t) => Duration::parse(&t).map_err(serde::de::Error::custom),
+            Raw::Millis(ms) if ms >= 0 => Ok(Duration(ms)),
+            Raw::Millis(ms) => Err(serde::de::Error::custom(format!(
+                "duration must not be negative, got {ms}"
+            ))),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    pub source: Spanned<SourceConfig>,
+    pub schema: SchemaConfig,
+    #[serde(default)]
+    pub watermark: WatermarkConfig,
+    #[serde(default)]
+    pub features: Vec<FeatureConfig>,
+    #[serde(default)]
+    pub inference: InferenceConfig,
+    #[serde(default)]
+    pub sinks: Vec<Spanned<SinkConfig>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Where RocksDB keeps state and checkpoints.
+    pub state_dir: PathBuf,
+    /// How often the source injects a checkpoint barrier.
+    pub checkpoint_interval: Duration,
+    /// Capacity, in batches, of each channel between stages.
+    pub channel_capacity: usize,
+    /// Most records a source hands over in one batch.
+    pub batch_size: usize,
+    /// How often a progress line is printed on a terminal (0 turns it off).
+    pub progress_interval: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            state_dir: PathBuf::from("./state"),
+            checkpoint_interval: Duration(5_000),
+            channel_capacity: 16,
+            batch_size: 256,
+            progress_interval: Duration(5_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// NDJSON files, one partition per file.
+    File(FileSourceConfig),
+    /// Synthetic events, deterministic for a seed.
+    Generator(GeneratorConfig),
+}
+
+impl SourceConfig {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SourceConfig::File(_) => "file",
+            SourceConfig::Generator(_) => "generator",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// One file, or use `paths` for several (each its own partition).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    /// Keep reading as the file grows (like `tail -f`); the source never ends.
+    #[serde(default)]
+    pub follow: bool,
+    /// How often a followed file is checked for new lines.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: Duration,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration(200)
+}
+
+impl FileSourceConfig {
+    pub fn all_paths(&self) -> Vec<PathBuf> {
+        self.path.iter().chain(&self.paths).cloned().collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratorConfig {
+    /// Same seed, same events (given a fixed `start_time`).
+    pub seed: u64,
+    /// Events per second over all partitions; 0 means as fast as possible.
+    pub rate: f64,
+    /// Number of distinct keys.
+    pub keys: u64,
+    /// Zipf exponent of key popularity: 0 is uniform, 1 is a typical hot-key skew.
+    pub skew: f64,
+    /// Largest amount an event's time lags the generator's clock.
+    pub out_of_orderness: Duration,
+    /// Number of partitions (each its own watermark).
+    pub partitions: u32,
+    /// Stop after this many events; without it the generator runs until stopped.
+    pub count: Option<u64>,
+    /// Event time of the first event (epoch ms); defaults to the wall clock at start.
+    pub start_time: Option<Millis>,
+    /// Fraction of events that lag far beyond the out-of-orderness bound.
+    pub late_fraction: f64,
+    /// Fraction of records written malformed, to exercise dead letters.
+    pub bad_fraction: f64,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        GeneratorConfig {
+            seed: 42,
+            rate: 1_000.0,
+            keys: 1_000,
+            skew: 1.0,
+            out_of_orderness: Duration(2_000),
+            partitions: 2,
+            count: None,
+            start_time: None,
+            late_fraction: 0.0,
+            bad_fraction: 0.0,
+        }
+    }
+}
+
+/// The type a schema field must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldSpec {
+    pub ty: FieldType,
+    /// Written with a trailing `?` (`"f64?"`): the field may be absent or null.
+    pub optional: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    F64,
+    I64,
+    String,
+    Bool,
+}
+
+impl FieldType {
+    pub fn is_numeric(self) -> bool {
+        matches!(self, FieldType::F64 | FieldType::I64)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldType::F64 => "f64",
+            FieldType::I64 => "i64",
+            FieldType::String => "string",
+            FieldType::Bool => "bool",
+        }
+    }
+}
+
+impl fmt::Display for FieldSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.ty.as_str())?;
+        if self.optional {
+            f.write_str("?")?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for FieldSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let (base, optional) = match text.strip_suffix('?') {
+            Some(base) => (base, true),
+            None => (text.as_str(), false),
+        };
+        let ty = match base {
+            "f64" | "float" | "number" => FieldType::F64,
+            "i64" | "int" | "integer" => FieldType::I64,
+            "string" | "str" => FieldType::String,
+            "bool" | "boolean" => FieldType::Bool,
+            _ => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown field type {text:?}: expected one of f64, i64, string, bool (add `?` for an optional field, e.g. \"f64?\")"
+                )))
+            }
+        };
+        Ok(FieldSpec { ty, optional })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// Field holding the entity key (string or integer).
+    pub key: String,
+    /// Field holding the event time: RFC 3339 string or epoch-millis number.
+    pub timestamp: String,
+    /// Typed fields, in the order features and outputs see them.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldSpec>,
+    /// Larger records go to dead letters unread.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// Event times outside `[min_event_time, max_event_time]` are dead letters
+    /// (default: years 2000 to 2200).
+    #[serde(default = "default_min_event_time")]
+    pub min_event_time: Millis,
+    #[serde(default = "default_max_event_time")]
+    pub max_event_time: Millis,
+}
+
+fn default_max_record_bytes() -> usize {
+    1 << 20
+}
+fn default_min_event_time() -> Millis {
+    946_684_800_000 // 2000-01-01T00:00:00Z
+}
+fn default_max_event_time() -> Millis {
+    7_258_118_400_000 // 2200-01-01T00:00:00Z
+}
+
+impl SchemaConfig {
+    /// Index of a field in the event's field vector.
+    pub fn field_index(&self, name: &str) -> Option<usize> {
+        self.fields.keys().position(|k| k == name)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatermarkConfig {
+    /// How far behind the newest event time an event may arrive and still be on time.
+    pub max_out_of_orderness: Duration,
+    /// A partition silent this long stops holding the watermark back.
+    pub idle_timeout: Duration,
+    /// How long after firing a window still accepts (and re-fires on) late events.
+    pub allowed_lateness: Duration,
+}
+
+impl Default for WatermarkConfig {
+    fn default() -> Self {
+        WatermarkConfig {
+            max_out_of_orderness: Duration(5_000),
+            idle_timeout: Duration(30_000),
+            allowed_lateness: Duration(0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AggKind {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Mean,
+    First,
+    Last,
+    Stddev,
+    DistinctCount,
+}
+
+impl AggKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AggKind::Count => "count",
+            AggKind::Sum => "sum",
+            AggKind::Min => "min",
+            AggKind::Max => "max",
+            AggKind::Mean => "mean",
+            AggKind::First => "first",
+            AggKind::Last => "last",
+            AggKind::Stddev => "stddev",
+            AggKind::DistinctCount => "distinct_count",
+        }
+    }
+    /// Whether the aggregate reads a numeric field.
+    pub fn needs_numeric_field(self) -> bool {
+        !matches!(self, AggKind::Count | AggKind::DistinctCount)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowType {
+    Tumbling,
+    Sliding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSpec {
+    #[serde(rename = "type")]
+    pub kind: WindowType,
+    pub size: Duration,
+    #[serde(default)]
+    pub slide: Option<Duration>,
+}
+
+impl WindowSpec {
+    /// The slice length: the slide of a sliding window, the size of a tumbling one.
+    pub fn slide_millis(&self) -> Millis {
+        match self.kind {
+            WindowType::Tumbling => self.size.millis(),
+            WindowType::Sliding => self.slide.unwrap_or(self.size).millis(),
+        }
+    }
+    pub fn size_millis(&self) -> Millis {
+        self.size.millis()
+    }
+}
+
+impl fmt::Display for WindowSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kind, self.slide) {
+            (WindowType::Sliding, Some(slide)) => write!(f, "sliding {} every {}", self.size, slide),
+            _ => write!(f, "tumbling {}", self.size),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    pub name: Spanned<String>,
+    pub agg: AggKind,
+    /// The schema field aggregated; not used by `count`.
+    #[serde(default)]
+    pub field: Option<Spanned<String>>,
+    pub window: Spanned<WindowSpec>,
+    /// `distinct_count` only: most distinct values kept per window slice;
+    /// exceeding it is an error, never a silent truncation.
+    #[serde(default)]
+    pub max_distinct: Option<usize>,
+}
+
+pub const DEFAULT_MAX_DISTINCT: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// A model in this process, from `model`.
+    Embedded,
+    /// No model: the features output is the final per-event output.
+    #[default]
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    pub backend: Backend,
+    /// The embedded model's file (TOML or JSON), see `config/models/`.
+    pub model: Option<PathBuf>,
+    /// A batch closes at this many records...
+    pub max_batch: usize,
+    /// ...or when its oldest record has waited this long.
+    pub max_wait: Duration,
+    /// Batches being scored at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            backend: Backend::None,
+            model: None,
+            max_batch: 32,
+            max_wait: Duration(5),
+            max_in_flight: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    Stdout(StdoutSinkConfig),
+    File(FileSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn kinds(&self) -> &[OutputKind] {
+        match self {
+            SinkConfig::Stdout(c) => &c.kinds,
+            SinkConfig::File(c) => &c.kinds,
+        }
+    }
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkConfig::Stdout(_) => "stdout",
+            SinkConfig::File(_) => "file",
+        }
+    }
+    pub fn kind_set(&self) -> KindSet {
+        self.kinds().iter().copied().collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSinkConfig {
+    pub kinds: Vec<OutputKind>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    pub path: PathBuf,
+    pub kinds: Vec<OutputKind>,
+    /// Start a new file (`path.1`, `path.2`, ...) once the current one has this many bytes.
+    #[serde(default)]
+    pub rotate_bytes: Option<u64>,
+}
+
+impl Config {
+    /// Reads, substitutes, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            location: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Config::from_str_at(&text, path, |name| std::env::var(name).ok())
+    }
+
+    /// Parses config text; `env` resolves `${VAR}` references.
+    pub fn from_str_at(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, text: &str, message: String| ConfigError {
+            file: path.to_owned(),
+            location: span.map(|s| line_col(text, s.start)),
+            message,
+        };
+        let text = substitute_env(text, &env).map_err(|(at, msg)| err(Some(at..at), text, msg))?;
+        let config: Config = toml::from_str(&text)
+            .map_err(|e| err(e.span(), &text, e.message().trim().to_string()))?;
+        config
+            .validate()
+            .map_err(|(span, msg)| err(span, &text, msg))?;
+        Ok(config)
+    }
+
+    /// The semantic checks serde cannot express.
+    fn validate(&self) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+        let at = |span: std::ops::Range<usize>, msg: String| Err((Some(span), msg));
+
+        let p = &self.pipeline;
+        if p.checkpoint_interval.millis() <= 0 {
+            return Err((None, "[pipeline] checkpoint_interval must be greater than 0".into()));
+        }
+        if p.channel_capacity == 0 || p.batch_size == 0 {
+            return Err((None, "[pipeline] channel_capacity and batch_size must be at least 1".into()));
+        }
+
+        match self.source.get_ref() {
+            SourceConfig::File(f) => {
+                if f.all_paths().is_empty() {
+                    return at(self.source.span(), "[source] type = \"file\" needs `path` (one file) or `paths` (several)".into());
+                }
+                let mut seen = HashSet::new();
+                for p in f.all_paths() {
+                    if !seen.insert(p.clone()) {
+                        return at(self.source.span(), format!("[source] lists the file {} twice", p.display()));
+                    }
+                }
+            }
+            SourceConfig::Generator(g) => {
+                if !(g.rate >= 0.0 && g.rate.is_finite()) {
+                    return at(self.source.span(), format!("[source] rate must be a number of events per second ≥ 0 (0 = unthrottled), got {}", g.rate));
+                }
+                if g.keys == 0 || g.partitions == 0 {
+                    return at(self.source.span(), "[source] keys and partitions must be at least 1".into());
+                }
+                if !(g.skew >= 0.0 && g.skew.is_finite()) {
+                    return at(self.source.span(), format!("[source] skew must be ≥ 0 (0 = uniform), got {}", g.skew));
+                }
+                for (name, v) in [("late_fraction", g.late_fraction), ("bad_fraction", g.bad_fraction)] {
+                    if !(0.0..=1.0).contains(&v) {
+                        return at(self.source.span(), format!("[source] {name} must be between 0 and 1, got {v}"));
+                    }
+                }
+            }
+        }
+
+        let s = &self.schema;
+        if s.key.is_empty() || s.timestamp.is_empty() {
+            return Err((None, "[schema] key and timestamp must name fields".into()));
+        }
+        if s.key == s.timestamp {
+            return Err((None, format!("[schema] key and timestamp are both {:?}; they must be different fields", s.key)));
+        }
+        if s.max_record_bytes == 0 {
+            return Err((None, "[schema] max_record_bytes must be at least 1".into()));
+        }
+        if s.min_event_time >= s.max_event_time {
+            return Err((None, "[schema] min_event_time must be less than max_event_time".into()));
+        }
+
+        let w = &self.watermark;
+        if w.idle_timeout.millis() == 0 {
+            return Err((None, "[watermark] idle_timeout must be greater than 0".into()));
+        }
+
+        let mut names = HashSet::new();
+        for f in &self.features {
+            let name = f.name.get_ref();
+            if name.is_empty() {
+                return at(f.name.span(), "feature name must not be empty".into());
+            }
+            if !names.insert(name.clone()) {
+                return at(f.name.span(), format!("feature {name:?} is defined twice; names must be unique"));
+            }
+            let spec = f.window.get_ref();
+            let wspan = f.window.span();
+            if spec.size.millis() <= 0 {
+                return at(wspan, format!("feature {name:?}: window size must be greater than 0"));
+            }
+            match (spec.kind, spec.slide) {
+                (WindowType::Tumbling, Some(_)) => {
+                    return at(wspan, format!("feature {name:?}: a tumbling window takes no `slide`; use type = \"sliding\" for overlapping windows"));
+                }
+                (WindowType::Sliding, None) => {
+                    return at(wspan, format!("feature {name:?}: a sliding window needs `slide` (e.g. slide = \"10s\")"));
+                }
+                (WindowType::Sliding, Some(slide)) => {
+                    if slide.millis() <= 0 {
+                        return at(wspan, format!("feature {name:?}: slide must be greater than 0"));
+                    }
+                    if spec.size.millis() % slide.millis() != 0 {
+                        return at(wspan, format!(
+                            "feature {name:?}: window size {} is not a multiple of slide {}; size % slide must be 0",
+                            spec.size, slide
+                        ));
+                    }
+                }
+                (WindowType::Tumbling, None) => {}
+            }
+            match (&f.field, f.agg) {
+                (Some(field), AggKind::Count) => {
+                    return at(field.span(), format!("feature {name:?}: count takes no `field` (it counts events)"));
+                }
+                (None, AggKind::Count) => {}
+                (None, agg) => {
+                    return at(f.name.span(), format!("feature {name:?}: {} needs `field`, one of the [schema] fields", agg.as_str()));
+                }
+                (Some(field), agg) => {
+                    let Some(ty) = s.fields.get(field.get_ref()) else {
+                        let known: Vec<_> = s.fields.keys().map(String::as_str).collect();
+                        return at(field.span(), format!(
+                            "feature {name:?}: field {:?} is not in [schema].fields (known: {})",
+                            field.get_ref(),
+                            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        ));
+                    };
+                    if agg.needs_numeric_field() && !ty.ty.is_numeric() {
+                        return at(field.span(), format!(
+                            "feature {name:?}: {} needs a numeric field (f64 or i64), but {:?} is {}",
+                            agg.as_str(), field.get_ref(), ty
+                        ));
+                    }
+                }
+            }
+            if f.max_distinct.is_some() && f.agg != AggKind::DistinctCount {
+                return at(f.name.span(), format!("feature {name:?}: max_distinct only applies to distinct_count"));
+            }
+            if f.max_distinct == Some(0) {
+                return at(f.name.span(), format!("feature {name:?}: max_distinct must be at least 1"));
+            }
+        }
+
+        let inf = &self.inference;
+        if inf.max_batch == 0 || inf.max_in_flight == 0 {
+            return Err((None, "[inference] max_batch and max_in_flight must be at least 1".into()));
+        }
+        match inf.backend {
+            Backend::Embedded if inf.model.is_none() => {
+                return Err((None, "[inference] backend = \"embedded\" needs `model`, the path of a model file (see config/models/)".into()));
+            }
+            Backend::None if inf.model.is_some() => {
+                return Err((None, "[inference] `model` is set but backend = \"none\"; set backend = \"embedded\" to use it".into()));
+            }
+            _ => {}
+        }
+
+        if self.sinks.is_empty() {
+            return Err((None, "no [[sinks]]: add at least one, e.g. [[sinks]] type = \"stdout\" kinds = [\"prediction\"]".into()));
+        }
+        let produced = self.produced_kinds();
+        let mut files = HashSet::new();
+        for sink in &self.sinks {
+            let cfg = sink.get_ref();
+            if cfg.kinds().is_empty() {
+                return at(sink.span(), format!("[[sinks]] type = {:?} subscribes to no kinds; list some in `kinds`", cfg.type_name()));
+            }
+            for kind in cfg.kinds() {
+                if !produced.contains(*kind) {
+                    let why = match kind {
+                        OutputKind::Prediction => "no model is configured ([inference] backend = \"none\")",
+                        OutputKind::Window | OutputKind::Late => "there are no [[features]], so there are no windows",
+                        _ => "no stage produces it",
+                    };
+                    return at(sink.span(), format!("[[sinks]] type = {:?} subscribes to {kind:?} records, but {why}", cfg.type_name(), kind = kind.as_str()));
+                }
+            }
+            if let SinkConfig::File(f) = cfg {
+                if f.path.as_os_str().is_empty() {
+                    return at(sink.span(), "[[sinks]] type = \"file\" needs a `path`".into());
+                }
+                if !files.insert(f.path.clone()) {
+                    return at(sink.span(), format!("two file sinks write to {}", f.path.display()));
+                }
+                if f.rotate_bytes == Some(0) {
+                    return at(sink.span(), "rotate_bytes must be greater than 0".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The output kinds this configuration can produce.
+    pub fn produced_kinds(&self) -> KindSet {
+        let mut kinds = KindSet::default();
+        kinds.insert(OutputKind::Features);
+        kinds.insert(OutputKind::DeadLetter);
+        if !self.features.is_empty() {
+            kinds.insert(OutputKind::Window);
+            kinds.insert(OutputKind::Late);
+        }
+        if self.inference.backend != Backend::None {
+            kinds.insert(OutputKind::Prediction);
+        }
+        kinds
+    }
+
+    /// The union of the kinds sinks subscribe to.
+    pub fn subscribed_kinds(&self) -> KindSet {
+        self.sinks
+            .iter()
+            .flat_map(|s| s.get_ref().kinds().iter().copied())
+            .collect()
+    }
+
+    /// A stable hash of the parts of the config that shape state: the key,
+    /// the timestamp field and every feature. State written under another
+    /// fingerprint cannot be read correctly.
+    pub fn state_fingerprint(&self) -> String {
+        let mut text = format!("key={};ts={};", self.schema.key, self.schema.timestamp);
+        for f in &self.features {
+            let w = f.window.get_ref();
+            text.push_str(&format!(
+                "feature={}:{}:{}:{}:{}:{};",
+                f.name.get_ref(),
+                f.agg.as_str(),
+                f.field.as_ref().map(|s| s.get_ref().as_str()).unwrap_or(""),
+                w.size.millis(),
+                w.slide_millis(),
+                f.max_distinct.unwrap_or(0)
+            ));
+        }
+        format!("{:016x}", fnv1a(text.as_bytes()))
+    }
+
+    pub fn source(&self) -> &SourceConfig {
+        self.source.get_ref()
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, col)
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` outside comments; `$${` writes a
+/// literal `${`. An unset variable without a default is an error at its offset.
+fn substitute_env(
+    text: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            offset += line.len();
+            continue;
+        }
+        let mut rest = line;
+        let mut pos = offset;
+        while let Some(i) = rest.find('$') {
+            out.push_str(&rest[..i]);
+            let after = &rest[i..];
+            if after.starts_with("$${") {
+                out.push_str("${");
+                rest = &after[3..];
+                pos += i + 3;
+                continue;
+            }
+            if !after.starts_with("${") {
+                out.push('$');
+                rest = &after[1..];
+                pos += i + 1;
+                continue;
+            }
+            let Some(close) = after.find('}') else {
+                return Err((pos + i, "unclosed ${ in environment reference; write ${NAME} or ${NAME:-default}".into()));
+            };
+            let inner = &after[2..close];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err((pos + i, format!("invalid environment reference ${{{inner}}}: a name is letters, digits and _")));
+            }
+            match (env(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err((pos + i, format!("environment variable {name} is not set (write ${{{name}:-default}} to give a default)")));
+                }
+            }
+            rest = &after[close + 1..];
+            pos += i + close + 1;
+        }
+        out.push_str(rest);
+        offset += line.len();
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[source]
+type = "generator"
+
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = { amount = "f64" }
+
+[[features]]
+name = "amount_sum_1m"
+agg = "sum"
+field = "amount"
+window = { type = "sliding", size = "1m", slide = "10s" }
+
+[[sinks]]
+type = "stdout"
+kinds = ["features", "window"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str_at(text, Path::new("test.toml"), |n| (n == "SET").then(|| "yes".into()))
+    }
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!(Duration::parse("250ms").unwrap().millis(), 250);
+        assert_eq!(Duration::parse("5s").unwrap().millis(), 5_000);
+        assert_eq!(Duration::parse("1h").unwrap().millis(), 3_600_000);
+        assert!(Duration::parse("5").is_err());
+        assert!(Duration::parse("s").is_err());
+        assert!(Duration::parse("1.5s").is_err());
+        assert_eq!(Duration(90_000).to_string(), "90s");
+        assert_eq!(Duration(60_000).to_string(), "1m");
+    }
+
+    #[test]
+    fn minimal_config_parses() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.features[0].window.get_ref().slide_millis(), 10_000);
+        assert_eq!(c.schema.field_index("amount"), Some(0));
+    }
+
+    #[test]
+    fn size_not_a_multiple_of_slide_is_located() {
+        let text = MINIMAL.replace("slide = \"10s\"", "slide = \"7s\"");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("size % slide"), "{e}");
+        assert_eq!(e.location.unwrap().0, 15, "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_location() {
+        let text = MINIMAL.replace("agg = \"sum\"", "agg = \"sum\"\ncolour = 1");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("colour"), "{e}");
+        assert_eq!(e.location.unwrap().0, 14, "{e}");
+    }
+
+    #[test]
+    fn env_substitution() {
+        let out = substitute_env("a = \"${SET}\"\n# ${UNSET}\nb = \"${UNSET:-x}\" $${SET}", &|n: &str| {
+            (n == "SET").then(|| "yes".to_string())
+        })
+        .unwrap();
+        assert_eq!(out, "a = \"yes\"\n# ${UNSET}\nb = \"x\" ${SET}");
+        let e = parse(&MINIMAL.replace("\"userId\"", "\"${NOPE}\"")).unwrap_err();
+        assert!(e.message.contains("NOPE"), "{e}");
+        assert_eq!(e.location.unwrap().0, 6);
+    }
+}

@@ -1,0 +1,469 @@
+//! The records that flow between stages, in one place.
+//!
+//! `RawRecord` leaves a source, `Event` leaves the decoder, and `Output` is
+//! everything a sink can be given. Every output carries a deterministic id so
+//! that a consumer can deduplicate what an at-least-once restart produces
+//! again.
+
+use std::fmt;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+
+/// Epoch milliseconds, the only unit of time inside shardflow.
+pub type Millis = i64;
+
+/// Where a record came from: its partition (shard, file, archive group) and
+/// its place in that partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Position {
+    /// Shard id, file name or archive partition. Also the watermark partition.
+    pub partition: Arc<str>,
+    /// Source-defined sequence: a Kinesis sequence number, a file line number.
+    pub sequence: Arc<str>,
+    /// Index of a user record inside a KPL aggregate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_sequence: Option<u64>,
+    /// Source-private hint for resuming right after this record (a file's
+    /// byte offset after the line). Not part of the record's identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_offset: Option<u64>,
+}
+
+impl Position {
+    pub fn new(partition: Arc<str>, sequence: impl Into<Arc<str>>) -> Self {
+        Position {
+            partition,
+            sequence: sequence.into(),
+            sub_sequence: None,
+            resume_offset: None,
+        }
+    }
+}
+
+/// `partition/sequence[:sub]`, the id of every per-event output.
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.partition, self.sequence)?;
+        if let Some(sub) = self.sub_sequence {
+            write!(f, ":{sub}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes as a source delivered them, before any decoding.
+#[derive(Clone, Debug)]
+pub struct RawRecord {
+    pub position: Position,
+    /// Processing time at which the source received the record.
+    pub arrival: Millis,
+    pub bytes: Bytes,
+}
+
+/// A typed value of a schema field.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FieldValue {
+    F64(f64),
+    I64(i64),
+    Str(Arc<str>),
+    Bool(bool),
+}
+
+impl FieldValue {
+    /// The numeric view aggregates use; strings and booleans have none.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            FieldValue::F64(v) => Some(*v),
+            FieldValue::I64(v) => Some(*v as f64),
+            FieldValue::Bool(_) | FieldValue::Str(_) => None,
+        }
+    }
+}
+
+/// A decoded record: key, event time and schema fields in schema order.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub position: Position,
+    pub arrival: Millis,
+    pub key: Arc<str>,
+    pub event_time: Millis,
+    /// One slot per `[schema].fields` entry, in the schema's order; `None`
+    /// when an optional field is absent.
+    pub fields: Vec<Option<FieldValue>>,
+    /// The original JSON, kept for the late side output and the raw archive.
+    pub raw: Bytes,
+}
+
+/// An aggregate's result. Counts stay integers on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+}
+
+impl Value {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Value::Int(v) => v as f64,
+            Value::Float(v) => v,
+        }
+    }
+}
+
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Value::Int(v) => s.serialize_i64(v),
+            // JSON has no NaN or infinity; a non-finite result is reported as null.
+            Value::Float(v) if v.is_finite() => s.serialize_f64(v),
+            Value::Float(_) => s.serialize_none(),
+        }
+    }
+}
+
+/// Feature names in config order, shared by every vector.
+pub type FeatureNames = Arc<[Arc<str>]>;
+
+/// A feature vector: values in the order of `names`; `None` is a missing value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureVector {
+    pub names: FeatureNames,
+    pub values: Vec<Option<Value>>,
+}
+
+impl FeatureVector {
+    pub fn empty(names: FeatureNames) -> Self {
+        let values = vec![None; names.len()];
+        FeatureVector { names, values }
+    }
+}
+
+impl Serialize for FeatureVector {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.names.len()))?;
+        for (name, value) in self.names.iter().zip(&self.values) {
+            map.serialize_entry(&**name, value)?;
+        }
+        map.end()
+    }
+}
+
+/// One accepted event with its feature vector.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureRecord {
+    pub id: String,
+    pub key: Arc<str>,
+    pub event_time: Millis,
+    pub features: FeatureVector,
+}
+
+/// A model's answer for one feature vector.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PredictionRecord {
+    pub features: FeatureRecord,
+    /// The model's output object, e.g. `{"score":0.93,"label":1}`.
+    pub prediction: serde_json::Value,
+    pub model: Arc<str>,
+    /// The production variant that answered (SageMaker), or the embedded model's version.
+    pub variant: Option<Arc<str>>,
+    /// True when the primary model failed and the configured fallback answered.
+    pub fallback: bool,
+    /// Time spent in the model call for this record's batch.
+    pub latency_ms: f64,
+}
+
+/// The value of one feature for one key in one window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WindowResult {
+    pub key: Arc<str>,
+    pub feature: Arc<str>,
+    pub window_start: Millis,
+    pub window_end: Millis,
+    pub value: Option<Value>,
+    /// 0 when the watermark first passes the window end, +1 for each
+    /// allowed-late update.
+    pub revision: u32,
+}
+
+impl WindowResult {
+    pub fn id(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.feature, self.key, self.window_end, self.revision
+        )
+    }
+}
+
+/// An event none of whose windows could still take it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LateRecord {
+    pub id: String,
+    pub key: Arc<str>,
+    pub event_time: Millis,
+    /// The pipeline watermark when the event arrived.
+    pub watermark: Millis,
+    pub raw: Bytes,
+}
+
+/// Input that could not become an event, with the reason.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    pub reason: String,
+    pub position: Position,
+    pub raw: Bytes,
+}
+
+/// The kinds a sink can subscribe to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    Features,
+    Prediction,
+    Window,
+    Late,
+    DeadLetter,
+}
+
+impl OutputKind {
+    pub const ALL: [OutputKind; 5] = [
+        OutputKind::Features,
+        OutputKind::Prediction,
+        OutputKind::Window,
+        OutputKind::Late,
+        OutputKind::DeadLetter,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputKind::Features => "features",
+            OutputKind::Prediction => "prediction",
+            OutputKind::Window => "window",
+            OutputKind::Late => "late",
+            OutputKind::DeadLetter => "dead_letter",
+        }
+    }
+
+    /// Bit for a set of kinds, see [`KindSet`].
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for OutputKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A small set of output kinds, cheap to test per record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KindSet(u8);
+
+impl KindSet {
+    pub fn insert(&mut self, kind: OutputKind) {
+        self.0 |= kind.bit();
+    }
+    pub fn contains(self, kind: OutputKind) -> bool {
+        self.0 & kind.bit() != 0
+    }
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl FromIterator<OutputKind> for KindSet {
+    fn from_iter<I: IntoIterator<Item = OutputKind>>(iter: I) -> Self {
+        let mut set = KindSet::default();
+        for kind in iter {
+            set.insert(kind);
+        }
+        set
+    }
+}
+
+/// Everything a sink can receive.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Features(FeatureRecord),
+    Prediction(PredictionRecord),
+    Window(WindowResult),
+    Late(LateRecord),
+    DeadLetter(DeadLetter),
+}
+
+impl Output {
+    pub fn kind(&self) -> OutputKind {
+        match self {
+            Output::Features(_) => OutputKind::Features,
+            Output::Prediction(_) => OutputKind::Prediction,
+            Output::Window(_) => OutputKind::Window,
+            Output::Late(_) => OutputKind::Late,
+            Output::DeadLetter(_) => OutputKind::DeadLetter,
+        }
+    }
+
+    /// The deterministic id a reader deduplicates by.
+    pub fn id(&self) -> String {
+        match self {
+            Output::Features(r) => r.id.clone(),
+            Output::Prediction(r) => r.features.id.clone(),
+            Output::Window(r) => r.id(),
+            Output::Late(r) => r.id.clone(),
+            Output::DeadLetter(r) => r.position.to_string(),
+        }
+    }
+
+    /// The record's key, where it has one (sinks partition by it).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Output::Features(r) => Some(&r.key),
+            Output::Prediction(r) => Some(&r.features.key),
+            Output::Window(r) => Some(&r.key),
+            Output::Late(r) => Some(&r.key),
+            Output::DeadLetter(_) => None,
+        }
+    }
+
+    /// One NDJSON line, newline included.
+    pub fn write_ndjson(&self, buf: &mut Vec<u8>) {
+        // Serializing these types cannot fail: every map key is a string and
+        // non-finite floats are written as null.
+        serde_json::to_writer(&mut *buf, self).expect("output records always serialize");
+        buf.push(b'\n');
+    }
+
+    pub fn to_ndjson(&self) -> String {
+        let mut buf = Vec::with_capacity(256);
+        self.write_ndjson(&mut buf);
+        String::from_utf8(buf).expect("serde_json writes UTF-8")
+    }
+}
+
+/// Raw bytes that decoded as JSON are embedded as JSON; anything else as a string.
+struct RawJson<'a>(&'a [u8]);
+
+impl Serialize for RawJson<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_slice::<&serde_json::value::RawValue>(self.0) {
+            Ok(raw) => raw.serialize(s),
+            Err(_) => s.serialize_str(&String::from_utf8_lossy(self.0)),
+        }
+    }
+}
+
+impl Serialize for Output {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("kind", self.kind().as_str())?;
+        match self {
+            Output::Features(r) => {
+                map.serialize_entry("id", &r.id)?;
+                map.serialize_entry("key", &*r.key)?;
+                map.serialize_entry("event_time", &r.event_time)?;
+                map.serialize_entry("features", &r.features)?;
+            }
+            Output::Prediction(p) => {
+                let r = &p.features;
+                map.serialize_entry("id", &r.id)?;
+                map.serialize_entry("key", &*r.key)?;
+                map.serialize_entry("event_time", &r.event_time)?;
+                map.serialize_entry("features", &r.features)?;
+                map.serialize_entry("prediction", &p.prediction)?;
+                map.serialize_entry("model", &*p.model)?;
+                map.serialize_entry("variant", &p.variant.as_deref())?;
+                map.serialize_entry("fallback", &p.fallback)?;
+                map.serialize_entry("latency_ms", &p.latency_ms)?;
+            }
+            Output::Window(w) => {
+                map.serialize_entry("id", &w.id())?;
+                map.serialize_entry("key", &*w.key)?;
+                map.serialize_entry("feature", &*w.feature)?;
+                map.serialize_entry("window_start", &w.window_start)?;
+                map.serialize_entry("window_end", &w.window_end)?;
+                map.serialize_entry("value", &w.value)?;
+                map.serialize_entry("revision", &w.revision)?;
+            }
+            Output::Late(l) => {
+                map.serialize_entry("id", &l.id)?;
+                map.serialize_entry("key", &*l.key)?;
+                map.serialize_entry("event_time", &l.event_time)?;
+                map.serialize_entry("watermark", &l.watermark)?;
+                map.serialize_entry("raw", &RawJson(&l.raw))?;
+            }
+            Output::DeadLetter(d) => {
+                map.serialize_entry("id", &d.position.to_string())?;
+                map.serialize_entry("reason", &d.reason)?;
+                map.serialize_entry("position", &d.position.to_string())?;
+                map.serialize_entry(
+                    "raw_base64",
+                    &base64::engine::general_purpose::STANDARD.encode(&d.raw),
+                )?;
+            }
+        }
+        map.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> FeatureNames {
+        vec![Arc::from("event_count_5m"), Arc::from("metric_sum_1h")].into()
+    }
+
+    #[test]
+    fn features_line_matches_the_design() {
+        let out = Output::Features(FeatureRecord {
+            id: "shardId-0/49".into(),
+            key: "u1".into(),
+            event_time: 1_700_000_000_000,
+            features: FeatureVector {
+                names: names(),
+                values: vec![Some(Value::Int(3)), None],
+            },
+        });
+        assert_eq!(
+            out.to_ndjson(),
+            "{\"kind\":\"features\",\"id\":\"shardId-0/49\",\"key\":\"u1\",\"event_time\":1700000000000,\"features\":{\"event_count_5m\":3,\"metric_sum_1h\":null}}\n"
+        );
+    }
+
+    #[test]
+    fn late_records_embed_raw_json_and_dead_letters_base64() {
+        let late = Output::Late(LateRecord {
+            id: "f/1".into(),
+            key: "u1".into(),
+            event_time: 5,
+            watermark: 10,
+            raw: Bytes::from_static(b"{\"userId\":\"u1\"}"),
+        });
+        assert!(late.to_ndjson().contains("\"raw\":{\"userId\":\"u1\"}"));
+        let dead = Output::DeadLetter(DeadLetter {
+            reason: "missing field userId".into(),
+            position: Position::new("f".into(), "2"),
+            raw: Bytes::from_static(b"{}"),
+        });
+        let line = dead.to_ndjson();
+        assert!(line.contains("\"reason\":\"missing field userId\""), "{line}");
+        assert!(line.contains("\"raw_base64\":\"e30=\""), "{line}");
+    }
+
+    #[test]
+    fn window_ids_are_deterministic() {
+        let w = WindowResult {
+            key: "u1".into(),
+            feature: "c".into(),
+            window_start: 0,
+            window_end: 60_000,
+            value: Some(Value::Float(f64::NAN)),
+            revision: 2,
+        };
+        assert_eq!(w.id(), "c/u1/60000/2");
+        assert!(Output::Window(w).to_ndjson().contains("\"value\":null"));
+    }
+}
