@@ -5,4 +5,11 @@
 //! use the same modules.
 
 pub mod config;
+pub mod decode;
+pub mod inference;
+pub mod pipeline;
 pub mod record;
+pub mod sink;
+pub mod source;
+pub mod state;
+pub mod telemetry;

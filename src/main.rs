@@ -1,1 +1,179 @@
-fn main(){}
+//! The `shardflow` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use shardflow::config::Config;
+use shardflow::pipeline::{self, RunOptions, Stats};
+use shardflow::telemetry::{self, LogFormat};
+
+/// Kinesis (or files, or a generator) in; event-time window features and model
+/// predictions out. One binary, one TOML file.
+#[derive(Parser, Debug)]
+#[command(name = "shardflow", version, about, long_about = None, after_help = "\
+Examples:
+  shardflow check --config config/local.toml     validate a config and show the pipeline
+  shardflow run --config config/local.toml       run it; Ctrl-C drains, checkpoints and exits 0
+
+Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
+Config values may reference the environment as ${VAR} or ${VAR:-default}.")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true, env = "SHARDFLOW_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the pipeline until the input ends or SIGINT/SIGTERM; then drain
+    /// in-flight work, commit a final checkpoint and exit 0.
+    Run {
+        /// The TOML config file.
+        #[arg(short, long, env = "SHARDFLOW_CONFIG")]
+        config: PathBuf,
+        /// Where to serve Prometheus /metrics, /healthz and /readyz ("off" to disable).
+        #[arg(long, default_value = "127.0.0.1:9898", env = "SHARDFLOW_METRICS_ADDR")]
+        metrics_addr: String,
+        /// Discard state written by an incompatible config instead of refusing to start.
+        #[arg(long)]
+        reset_state: bool,
+        /// No progress line on stderr.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Validate a config and print the pipeline it builds, without running it
+    /// (exit 2 when invalid).
+    Check {
+        #[arg(short, long, env = "SHARDFLOW_CONFIG")]
+        config: PathBuf,
+    },
+    /// Replay events archived in S3 through the same engine (reserved; not in this build yet).
+    Replay {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Serve the embedded model with the SageMaker container contract (reserved; not in this build yet).
+    ServeModel {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run {
+            config,
+            metrics_addr,
+            reset_state,
+            quiet,
+        } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let options = RunOptions {
+                reset_state,
+                progress: !quiet,
+            };
+            match runtime.block_on(run(config, options, metrics_addr)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Replay { .. } | Command::ServeModel { .. } => {
+            eprintln!("error: this command is reserved and not available in this build yet");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match pipeline::describe(&config) {
+        Ok(text) => {
+            println!("{}: ok", path.display());
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e:#}", path.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(config: Config, options: RunOptions, metrics_addr: String) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    if metrics_addr != "off" {
+        let addr: SocketAddr = metrics_addr
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--metrics-addr {metrics_addr:?}: {e}"))?;
+        let handle = telemetry::install_metrics()?;
+        let bound = telemetry::serve(addr, handle, stats.clone()).await?;
+        tracing::info!(%bound, "metrics on http://{bound}/metrics");
+    }
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: draining and committing a final checkpoint (signal again to exit at once)");
+        let _ = shutdown_tx.send(true);
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without a final checkpoint");
+        std::process::exit(130);
+    });
+    let summary = pipeline::run(config, options, shutdown_rx, stats).await?;
+    tracing::info!(
+        records_in = summary.records_in,
+        dead_letters = summary.dead_letters,
+        checkpoints = summary.checkpoints,
+        last_checkpoint = summary.last_checkpoint,
+        "stopped"
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,552 @@
+//! Wires the stages from config and runs them until the input ends or a
+//! shutdown is asked for.
+//!
+//! ```text
+//! source ─▶ decode ─▶ enrich ─▶ [inference] ─▶ fan-out ─▶ sink tasks
+//!   (records)  │ + barriers                         │ acks
+//!              └───────────────────────────────────▶ committer ─▶ RocksDB
+//! ```
+//!
+//! Every arrow is a bounded channel of batches. The decode stage injects a
+//! checkpoint barrier every `checkpoint_interval` carrying the position of the
+//! last record of each partition it passed on; the barrier travels behind
+//! those records, collects the engine's state delta on the way, and at the
+//! fan-out asks every sink to flush. The committer writes delta and positions
+//! in one batch once all sinks acknowledged, in barrier order.
+
+use std::collections::HashMap;
+use std::io::IsTerminal as _;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::decode::Decoder;
+use crate::inference;
+use crate::record::{
+    DeadLetter, Event, FeatureRecord, FeatureVector, KindSet, Output, OutputKind, Position,
+};
+use crate::sink::{self, SinkMessage};
+use crate::source::{self, SourceContext, SourceMessage};
+use crate::state::{StateDelta, StateStore};
+
+/// A checkpoint barrier and what it collects on its way to the committer.
+pub struct Barrier {
+    pub id: u64,
+    /// Last position passed on per partition, before this barrier.
+    pub positions: Vec<Position>,
+    /// The input ended: the engine advances event time to +∞ before snapshotting.
+    pub end_of_input: bool,
+    /// Nothing follows this barrier.
+    pub last: bool,
+    /// The engine's changes since the previous barrier.
+    pub delta: Option<StateDelta>,
+}
+
+/// What flows between stages.
+pub enum Message<T> {
+    Batch(Vec<T>),
+    Barrier(Barrier),
+}
+
+/// A decoded record, or why it could not be.
+pub enum Decoded {
+    Event(Event),
+    Dead(Box<DeadLetter>),
+}
+
+/// Counters for the progress line, readiness and tests.
+#[derive(Default)]
+pub struct Stats {
+    pub records_in: AtomicU64,
+    pub events: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub outputs: [AtomicU64; 5],
+    pub checkpoints: AtomicU64,
+    pub watermark: AtomicI64,
+    pub ready: AtomicBool,
+}
+
+impl Stats {
+    pub fn output_count(&self, kind: OutputKind) -> u64 {
+        self.outputs[kind as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Options a run takes besides the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Wipe state whose fingerprint does not match instead of refusing to start.
+    pub reset_state: bool,
+    /// Print a progress line on stderr (when it is a terminal).
+    pub progress: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    pub records_in: u64,
+    pub dead_letters: u64,
+    pub checkpoints: u64,
+    pub last_checkpoint: u64,
+}
+
+/// A human-readable description of the pipeline a config builds, for `check`.
+pub fn describe(config: &Config) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let src = source::build(config)?;
+    out.push_str(&format!("source:    {}\n", src.describe()));
+    out.push_str(&format!(
+        "schema:    key {:?}, event time {:?}, fields {}\n",
+        config.schema.key,
+        config.schema.timestamp,
+        if config.schema.fields.is_empty() {
+            "none".to_string()
+        } else {
+            config
+                .schema
+                .fields
+                .iter()
+                .map(|(n, t)| format!("{n}: {t}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    ));
+    let w = &config.watermark;
+    out.push_str(&format!(
+        "watermark: out-of-orderness {}, idle after {}, allowed lateness {}\n",
+        w.max_out_of_orderness, w.idle_timeout, w.allowed_lateness
+    ));
+    if config.features.is_empty() {
+        out.push_str("features:  none (events pass with an empty feature vector)\n");
+    }
+    for f in &config.features {
+        out.push_str(&format!(
+            "feature:   {} = {}({}) over {}\n",
+            f.name.get_ref(),
+            f.agg.as_str(),
+            f.field.as_ref().map(|s| s.get_ref().as_str()).unwrap_or(""),
+            f.window.get_ref()
+        ));
+    }
+    match inference::build(config)? {
+        Some(m) => out.push_str(&format!(
+            "model:     {} (batches of ≤ {}, wait ≤ {})\n",
+            m.describe(),
+            config.inference.max_batch,
+            config.inference.max_wait
+        )),
+        None => out.push_str("model:     none (the features output is final)\n"),
+    }
+    for s in &config.sinks {
+        let s = s.get_ref();
+        let kinds: Vec<_> = s.kinds().iter().map(|k| k.as_str()).collect();
+        let target = match s {
+            crate::config::SinkConfig::Stdout(_) => "stdout".to_string(),
+            crate::config::SinkConfig::File(f) => format!("file {}", f.path.display()),
+        };
+        out.push_str(&format!("sink:      {target} ← {}\n", kinds.join(", ")));
+    }
+    out.push_str(&format!(
+        "state:     {} (checkpoint every {})\n",
+        config.pipeline.state_dir.display(),
+        config.pipeline.checkpoint_interval
+    ));
+    Ok(out)
+}
+
+/// Runs the pipeline until the input ends or `shutdown` becomes true, then
+/// drains, commits a final checkpoint and returns.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<RunSummary> {
+    let store = StateStore::open(
+        &config.pipeline.state_dir,
+        &config.state_fingerprint(),
+        options.reset_state,
+    )
+    .with_context(|| format!("opening state in {}", config.pipeline.state_dir.display()))?;
+    let last_checkpoint = store.committed_checkpoint()?;
+    let resume_from = store.committed_positions()?;
+    if last_checkpoint > 0 {
+        tracing::info!(
+            checkpoint = last_checkpoint,
+            partitions = resume_from.len(),
+            "restoring from the last checkpoint"
+        );
+    }
+
+    let model = inference::build(&config)?;
+    let src = source::build(&config)?;
+    tracing::info!(source = %src.describe(), "starting");
+    let cap = config.pipeline.channel_capacity;
+    let names: crate::record::FeatureNames = config
+        .features
+        .iter()
+        .map(|f| Arc::from(f.name.get_ref().as_str()))
+        .collect();
+
+    let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+
+    // Sinks first, so that a sink that cannot open fails before any input is read.
+    let mut sink_inputs = Vec::new();
+    for (i, sink_config) in config.sinks.iter().enumerate() {
+        let sink_config = sink_config.get_ref();
+        let built = sink::build(sink_config)?;
+        let label = format!("{}#{i}", sink_config.type_name());
+        tracing::info!(sink = %built.describe(), kinds = ?sink_config.kinds(), "sink ready");
+        let (tx, rx) = mpsc::channel(cap);
+        sink_inputs.push(tx);
+        tasks.push((
+            "sink",
+            tokio::spawn(sink::run_sink(built, sink_config.kind_set(), label, rx)),
+        ));
+    }
+
+    let (source_tx, source_rx) = mpsc::channel(cap);
+    let ctx = SourceContext {
+        output: source_tx,
+        shutdown: shutdown.clone(),
+        resume_from: resume_from.clone(),
+        batch_size: config.pipeline.batch_size,
+    };
+    tasks.push(("source", tokio::spawn(src.run(ctx))));
+
+    let (decoded_tx, decoded_rx) = mpsc::channel(cap);
+    let decoder = Decoder::new(&config.schema);
+    let interval = config.pipeline.checkpoint_interval.std();
+    tasks.push((
+        "decode",
+        tokio::spawn(decode_stage(
+            decoder,
+            interval,
+            last_checkpoint + 1,
+            resume_from,
+            source_rx,
+            decoded_tx,
+            stats.clone(),
+        )),
+    ));
+
+    let (enriched_tx, enriched_rx) = mpsc::channel(cap);
+    tasks.push((
+        "enrich",
+        tokio::spawn(enrich_stage(names, decoded_rx, enriched_tx)),
+    ));
+
+    let subscribed = config.subscribed_kinds();
+    let fanout_rx = match model {
+        Some(model) => {
+            let (tx, rx) = mpsc::channel(cap);
+            let keep_features = subscribed.contains(OutputKind::Features);
+            let inf = config.inference.clone();
+            tasks.push((
+                "inference",
+                tokio::spawn(crate::inference::batcher::run(
+                    model,
+                    inf,
+                    keep_features,
+                    enriched_rx,
+                    tx,
+                )),
+            ));
+            rx
+        }
+        None => enriched_rx,
+    };
+
+    let (commit_tx, commit_rx) = mpsc::channel(cap);
+    tasks.push((
+        "fan-out",
+        tokio::spawn(fanout_stage(
+            fanout_rx,
+            sink_inputs,
+            subscribed,
+            commit_tx,
+            stats.clone(),
+        )),
+    ));
+    let committer = tokio::spawn(committer_stage(store, commit_rx, stats.clone()));
+
+    stats.ready.store(true, Ordering::Relaxed);
+    let progress = (options.progress && std::io::stderr().is_terminal())
+        .then(|| config.pipeline.progress_interval.std())
+        .filter(|d| !d.is_zero())
+        .map(|every| tokio::spawn(progress_task(stats.clone(), every)));
+
+    let committed = committer.await.context("committer task panicked")?;
+    stats.ready.store(false, Ordering::Relaxed);
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let mut first_error = committed.as_ref().err().map(|e| anyhow::anyhow!("{e:#}"));
+    for (name, task) in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(stage = name, error = %format!("{e:#}"), "stage failed");
+                first_error.get_or_insert(e.context(format!("{name} stage")));
+            }
+            Err(e) => {
+                first_error.get_or_insert(anyhow::anyhow!("{name} stage panicked: {e}"));
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let last = committed?;
+    Ok(RunSummary {
+        records_in: stats.records_in.load(Ordering::Relaxed),
+        dead_letters: stats.dead_letters.load(Ordering::Relaxed),
+        checkpoints: stats.checkpoints.load(Ordering::Relaxed),
+        last_checkpoint: last,
+    })
+}
+
+/// Decodes records and injects barriers.
+async fn decode_stage(
+    decoder: Decoder,
+    interval: Duration,
+    mut next_barrier: u64,
+    resume_from: Vec<Position>,
+    mut input: mpsc::Receiver<SourceMessage>,
+    output: mpsc::Sender<Message<Decoded>>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    let records_in = metrics::counter!("shardflow_records_in_total");
+    let dead = metrics::counter!("shardflow_dead_letters_total", "stage" => "decode");
+    let mut positions: HashMap<Arc<str>, Position> = resume_from
+        .into_iter()
+        .map(|p| (p.partition.clone(), p))
+        .collect();
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let barrier = |id: u64, positions: &HashMap<Arc<str>, Position>, end: Option<bool>| {
+        let mut positions: Vec<Position> = positions.values().cloned().collect();
+        positions.sort_by(|a, b| a.partition.cmp(&b.partition));
+        Barrier {
+            id,
+            positions,
+            end_of_input: end == Some(true),
+            last: end.is_some(),
+            delta: None,
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            message = input.recv() => match message {
+                Some(SourceMessage::Batch(batch)) => {
+                    let n = batch.len() as u64;
+                    records_in.increment(n);
+                    stats.records_in.fetch_add(n, Ordering::Relaxed);
+                    let mut out = Vec::with_capacity(batch.len());
+                    for raw in batch {
+                        positions.insert(raw.position.partition.clone(), raw.position.clone());
+                        match decoder.decode(raw) {
+                            Ok(event) => out.push(Decoded::Event(event)),
+                            Err(d) => {
+                                dead.increment(1);
+                                stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                                out.push(Decoded::Dead(d));
+                            }
+                        }
+                    }
+                    if output.send(Message::Batch(out)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(SourceMessage::End { exhausted }) => {
+                    let b = barrier(next_barrier, &positions, Some(exhausted));
+                    let _ = output.send(Message::Barrier(b)).await;
+                    return Ok(());
+                }
+                None => anyhow::bail!("the source stopped without ending its input"),
+            },
+            _ = ticker.tick() => {
+                let b = barrier(next_barrier, &positions, None);
+                next_barrier += 1;
+                if output.send(Message::Barrier(b)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Turns events into feature records. The window engine plugs in here.
+async fn enrich_stage(
+    names: crate::record::FeatureNames,
+    mut input: mpsc::Receiver<Message<Decoded>>,
+    output: mpsc::Sender<Message<Output>>,
+) -> anyhow::Result<()> {
+    let events = metrics::counter!("shardflow_events_total");
+    while let Some(message) = input.recv().await {
+        let out = match message {
+            Message::Batch(batch) => {
+                events.increment(batch.len() as u64);
+                Message::Batch(
+                    batch
+                        .into_iter()
+                        .map(|d| match d {
+                            Decoded::Event(e) => Output::Features(FeatureRecord {
+                                id: e.position.to_string(),
+                                key: e.key,
+                                event_time: e.event_time,
+                                features: FeatureVector::empty(names.clone()),
+                            }),
+                            Decoded::Dead(d) => Output::DeadLetter(*d),
+                        })
+                        .collect(),
+                )
+            }
+            Message::Barrier(mut b) => {
+                b.delta = Some(StateDelta::empty());
+                Message::Barrier(b)
+            }
+        };
+        if output.send(out).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+type PendingCommit = (Barrier, Vec<oneshot::Receiver<anyhow::Result<()>>>);
+
+/// Hands outputs to the sinks that subscribe to them and barriers to all.
+async fn fanout_stage(
+    mut input: mpsc::Receiver<Message<Output>>,
+    sinks: Vec<mpsc::Sender<SinkMessage>>,
+    subscribed: KindSet,
+    commits: mpsc::Sender<PendingCommit>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    let counters: Vec<metrics::Counter> = OutputKind::ALL
+        .iter()
+        .map(|k| metrics::counter!("shardflow_outputs_total", "kind" => k.as_str()))
+        .collect();
+    let mut unsubscribed_reported = 0u64;
+    while let Some(message) = input.recv().await {
+        match message {
+            Message::Batch(batch) => {
+                if batch.is_empty() {
+                    continue;
+                }
+                for o in &batch {
+                    let kind = o.kind();
+                    counters[kind as usize].increment(1);
+                    stats.outputs[kind as usize].fetch_add(1, Ordering::Relaxed);
+                    // Nothing is dropped silently: a dead letter or late event
+                    // that no sink takes is at least logged (the first 100,
+                    // then every 10,000th) and always counted.
+                    if matches!(kind, OutputKind::DeadLetter | OutputKind::Late)
+                        && !subscribed.contains(kind)
+                    {
+                        unsubscribed_reported += 1;
+                        if unsubscribed_reported <= 100 || unsubscribed_reported % 10_000 == 0 {
+                            tracing::warn!(kind = %kind, id = %o.id(), record = %o.to_ndjson().trim_end(), "no sink subscribes to this kind");
+                        }
+                    }
+                }
+                let batch = Arc::new(batch);
+                for s in &sinks {
+                    if s.send(SinkMessage::Batch(batch.clone())).await.is_err() {
+                        anyhow::bail!("a sink stopped early");
+                    }
+                }
+            }
+            Message::Barrier(b) => {
+                let mut acks = Vec::with_capacity(sinks.len());
+                for s in &sinks {
+                    let (tx, rx) = oneshot::channel();
+                    if s.send(SinkMessage::Barrier(tx)).await.is_err() {
+                        anyhow::bail!("a sink stopped early");
+                    }
+                    acks.push(rx);
+                }
+                let last = b.last;
+                if commits.send((b, acks)).await.is_err() {
+                    anyhow::bail!("the committer stopped early");
+                }
+                if last {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Commits checkpoints in order once every sink acknowledged them. Returns
+/// the id of the last commit.
+async fn committer_stage(
+    store: StateStore,
+    mut pending: mpsc::Receiver<PendingCommit>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<u64> {
+    let durations = metrics::histogram!("shardflow_checkpoint_duration_seconds");
+    let commits = metrics::counter!("shardflow_checkpoints_total");
+    let mut last = store.committed_checkpoint()?;
+    while let Some((barrier, acks)) = pending.recv().await {
+        let started = Instant::now();
+        for ack in acks {
+            match ack.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(e.context(format!(
+                        "checkpoint {} not committed: a sink failed",
+                        barrier.id
+                    )))
+                }
+                Err(_) => anyhow::bail!("checkpoint {} not committed: a sink stopped", barrier.id),
+            }
+        }
+        let delta = barrier.delta.unwrap_or_else(StateDelta::empty);
+        let store2 = store.clone();
+        let positions = barrier.positions;
+        let id = barrier.id;
+        tokio::task::spawn_blocking(move || store2.commit(id, delta, &positions))
+            .await
+            .context("commit task panicked")?
+            .with_context(|| format!("committing checkpoint {id}"))?;
+        last = id;
+        commits.increment(1);
+        durations.record(started.elapsed().as_secs_f64());
+        stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(checkpoint = id, "checkpoint committed");
+        if barrier.last {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+/// A progress line on stderr every `every`.
+async fn progress_task(stats: Arc<Stats>, every: Duration) {
+    let started = Instant::now();
+    let mut last = (0u64, Instant::now());
+    loop {
+        tokio::time::sleep(every).await;
+        let n = stats.records_in.load(Ordering::Relaxed);
+        let rate = (n - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-3);
+        last = (n, Instant::now());
+        eprintln!(
+            "[{:>5.0}s] in {n} ({rate:.0}/s) · dead letters {} · predictions {} · windows {} · late {} · checkpoints {}",
+            started.elapsed().as_secs_f64(),
+            stats.dead_letters.load(Ordering::Relaxed),
+            stats.output_count(OutputKind::Prediction),
+            stats.output_count(OutputKind::Window),
+            stats.output_count(OutputKind::Late),
+            stats.checkpoints.load(Ordering::Relaxed),
+        );
+    }
+}

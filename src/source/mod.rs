@@ -1,0 +1,86 @@
+//! Sources: where raw records come from.
+//!
+//! A source reads its partitions from the positions of the last committed
+//! checkpoint (or from its configured start), hands records over in batches
+//! through a bounded channel and so waits whenever the pipeline is behind.
+//! One file per kind.
+
+pub mod file;
+pub mod generator;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::SourceConfig;
+use crate::record::{Position, RawRecord};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a source sends downstream.
+#[derive(Debug)]
+pub enum SourceMessage {
+    Batch(Vec<RawRecord>),
+    /// The source will send nothing more. `exhausted` is true when a bounded
+    /// input was read to its end (so event time may advance to +∞), false
+    /// when the source was asked to stop.
+    End {
+        exhausted: bool,
+    },
+}
+
+/// The handles every source runs with.
+pub struct SourceContext {
+    pub output: mpsc::Sender<SourceMessage>,
+    /// Becomes true when the pipeline is shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Positions of the last committed checkpoint, one per partition.
+    pub resume_from: Vec<Position>,
+    /// Most records per batch.
+    pub batch_size: usize,
+}
+
+impl SourceContext {
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Sends a batch; false if the pipeline is gone.
+    pub async fn send(&self, batch: Vec<RawRecord>) -> bool {
+        batch.is_empty() || self.output.send(SourceMessage::Batch(batch)).await.is_ok()
+    }
+
+    /// Sends the closing message; never fails (the receiver may be gone).
+    pub async fn end(&self, exhausted: bool) {
+        let _ = self.output.send(SourceMessage::End { exhausted }).await;
+    }
+
+    pub fn resume_position(&self, partition: &str) -> Option<&Position> {
+        self.resume_from.iter().find(|p| &*p.partition == partition)
+    }
+}
+
+/// A kind of source.
+pub trait Source: Send {
+    /// A line for `shardflow check` and the start-up log.
+    fn describe(&self) -> String;
+    /// Reads until the input ends or shutdown is signalled, then sends
+    /// [`SourceMessage::End`]. An error is fatal to the pipeline.
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, anyhow::Result<()>>;
+}
+
+/// Builds the configured source.
+pub fn build(config: &crate::config::Config) -> anyhow::Result<Box<dyn Source>> {
+    Ok(match config.source() {
+        SourceConfig::File(c) => Box::new(file::FileSource::new(c.clone())),
+        SourceConfig::Generator(c) => {
+            Box::new(generator::GeneratorSource::new(c.clone(), &config.schema))
+        }
+    })
+}
+
+/// Wall-clock epoch milliseconds: a record's arrival time.
+pub fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,368 @@
+//! Drives the `shardflow` binary the way a user does: `check` on shipped and
+//! broken configs, `run` over files with good and bad lines, SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shardflow"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    c.env_remove("RUST_LOG");
+    c
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()))
+        })
+        .collect()
+}
+
+#[test]
+fn check_accepts_every_shipped_config() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo("config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = bin()
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                stdout.contains("source:") && stdout.contains("sink:"),
+                "{stdout}"
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+/// Each fixture's first line says `# expect: <text the error must contain>`.
+#[test]
+fn check_refuses_broken_configs_with_a_located_reason() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo("tests/fixtures/bad_configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks an # expect: line", path.display()));
+        let out = bin()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {stderr}", path.display());
+        assert!(
+            stderr.contains(expect),
+            "{}: {stderr:?} lacks {expect:?}",
+            path.display()
+        );
+        assert!(
+            stderr.contains(&*path.to_string_lossy()),
+            "{stderr} does not name the file"
+        );
+        n += 1;
+    }
+    assert!(n >= 10, "only {n} broken configs");
+}
+
+#[test]
+fn broken_configs_are_located_by_line() {
+    let path = repo("tests/fixtures/bad_configs/size_not_multiple_of_slide.toml");
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("size_not_multiple_of_slide.toml:15:"),
+        "{stderr}"
+    );
+    let path = repo("tests/fixtures/bad_configs/unknown_feature_key.toml");
+    let out = bin()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown_feature_key.toml:14:1:"),
+        "{stderr}"
+    );
+}
+
+fn file_config(dir: &Path, input: &Path, extra: &str) -> PathBuf {
+    let config = format!(
+        r#"
+[pipeline]
+state_dir = "{dir}/state"
+checkpoint_interval = "200ms"
+
+[source]
+type = "file"
+path = "{input}"
+
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = {{ amount = "f64" }}
+
+[[sinks]]
+type = "file"
+path = "{dir}/features.ndjson"
+kinds = ["features"]
+
+[[sinks]]
+type = "file"
+path = "{dir}/dead.ndjson"
+kinds = ["dead_letter"]
+{extra}
+"#,
+        dir = dir.display(),
+        input = input.display()
+    );
+    let path = dir.join("shardflow.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+#[test]
+fn file_run_sends_good_lines_on_and_bad_lines_to_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.ndjson");
+    let lines = [
+        r#"{"userId":"u1","timestamp":1700000000000,"amount":1.5}"#,
+        r#"{"userId":"u2","timestamp":"2023-11-14T22:13:21Z","amount":2}"#,
+        r#"{"userId":"u1","timestamp":1700000002000"#,
+        r#"{"timestamp":1700000003000,"amount":1}"#,
+        r#"{"userId":"u3","timestamp":1700000004000,"amount":"lots"}"#,
+        "",
+        r#"{"userId":"u3","timestamp":99999999999999999,"amount":1}"#,
+        r#"{"userId":"u4","timestamp":1700000005000,"amount":4}"#,
+        "\u{1}\u{2} binary junk",
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let config = file_config(dir.path(), &input, "");
+    let out = bin()
+        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let features = read_lines(&dir.path().join("features.ndjson"));
+    let ids: Vec<&str> = features.iter().map(|f| f["id"].as_str().unwrap()).collect();
+    let input_name = input.to_string_lossy();
+    assert_eq!(ids, [1, 2, 8].map(|n| format!("{input_name}/{n}")));
+    assert_eq!(features[1]["event_time"], 1_700_000_001_000i64);
+
+    let dead = read_lines(&dir.path().join("dead.ndjson"));
+    let reasons: Vec<(String, String)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d["position"].as_str().unwrap().to_string(),
+                d["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expect = [
+        (3, "malformed JSON"),
+        (4, "missing field userId"),
+        (5, "field amount must be f64, got a string"),
+        (7, "outside the accepted range"),
+        (9, "malformed JSON"),
+    ];
+    assert_eq!(reasons.len(), expect.len(), "{reasons:?}");
+    for ((position, reason), (line, want)) in reasons.iter().zip(expect) {
+        assert_eq!(position, &format!("{input_name}/{line}"));
+        assert!(
+            reason.contains(want),
+            "line {line}: {reason:?} lacks {want:?}"
+        );
+    }
+    // The raw bytes survive in the dead letter.
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(dead[4]["raw_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw, lines[8].as_bytes());
+
+    // A second run resumes after the committed checkpoint: nothing new.
+    let out = bin()
+        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read_lines(&dir.path().join("features.ndjson")).len(), 3);
+    assert_eq!(read_lines(&dir.path().join("dead.ndjson")).len(), 5);
+}
+
+#[test]
+fn sigterm_drains_flushes_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[pipeline]
+state_dir = "{dir}/state"
+checkpoint_interval = "300ms"
+
+[source]
+type = "generator"
+rate = 2000
+keys = 50
+start_time = 1700000000000
+
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = {{ amount = "f64" }}
+
+[[features]]
+name = "amount_sum_1m"
+agg = "sum"
+field = "amount"
+window = {{ type = "tumbling", size = "1m" }}
+
+[inference]
+backend = "embedded"
+model = "{dir}/model.toml"
+
+[[sinks]]
+type = "file"
+path = "{dir}/predictions.ndjson"
+kinds = ["prediction"]
+"#,
+        dir = dir.path().display()
+    );
+    std::fs::write(
+        dir.path().join("model.toml"),
+        "name = \"m\"\ntype = \"logistic\"\n[weights]\namount_sum_1m = 0.001\n[impute]\namount_sum_1m = 0.0\n",
+    )
+    .unwrap();
+    let config_path = dir.path().join("shardflow.toml");
+    std::fs::write(&config_path, config).unwrap();
+
+    let run_once = |expect_resume: bool| -> Vec<serde_json::Value> {
+        let mut child = bin()
+            .args([
+                "run",
+                "--quiet",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&config_path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        // Let it produce and checkpoint for a while.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let predictions = dir.path().join("predictions.ndjson");
+        while Instant::now() < deadline && read_lines(&predictions).len() < 2_000 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let before = read_lines(&predictions).len();
+        let stopped = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(10),
+                "did not exit within 10 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = log.join().unwrap();
+        assert!(exit.success(), "exit {exit:?}\n{log}");
+        assert_eq!(
+            log.contains("restoring from the last checkpoint"),
+            expect_resume,
+            "{log}"
+        );
+        let after = read_lines(&predictions);
+        assert!(after.len() >= before && after.len() > 0, "{log}");
+        after
+    };
+    let first = run_once(false);
+    let ids: std::collections::HashSet<String> = first
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), first.len(), "duplicate ids in one run");
+    assert!(first
+        .iter()
+        .all(|p| p["model"] == "m" && p["prediction"]["score"].is_f64()));
+
+    // The second run continues the generator after the committed index.
+    let both = run_once(true);
+    let max_seq = |rows: &[serde_json::Value]| {
+        rows.iter()
+            .map(|p| {
+                p["id"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .max()
+            .unwrap()
+    };
+    assert!(max_seq(&both) > max_seq(&first));
+    let unique: std::collections::HashSet<&str> =
+        both.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        unique.len(),
+        both.len(),
+        "a clean stop and restart repeats nothing"
+    );
+}
