@@ -5,4 +5,6 @@
 //! use the same modules.
 
 pub mod config;
+pub mod engine;
 pub mod record;
+pub mod state;
