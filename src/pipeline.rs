@@ -26,10 +26,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::decode::Decoder;
+use crate::engine::Engine;
 use crate::inference;
-use crate::record::{
-    DeadLetter, Event, FeatureRecord, FeatureVector, KindSet, Output, OutputKind, Position,
-};
+use crate::record::{DeadLetter, Event, KindSet, Output, OutputKind, Position};
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, SourceContext, SourceMessage};
 use crate::state::{StateDelta, StateStore};
@@ -187,11 +186,7 @@ pub async fn run(
     let src = source::build(&config)?;
     tracing::info!(source = %src.describe(), "starting");
     let cap = config.pipeline.channel_capacity;
-    let names: crate::record::FeatureNames = config
-        .features
-        .iter()
-        .map(|f| Arc::from(f.name.get_ref().as_str()))
-        .collect();
+    let engine = Engine::new(&config, store.clone()).context("restoring the window engine")?;
 
     let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
 
@@ -236,9 +231,16 @@ pub async fn run(
     ));
 
     let (enriched_tx, enriched_rx) = mpsc::channel(cap);
+    let committed = Arc::new(AtomicU64::new(last_checkpoint));
     tasks.push((
         "enrich",
-        tokio::spawn(enrich_stage(names, decoded_rx, enriched_tx)),
+        tokio::spawn(enrich_stage(
+            engine,
+            committed.clone(),
+            decoded_rx,
+            enriched_tx,
+            stats.clone(),
+        )),
     ));
 
     let subscribed = config.subscribed_kinds();
@@ -273,7 +275,7 @@ pub async fn run(
             stats.clone(),
         )),
     ));
-    let committer = tokio::spawn(committer_stage(store, commit_rx, stats.clone()));
+    let committer = tokio::spawn(committer_stage(store, commit_rx, committed, stats.clone()));
 
     stats.ready.store(true, Ordering::Relaxed);
     let progress = (options.progress && std::io::stderr().is_terminal())
@@ -382,42 +384,71 @@ async fn decode_stage(
     }
 }
 
-/// Turns events into feature records. The window engine plugs in here.
+/// Runs the window engine: feature records, window results and late events,
+/// plus the state delta each barrier carries to the committer.
 async fn enrich_stage(
-    names: crate::record::FeatureNames,
+    mut engine: Engine,
+    committed: Arc<AtomicU64>,
     mut input: mpsc::Receiver<Message<Decoded>>,
     output: mpsc::Sender<Message<Output>>,
+    stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
     let events = metrics::counter!("shardflow_events_total");
-    while let Some(message) = input.recv().await {
-        let out = match message {
-            Message::Batch(batch) => {
-                events.increment(batch.len() as u64);
-                Message::Batch(
-                    batch
-                        .into_iter()
-                        .map(|d| match d {
-                            Decoded::Event(e) => Output::Features(FeatureRecord {
-                                id: e.position.to_string(),
-                                key: e.key,
-                                event_time: e.event_time,
-                                features: FeatureVector::empty(names.clone()),
-                            }),
-                            Decoded::Dead(d) => Output::DeadLetter(*d),
-                        })
-                        .collect(),
-                )
+    let watermark = metrics::gauge!("shardflow_watermark_ms");
+    // Processing time drives idleness; a few ticks a second are plenty.
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen_commit = 0;
+    loop {
+        let mut out = Vec::new();
+        let mut barrier = None;
+        tokio::select! {
+            biased;
+            message = input.recv() => match message {
+                Some(Message::Batch(batch)) => {
+                    let now = source::now_millis();
+                    out.reserve(batch.len());
+                    for d in batch {
+                        match d {
+                            Decoded::Event(e) => {
+                                events.increment(1);
+                                stats.events.fetch_add(1, Ordering::Relaxed);
+                                engine.process(&e, now, &mut out)?;
+                            }
+                            Decoded::Dead(d) => out.push(Output::DeadLetter(*d)),
+                        }
+                    }
+                }
+                Some(Message::Barrier(mut b)) => {
+                    if b.end_of_input {
+                        engine.finish(&mut out)?;
+                    }
+                    b.delta = Some(engine.snapshot(b.id)?);
+                    barrier = Some(b);
+                }
+                None => return Ok(()),
+            },
+            _ = ticker.tick() => {
+                let c = committed.load(Ordering::Acquire);
+                if c > seen_commit {
+                    engine.committed(c);
+                    seen_commit = c;
+                }
+                engine.on_tick(source::now_millis(), &mut out)?;
             }
-            Message::Barrier(mut b) => {
-                b.delta = Some(StateDelta::empty());
-                Message::Barrier(b)
-            }
-        };
-        if output.send(out).await.is_err() {
+        }
+        let wm = engine.watermark();
+        stats.watermark.store(wm, Ordering::Relaxed);
+        watermark.set(wm as f64);
+        if !out.is_empty() && output.send(Message::Batch(out)).await.is_err() {
             return Ok(());
         }
+        if let Some(b) = barrier {
+            if output.send(Message::Barrier(b)).await.is_err() {
+                return Ok(());
+            }
+        }
     }
-    Ok(())
 }
 
 type PendingCommit = (Barrier, Vec<oneshot::Receiver<anyhow::Result<()>>>);
@@ -491,6 +522,7 @@ async fn fanout_stage(
 async fn committer_stage(
     store: StateStore,
     mut pending: mpsc::Receiver<PendingCommit>,
+    committed: Arc<AtomicU64>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<u64> {
     let durations = metrics::histogram!("shardflow_checkpoint_duration_seconds");
@@ -519,6 +551,7 @@ async fn committer_stage(
             .context("commit task panicked")?
             .with_context(|| format!("committing checkpoint {id}"))?;
         last = id;
+        committed.store(id, Ordering::Release);
         commits.increment(1);
         durations.record(started.elapsed().as_secs_f64());
         stats.checkpoints.fetch_add(1, Ordering::Relaxed);

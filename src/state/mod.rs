@@ -1,125 +1,122 @@
-//! Durable state: RocksDB column families and the checkpoint commit.
+//! Durable state: RocksDB column families, checkpoint deltas and commits.
 //!
-//! Until the window engine lands, only `meta` is used: the config
-//! fingerprint, the last checkpoint id and the per-partition positions.
+//! The engine keeps its hot state in memory and hands the pipeline a
+//! [`StateDelta`] at every checkpoint barrier; the pipeline commits it with
+//! the source positions in one atomic `WriteBatch` once the sinks have
+//! acknowledged everything before the barrier. State and positions therefore
+//! always agree, which is what makes a restart count no event twice.
+//!
+//! Column families (keys in [`codec`]; byte order equals logical order):
+//! - `slices`:  `(spec, key, slice_start)` → a slice's accumulators
+//! - `windows`: `(spec, key)` → the key's firing cursor, revisions, timer
+//! - `timers`:  `(due window end, spec, key)` → empty, so firing is a range scan
+//! - `pending`: reserved for late/dead-letter deliveries awaiting a sink
+//! - `meta`:    fingerprint, checkpoint id, positions, engine watermarks
 
-use std::path::Path;
-use std::sync::Arc;
+pub mod codec;
+mod rocks;
 
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
+pub use rocks::{KeyCounts, StateStore};
 
-use crate::record::Position;
+/// The meta key of the engine's watermark state.
+pub(crate) fn rocks_meta_key() -> &'static [u8] {
+    rocks::META_ENGINE
+}
 
-const CF_META: &str = "meta";
-const KEY_FINGERPRINT: &[u8] = b"fingerprint";
-const KEY_CHECKPOINT: &[u8] = b"checkpoint";
-const POSITION_PREFIX: &[u8] = b"pos/";
+use std::path::PathBuf;
 
+/// What can go wrong with state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state in {dir} was written by a different configuration (fingerprint {found}, this config {expected}); keys, timestamps or [[features]] changed. Start over with --reset-state, or point [pipeline] state_dir elsewhere")]
+    #[error("state store error: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("cannot prepare the state directory {}: {source}", dir.display())]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the state in {} was written by a different configuration (state fingerprint {found}, this configuration has {expected}); \
+         pass --reset-state to discard that state and start over",
+        dir.display()
+    )]
     FingerprintMismatch {
-        dir: String,
+        dir: PathBuf,
         found: String,
         expected: String,
     },
-    #[error("state store: {0}")]
-    Rocks(#[from] rocksdb::Error),
-    #[error("state store: corrupt entry {0}")]
-    Corrupt(String),
+    #[error("checkpoint {id} cannot be committed: checkpoint {committed} is already committed (ids must increase)")]
+    CheckpointOrder { id: u64, committed: u64 },
+    #[error("corrupt state in {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
 }
 
-/// Engine changes since the previous snapshot, committed with a checkpoint.
-#[derive(Default)]
+/// A column family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cf {
+    Slices,
+    Windows,
+    Timers,
+    Pending,
+    Meta,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 5] = [Cf::Slices, Cf::Windows, Cf::Timers, Cf::Pending, Cf::Meta];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Slices => "slices",
+            Cf::Windows => "windows",
+            Cf::Timers => "timers",
+            Cf::Pending => "pending",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+}
+
+/// State changes between two checkpoint barriers, already encoded (so the
+/// engine can keep changing its state while the delta waits for the sinks).
+/// Deltas must be committed in the order they were taken; [`append`]
+/// merges a later one into an earlier one if the pipeline coalesces
+/// checkpoints.
+///
+/// [`append`]: StateDelta::append
+#[derive(Clone, Debug, Default)]
 pub struct StateDelta {
-    batch: WriteBatch,
+    pub(crate) ops: Vec<Op>,
 }
 
 impl StateDelta {
     pub fn empty() -> Self {
         StateDelta::default()
     }
-}
 
-#[derive(Clone)]
-pub struct StateStore {
-    db: Arc<DB>,
-}
-
-impl StateStore {
-    pub fn open(dir: &Path, fingerprint: &str, reset: bool) -> Result<StateStore, StateError> {
-        if reset && dir.exists() {
-            DB::destroy(&Options::default(), dir)?;
-        }
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        let cfs = vec![ColumnFamilyDescriptor::new(CF_META, Options::default())];
-        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        let store = StateStore { db: Arc::new(db) };
-        let meta = store.meta();
-        match store.db.get_cf(meta, KEY_FINGERPRINT)? {
-            Some(found) if found != fingerprint.as_bytes() => {
-                return Err(StateError::FingerprintMismatch {
-                    dir: dir.display().to_string(),
-                    found: String::from_utf8_lossy(&found).into_owned(),
-                    expected: fingerprint.to_string(),
-                })
-            }
-            Some(_) => {}
-            None => store.db.put_cf(meta, KEY_FINGERPRINT, fingerprint)?,
-        }
-        Ok(store)
+    /// Number of puts and deletes.
+    pub fn len(&self) -> usize {
+        self.ops.len()
     }
 
-    fn meta(&self) -> &rocksdb::ColumnFamily {
-        self.db
-            .cf_handle(CF_META)
-            .expect("meta column family is created on open")
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
     }
 
-    pub fn committed_checkpoint(&self) -> Result<u64, StateError> {
-        match self.db.get_cf(self.meta(), KEY_CHECKPOINT)? {
-            None => Ok(0),
-            Some(v) => {
-                Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(
-                    |_| StateError::Corrupt("checkpoint id".into()),
-                )?))
-            }
-        }
+    /// Appends a later delta; the combined delta commits both in order.
+    pub fn append(&mut self, later: StateDelta) {
+        self.ops.extend(later.ops);
     }
 
-    pub fn committed_positions(&self) -> Result<Vec<Position>, StateError> {
-        let mut out = Vec::new();
-        for item in self.db.prefix_iterator_cf(self.meta(), POSITION_PREFIX) {
-            let (k, v) = item?;
-            if !k.starts_with(POSITION_PREFIX) {
-                break;
-            }
-            let pos: Position = serde_json::from_slice(&v).map_err(|e| {
-                StateError::Corrupt(format!("position {}: {e}", String::from_utf8_lossy(&k)))
-            })?;
-            out.push(pos);
-        }
-        Ok(out)
+    pub(crate) fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Put(cf, key, value));
     }
 
-    pub fn commit(
-        &self,
-        checkpoint_id: u64,
-        delta: StateDelta,
-        positions: &[Position],
-    ) -> Result<(), StateError> {
-        let mut batch = delta.batch;
-        let meta = self.meta();
-        for p in positions {
-            let mut key = POSITION_PREFIX.to_vec();
-            key.extend_from_slice(p.partition.as_bytes());
-            let value = serde_json::to_vec(p).map_err(|e| StateError::Corrupt(e.to_string()))?;
-            batch.put_cf(meta, key, value);
-        }
-        batch.put_cf(meta, KEY_CHECKPOINT, checkpoint_id.to_be_bytes());
-        self.db.write(batch)?;
-        Ok(())
+    pub(crate) fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.push(Op::Delete(cf, key));
     }
 }

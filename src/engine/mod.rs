@@ -1,0 +1,273 @@
+//! The event-time engine: watermarks, tumbling and sliding windows over
+//! RocksDB-backed state, per-event feature vectors, window results and the
+//! late side output, with Flink's event-time rules (see DESIGN.md).
+//!
+//! Per event, in order: (1) classify it against the watermark as it was
+//! before the event, (2) add it to its live windows, (3) compute its feature
+//! vector, (4) advance its partition's watermark, (5) fire what the new
+//! watermark allows (re-firing fired windows the event updated first).
+//!
+//! Exactly-once state: [`Engine::snapshot`] hands out the changes since the
+//! previous snapshot; the pipeline commits them with the source positions via
+//! [`StateStore::commit`] and then calls [`Engine::committed`]. A new engine
+//! on the same store restores the last commit: watermarks, arrival counter,
+//! timers; key states are read from RocksDB on first use. Window revisions
+//! continue from the stored revision of every not-yet-purged window.
+
+mod aggregate;
+mod operator;
+mod watermark;
+mod window;
+
+pub use operator::EngineStats;
+pub use watermark::{PartitionMark, Watermarks};
+pub use window::Geometry;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, DEFAULT_MAX_DISTINCT};
+use crate::record::{
+    Event, FeatureNames, FeatureRecord, FeatureVector, LateRecord, Millis, Output,
+};
+use crate::state::rocks_meta_key;
+use crate::state::{Cf, StateDelta, StateError, StateStore};
+
+use aggregate::FeatureSlot;
+use operator::{Operator, SpecPlan};
+
+/// What can go wrong in the engine. None of these is a panic: a data
+/// problem the engine can represent (e.g. too many distinct values) becomes
+/// a `null` value plus a warning and a metric instead.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("corrupt engine state: {0}")]
+    Corrupt(String),
+    #[error("engine configuration: {0}")]
+    Config(String),
+}
+
+/// Tuning that is not part of the state's shape.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// Soft bound on (window spec, key) states kept in memory. Entries are
+    /// only evicted once clean with respect to a committed checkpoint.
+    pub cache_capacity: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            cache_capacity: 1_000_000,
+        }
+    }
+}
+
+/// The watermark state stored with every checkpoint.
+#[derive(Serialize, Deserialize)]
+struct EngineMeta {
+    watermark: Millis,
+    next_seq: u64,
+    partitions: Vec<PartitionMark>,
+}
+
+pub struct Engine {
+    op: Operator,
+    wm: Watermarks,
+    names: FeatureNames,
+    lateness: Millis,
+    /// Arrival order, for first/last ties; checkpointed so a replay after a
+    /// restore numbers events as the original run did.
+    next_seq: u64,
+}
+
+/// Groups features by window geometry (features sharing one share slices).
+fn plan(config: &Config) -> Result<Vec<SpecPlan>, EngineError> {
+    let mut specs: Vec<SpecPlan> = Vec::new();
+    for (index, f) in config.features.iter().enumerate() {
+        let w = f.window.get_ref();
+        let geo = Geometry::new(w.size_millis(), w.slide_millis());
+        if w.size_millis() <= 0 || w.size_millis() % geo.slide != 0 {
+            return Err(EngineError::Config(format!(
+                "feature {:?}: window size must be a positive multiple of slide",
+                f.name.get_ref()
+            )));
+        }
+        let field = match &f.field {
+            None => None,
+            Some(name) => Some(config.schema.field_index(name.get_ref()).ok_or_else(|| {
+                EngineError::Config(format!(
+                    "feature {:?}: unknown field {:?}",
+                    f.name.get_ref(),
+                    name.get_ref()
+                ))
+            })?),
+        };
+        let slot = FeatureSlot {
+            index,
+            name: Arc::from(f.name.get_ref().as_str()),
+            agg: f.agg,
+            field,
+            max_distinct: f.max_distinct.unwrap_or(DEFAULT_MAX_DISTINCT),
+        };
+        match specs.iter_mut().find(|s| s.geo == geo) {
+            Some(s) => s.slots.push(slot),
+            None => {
+                let id = u16::try_from(specs.len())
+                    .map_err(|_| EngineError::Config("too many distinct window specs".into()))?;
+                specs.push(SpecPlan {
+                    id,
+                    geo,
+                    slots: vec![slot],
+                });
+            }
+        }
+    }
+    Ok(specs)
+}
+
+impl Engine {
+    /// Builds the operator from config and restores the store's last commit.
+    pub fn new(config: &Config, store: StateStore) -> Result<Engine, EngineError> {
+        Engine::with_options(config, store, EngineOptions::default())
+    }
+
+    pub fn with_options(
+        config: &Config,
+        store: StateStore,
+        options: EngineOptions,
+    ) -> Result<Engine, EngineError> {
+        let specs = plan(config)?;
+        let names: FeatureNames = config
+            .features
+            .iter()
+            .map(|f| Arc::from(f.name.get_ref().as_str()))
+            .collect();
+        let wc = &config.watermark;
+        let mut wm = Watermarks::new(wc.max_out_of_orderness.millis(), wc.idle_timeout.millis());
+        let mut next_seq = 0;
+        if let Some(bytes) = store.get(Cf::Meta, rocks_meta_key())? {
+            let meta: EngineMeta = serde_json::from_slice(&bytes)
+                .map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;
+            wm.restore(meta.watermark, meta.partitions);
+            next_seq = meta.next_seq;
+        }
+        let lateness = wc.allowed_lateness.millis();
+        let op = Operator::new(specs, lateness, store, options.cache_capacity)?;
+        Ok(Engine {
+            op,
+            wm,
+            names,
+            lateness,
+            next_seq,
+        })
+    }
+
+    pub fn feature_names(&self) -> FeatureNames {
+        self.names.clone()
+    }
+
+    pub fn watermark(&self) -> Millis {
+        self.wm.current()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.op.stats
+    }
+
+    /// (window spec, key) states in memory and timer entries, for tests and gauges.
+    pub fn memory_footprint(&self) -> (usize, usize) {
+        (self.op.cached_states(), self.op.timer_entries())
+    }
+
+    /// The five steps for one event (see the module docs). Appends exactly
+    /// one `Features` or `Late` output, then any window results.
+    pub fn process(
+        &mut self,
+        event: &Event,
+        now: Millis,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        let w_before = self.wm.current();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.op.stats.events += 1;
+        let t = event.event_time;
+        let late = !self.op.specs.is_empty()
+            && self
+                .op
+                .specs
+                .iter()
+                .all(|s| s.geo.is_late(t, w_before, self.lateness));
+        if late {
+            self.op.stats.late += 1;
+            out.push(Output::Late(LateRecord {
+                id: event.position.to_string(),
+                key: event.key.clone(),
+                event_time: t,
+                watermark: w_before,
+                raw: event.raw.clone(),
+            }));
+        } else {
+            let mut values = vec![None; self.names.len()];
+            self.op.add_event(event, seq, w_before, &mut values)?;
+            out.push(Output::Features(FeatureRecord {
+                id: event.position.to_string(),
+                key: event.key.clone(),
+                event_time: t,
+                features: FeatureVector {
+                    names: self.names.clone(),
+                    values,
+                },
+            }));
+        }
+        let w = self.wm.observe(&event.position.partition, t, now);
+        self.op.refire(out);
+        self.op.fire(w, out)
+    }
+
+    /// Processing time passed: idle partitions stop holding the watermark
+    /// back; fires what the watermark now allows.
+    pub fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        let w = self.wm.tick(now);
+        self.op.fire(w, out)
+    }
+
+    /// End of a bounded input: watermark +∞, every window with unfired
+    /// changes fires, and all state is purged.
+    pub fn finish(&mut self, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        let w = self.wm.finish();
+        self.op.fire(w, out)
+    }
+
+    /// The state changes since the previous snapshot plus the watermarks, to
+    /// be committed by the pipeline (in snapshot order) once the sinks have
+    /// acknowledged everything before this barrier.
+    pub fn snapshot(&mut self, checkpoint_id: u64) -> Result<StateDelta, EngineError> {
+        let mut delta = self.op.snapshot(checkpoint_id);
+        let meta = EngineMeta {
+            watermark: self.wm.current(),
+            next_seq: self.next_seq,
+            partitions: self.wm.partitions().to_vec(),
+        };
+        let bytes = serde_json::to_vec(&meta)
+            .map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;
+        delta.put(Cf::Meta, rocks_meta_key().to_vec(), bytes);
+        let s = self.op.stats;
+        metrics::counter!("shardflow_engine_events_total").absolute(s.events);
+        metrics::counter!("shardflow_engine_late_events_total").absolute(s.late);
+        metrics::counter!("shardflow_engine_window_results_total").absolute(s.window_results);
+        metrics::counter!("shardflow_distinct_overflow_total").absolute(s.distinct_overflows);
+        metrics::gauge!("shardflow_engine_cached_states").set(self.op.cached_states() as f64);
+        Ok(delta)
+    }
+
+    /// Checkpoint `checkpoint_id` is durably committed: clean cache entries
+    /// may now be evicted.
+    pub fn committed(&mut self, checkpoint_id: u64) {
+        self.op.committed(checkpoint_id);
+    }
+}

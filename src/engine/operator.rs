@@ -1,0 +1,564 @@
+//! The window operator: per (spec, key) state in a write-back cache over
+//! RocksDB, event-time timers, firing and purging.
+//!
+//! Each (spec, key) has one [`KeyState`]: its live slices, a firing cursor
+//! `fired` (every window `j ≤ fired` has been handled: fired, passed while
+//! empty, or purged), the next revision of each fired-but-not-purged window,
+//! and one timer: the earliest window end at which something happens to it
+//! (its next window with data becomes due, or its oldest slice or revision
+//! is purged). Timers live in a `BTreeMap` ordered by that end, so firing is
+//! a range scan from the smallest end; a key whose timer moves leaves a
+//! stale entry behind that is skipped when reached (lazy deletion). The same
+//! timers are persisted as `(end, spec, key)` for restore.
+//!
+//! The cache holds every state touched since the last committed checkpoint.
+//! An entry is evicted only when it is clean with respect to a *committed*
+//! checkpoint (not dirty, and its last snapshot committed), so a read that
+//! falls through to RocksDB always finds the latest value. Purged (empty)
+//! states are dropped the same way, after their deletes are committed.
+//! `capacity` is therefore a soft bound: state changed since the last commit
+//! always stays in memory.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::record::Event;
+use crate::record::{Output, Value, WindowResult};
+use crate::state::codec::{key_prefix, slice_key, timer_key, Reader, Writer};
+use crate::state::{Cf, StateDelta, StateStore};
+
+use super::aggregate::{Acc, FeatureSlot};
+use super::window::{Geometry, KeyWindows, Slice};
+use super::EngineError;
+
+/// The features sharing one window spec, and so one set of slices.
+#[derive(Clone, Debug)]
+pub struct SpecPlan {
+    pub id: u16,
+    pub geo: Geometry,
+    pub slots: Vec<FeatureSlot>,
+}
+
+/// Counters the engine reports as metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub events: u64,
+    pub late: u64,
+    pub window_results: u64,
+    pub distinct_overflows: u64,
+    pub cache_loads: u64,
+    pub cache_evictions: u64,
+}
+
+struct KeyState {
+    windows: KeyWindows,
+    fired: i64,
+    /// `(window, next revision)` of fired windows not yet purged, by window.
+    revisions: VecDeque<(i64, u32)>,
+    timer: Option<i64>,
+    /// The timer as of the last snapshot (what the store has, or will have).
+    persisted_timer: Option<i64>,
+    dirty: bool,
+    snapshot_id: u64,
+    /// The `windows` entry exists in the store (or in a handed-out delta).
+    stored: bool,
+}
+
+impl KeyState {
+    fn new() -> KeyState {
+        KeyState {
+            windows: KeyWindows::default(),
+            fired: i64::MIN,
+            revisions: VecDeque::new(),
+            timer: None,
+            persisted_timer: None,
+            dirty: false,
+            snapshot_id: 0,
+            stored: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.windows.is_empty() && self.revisions.is_empty()
+    }
+
+    fn next_due(&self, geo: &Geometry, lateness: i64) -> Option<i64> {
+        let fire = self
+            .windows
+            .first_data_window_after(geo, self.fired)
+            .map(|j| geo.end_of(j));
+        let slice = self
+            .windows
+            .slices
+            .front()
+            .map(|s| geo.purge_due_of_slice(s.idx, lateness));
+        let rev = self
+            .revisions
+            .front()
+            .map(|(j, _)| geo.purge_due_of_window(*j, lateness));
+        [fire, slice, rev].into_iter().flatten().min()
+    }
+
+    /// Takes the next revision of window `j`.
+    fn next_revision(&mut self, j: i64) -> u32 {
+        match self.revisions.binary_search_by_key(&j, |r| r.0) {
+            Ok(p) => {
+                let r = self.revisions[p].1;
+                self.revisions[p].1 = r.saturating_add(1);
+                r
+            }
+            Err(p) => {
+                self.revisions.insert(p, (j, 1));
+                0
+            }
+        }
+    }
+
+    fn encode_meta(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.i64(self.fired);
+        match self.timer {
+            Some(t) => {
+                w.u8(1);
+                w.i64(t);
+            }
+            None => w.u8(0),
+        }
+        w.u32(self.revisions.len() as u32);
+        for (j, r) in &self.revisions {
+            w.i64(*j);
+            w.u32(*r);
+        }
+        w.buf
+    }
+
+    fn decode(
+        plan: &SpecPlan,
+        meta: &[u8],
+        slices: Vec<(i64, Vec<u8>)>,
+    ) -> Result<KeyState, EngineError> {
+        let corrupt = |e: crate::state::codec::CodecError| EngineError::Corrupt(e.to_string());
+        let mut r = Reader::new(meta);
+        let fired = r.i64().map_err(corrupt)?;
+        let timer = match r.u8().map_err(corrupt)? {
+            0 => None,
+            _ => Some(r.i64().map_err(corrupt)?),
+        };
+        let n = r.u32().map_err(corrupt)?;
+        let mut revisions = VecDeque::with_capacity(n as usize);
+        for _ in 0..n {
+            revisions.push_back((r.i64().map_err(corrupt)?, r.u32().map_err(corrupt)?));
+        }
+        let mut restored = VecDeque::with_capacity(slices.len());
+        for (start, bytes) in slices {
+            let acc = Acc::decode(&plan.slots, &mut Reader::new(&bytes)).map_err(corrupt)?;
+            restored.push_back(Slice::restored(start.div_euclid(plan.geo.slide), acc));
+        }
+        Ok(KeyState {
+            windows: KeyWindows::from_slices(restored),
+            fired,
+            revisions,
+            timer,
+            persisted_timer: timer,
+            dirty: false,
+            snapshot_id: 0,
+            stored: true,
+        })
+    }
+}
+
+type States = HashMap<Arc<str>, KeyState>;
+
+pub struct Operator {
+    pub specs: Vec<SpecPlan>,
+    lateness: i64,
+    states: Vec<States>,
+    timers: BTreeMap<(i64, u16), Vec<Arc<str>>>,
+    dirty: Vec<(u16, Arc<str>)>,
+    /// Deletes of purged slices since the last snapshot.
+    pending: StateDelta,
+    store: StateStore,
+    /// RocksDB may hold state not in the cache (after a restore or an eviction).
+    store_may_have: bool,
+    committed: u64,
+    capacity: usize,
+    scratch: Vec<Acc>,
+    /// Windows the current event updated after they were fired (step 5).
+    refire: Vec<(u16, Arc<str>, i64, i64)>,
+    pub stats: EngineStats,
+}
+
+fn touch(dirty: &mut Vec<(u16, Arc<str>)>, spec: u16, key: &Arc<str>, st: &mut KeyState) {
+    if !st.dirty {
+        st.dirty = true;
+        dirty.push((spec, key.clone()));
+    }
+}
+
+fn reschedule(
+    timers: &mut BTreeMap<(i64, u16), Vec<Arc<str>>>,
+    plan: &SpecPlan,
+    lateness: i64,
+    key: &Arc<str>,
+    st: &mut KeyState,
+) {
+    let due = st.next_due(&plan.geo, lateness);
+    if due != st.timer {
+        st.timer = due;
+        if let Some(d) = due {
+            timers.entry((d, plan.id)).or_default().push(key.clone());
+        }
+    }
+}
+
+/// Emits every feature of window `j` if it holds events: revision 0 on the
+/// first firing, the next revision when `refire`.
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    plan: &SpecPlan,
+    key: &Arc<str>,
+    st: &mut KeyState,
+    scratch: &mut Acc,
+    j: i64,
+    refire: bool,
+    stats: &mut EngineStats,
+    out: &mut Vec<Output>,
+) {
+    let geo = plan.geo;
+    if !st.windows.window(&geo, &plan.slots, j, scratch) {
+        return;
+    }
+    let revision = if refire { st.next_revision(j) } else { 0 };
+    let (start, end) = (geo.start_of(j), geo.end_of(j));
+    st.windows.values_of_merged(
+        &geo,
+        &plan.slots,
+        j,
+        scratch,
+        |slot, value: Option<Value>| {
+            stats.window_results += 1;
+            out.push(Output::Window(WindowResult {
+                key: key.clone(),
+                feature: slot.name.clone(),
+                window_start: start,
+                window_end: end,
+                value,
+                revision,
+            }));
+        },
+    );
+}
+
+impl Operator {
+    pub fn new(
+        specs: Vec<SpecPlan>,
+        lateness: i64,
+        store: StateStore,
+        capacity: usize,
+    ) -> Result<Operator, EngineError> {
+        let mut timers: BTreeMap<(i64, u16), Vec<Arc<str>>> = BTreeMap::new();
+        for (due, spec, key) in store.load_timers()? {
+            if usize::from(spec) >= specs.len() {
+                return Err(EngineError::Corrupt(format!(
+                    "timer for unknown window spec {spec}"
+                )));
+            }
+            timers.entry((due, spec)).or_default().push(Arc::from(key));
+        }
+        let store_may_have = store.has_key_state()?;
+        Ok(Operator {
+            states: specs.iter().map(|_| HashMap::new()).collect(),
+            scratch: specs.iter().map(|s| Acc::empty(&s.slots)).collect(),
+            specs,
+            lateness,
+            timers,
+            dirty: Vec::new(),
+            pending: StateDelta::empty(),
+            store,
+            store_may_have,
+            committed: 0,
+            capacity: capacity.max(1),
+            refire: Vec::new(),
+            stats: EngineStats::default(),
+        })
+    }
+
+    /// Makes sure `(spec, key)` is in the cache; `create` makes an empty
+    /// state when neither the cache nor the store has one.
+    fn load(&mut self, si: usize, key: &Arc<str>, create: bool) -> Result<bool, EngineError> {
+        if self.states[si].contains_key(&**key) {
+            return Ok(true);
+        }
+        let plan = &self.specs[si];
+        let loaded = if self.store_may_have {
+            match self.store.load_key(plan.id, key)? {
+                Some((meta, slices)) => Some(KeyState::decode(plan, &meta, slices)?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let st = match loaded {
+            Some(st) => {
+                self.stats.cache_loads += 1;
+                st
+            }
+            None if create => KeyState::new(),
+            None => return Ok(false),
+        };
+        self.states[si].insert(key.clone(), st);
+        Ok(true)
+    }
+
+    /// Steps 2 and 3 for an event that is not late: adds it to its slice in
+    /// every spec where one of its windows is live, and writes the feature
+    /// values of the earliest-ending live window into `values`.
+    pub fn add_event(
+        &mut self,
+        event: &Event,
+        seq: u64,
+        w_before: i64,
+        values: &mut [Option<Value>],
+    ) -> Result<(), EngineError> {
+        let t = event.event_time;
+        for si in 0..self.specs.len() {
+            let geo = self.specs[si].geo;
+            if geo.is_late(t, w_before, self.lateness) {
+                continue;
+            }
+            self.load(si, &event.key, true)?;
+            let Operator {
+                specs,
+                states,
+                timers,
+                dirty,
+                scratch,
+                refire,
+                stats,
+                lateness,
+                ..
+            } = self;
+            let plan = &specs[si];
+            let Some(st) = states[si].get_mut(&*event.key) else {
+                continue;
+            };
+            let live = geo.first_live_window(w_before, *lateness);
+            // Windows before `live` are purged, so all were handled when the
+            // watermark passed them (firing always precedes purging).
+            st.fired = st.fired.max(live.saturating_sub(1));
+            let s = geo.slice_of(t);
+            let outcome = st.windows.add(&geo, &plan.slots, s, event, seq);
+            if outcome.distinct_overflowed {
+                stats.distinct_overflows += 1;
+                if stats.distinct_overflows.is_power_of_two() {
+                    tracing::warn!(
+                        key = &*event.key,
+                        overflows = stats.distinct_overflows,
+                        "a distinct_count slice exceeded max_distinct; windows containing it report null"
+                    );
+                }
+            }
+            touch(dirty, plan.id, &event.key, st);
+            let j = s.max(live);
+            st.windows
+                .values(&geo, &plan.slots, j, &mut scratch[si], |slot, v| {
+                    if let Some(dst) = values.get_mut(slot.index) {
+                        *dst = v;
+                    }
+                });
+            let hi = s.saturating_add(geo.n - 1).min(st.fired);
+            if j <= hi {
+                refire.push((plan.id, event.key.clone(), j, hi));
+            }
+            reschedule(timers, plan, *lateness, &event.key, st);
+        }
+        Ok(())
+    }
+
+    /// Step 5, first half: re-fires the fired windows the last event updated.
+    pub fn refire(&mut self, out: &mut Vec<Output>) {
+        let Operator {
+            specs,
+            states,
+            timers,
+            dirty,
+            scratch,
+            refire,
+            stats,
+            lateness,
+            ..
+        } = self;
+        for (spec, key, lo, hi) in refire.drain(..) {
+            let si = usize::from(spec);
+            let plan = &specs[si];
+            let Some(st) = states[si].get_mut(&*key) else {
+                continue;
+            };
+            for j in lo..=hi {
+                emit(plan, &key, st, &mut scratch[si], j, true, stats, out);
+            }
+            touch(dirty, spec, &key, st);
+            reschedule(timers, plan, *lateness, &key, st);
+        }
+    }
+
+    /// Step 5, second half: visits every key whose timer is due at `w`.
+    pub fn fire(&mut self, w: i64, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        while let Some(entry) = self.timers.first_entry() {
+            let (due, spec) = *entry.key();
+            if due.saturating_sub(1) > w {
+                break;
+            }
+            let keys = entry.remove();
+            for key in keys {
+                self.visit(usize::from(spec), &key, due, w, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit(
+        &mut self,
+        si: usize,
+        key: &Arc<str>,
+        due: i64,
+        w: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        if !self.load(si, key, false)? {
+            return Ok(());
+        }
+        let Operator {
+            specs,
+            states,
+            timers,
+            dirty,
+            scratch,
+            stats,
+            lateness,
+            pending,
+            ..
+        } = self;
+        let plan = &specs[si];
+        let geo = plan.geo;
+        let Some(st) = states[si].get_mut(&**key) else {
+            return Ok(());
+        };
+        if st.timer != Some(due) {
+            return Ok(()); // a stale entry: the key's timer moved
+        }
+        let last_due = geo.last_due_window(w);
+        while let Some(j) = st.windows.first_data_window_after(&geo, st.fired) {
+            if j > last_due {
+                break;
+            }
+            emit(plan, key, st, &mut scratch[si], j, false, stats, out);
+            if geo.purge_due_of_window(j, *lateness).saturating_sub(1) > w {
+                st.revisions.push_back((j, 1));
+            }
+            st.fired = j;
+        }
+        st.fired = st.fired.max(last_due);
+        st.windows.purge(&geo, w, *lateness, |idx| {
+            pending.delete(
+                Cf::Slices,
+                slice_key(plan.id, key, idx.saturating_mul(geo.slide)),
+            );
+        });
+        while let Some((j, _)) = st.revisions.front() {
+            if geo.purge_due_of_window(*j, *lateness).saturating_sub(1) > w {
+                break;
+            }
+            st.revisions.pop_front();
+        }
+        touch(dirty, plan.id, key, st);
+        reschedule(timers, plan, *lateness, key, st);
+        Ok(())
+    }
+
+    /// Encodes every change since the previous snapshot.
+    pub fn snapshot(&mut self, id: u64) -> StateDelta {
+        let mut delta = std::mem::take(&mut self.pending);
+        for (spec, key) in std::mem::take(&mut self.dirty) {
+            let si = usize::from(spec);
+            let plan = &self.specs[si];
+            let Some(st) = self.states[si].get_mut(&*key) else {
+                continue;
+            };
+            if !st.dirty {
+                continue;
+            }
+            st.dirty = false;
+            st.snapshot_id = id;
+            if st.persisted_timer != st.timer || st.is_empty() {
+                if let Some(t) = st.persisted_timer.take() {
+                    delta.delete(Cf::Timers, timer_key(t, spec, &key));
+                }
+            }
+            if st.is_empty() {
+                if st.stored {
+                    delta.delete(Cf::Windows, key_prefix(spec, &key));
+                    st.stored = false;
+                }
+                continue;
+            }
+            for slice in st.windows.slices.iter_mut().filter(|s| s.dirty) {
+                let mut w = Writer::default();
+                slice.acc.encode(&mut w);
+                delta.put(
+                    Cf::Slices,
+                    slice_key(spec, &key, slice.idx.saturating_mul(plan.geo.slide)),
+                    w.buf,
+                );
+                slice.dirty = false;
+                slice.stored = true;
+            }
+            if st.persisted_timer != st.timer {
+                if let Some(t) = st.timer {
+                    delta.put(Cf::Timers, timer_key(t, spec, &key), Vec::new());
+                }
+                st.persisted_timer = st.timer;
+            }
+            delta.put(Cf::Windows, key_prefix(spec, &key), st.encode_meta());
+            st.stored = true;
+        }
+        delta
+    }
+
+    /// Checkpoint `id` is durable: drop purged states and, above capacity,
+    /// clean ones.
+    pub fn committed(&mut self, id: u64) {
+        self.committed = self.committed.max(id);
+        let committed = self.committed;
+        let clean = |st: &KeyState| !st.dirty && st.snapshot_id <= committed;
+        for states in &mut self.states {
+            states.retain(|_, st| !(st.is_empty() && clean(st)));
+        }
+        let mut len: usize = self.states.iter().map(HashMap::len).sum();
+        if len <= self.capacity {
+            return;
+        }
+        for states in &mut self.states {
+            states.retain(|_, st| {
+                if len > self.capacity && clean(st) {
+                    len -= 1;
+                    self.stats.cache_evictions += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.store_may_have = true;
+    }
+
+    /// Number of (spec, key) states in memory.
+    pub fn cached_states(&self) -> usize {
+        self.states.iter().map(HashMap::len).sum()
+    }
+
+    /// Number of timer entries in memory (including stale ones).
+    pub fn timer_entries(&self) -> usize {
+        self.timers.values().map(Vec::len).sum()
+    }
+}

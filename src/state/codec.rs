@@ -1,0 +1,230 @@
+//! Byte layouts of RocksDB keys and values.
+//!
+//! Keys are encoded so that byte order equals logical order: integers are
+//! big-endian with the sign bit flipped, and a string is escaped (`0x00`
+//! becomes `0x00 0xFF`) and terminated by `0x00 0x01`, so that no encoded
+//! string is a prefix of another and `"a" < "ab" < "b"` still holds.
+//! Values use a fixed little-endian layout read by [`Reader`], which reports
+//! truncated or malformed bytes as errors rather than panicking.
+
+use std::fmt;
+
+/// Appends an `i64` so that byte order equals numeric order.
+pub fn put_i64_ordered(buf: &mut Vec<u8>, v: i64) {
+    buf.extend_from_slice(&((v as u64) ^ (1 << 63)).to_be_bytes());
+}
+
+/// Appends a `u16` big-endian (already order-preserving).
+pub fn put_u16_ordered(buf: &mut Vec<u8>, v: u16) {
+    buf.extend_from_slice(&v.to_be_bytes());
+}
+
+/// Appends an escaped, terminated string (order-preserving, prefix-free).
+pub fn put_str_ordered(buf: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        buf.push(b);
+        if b == 0 {
+            buf.push(0xFF);
+        }
+    }
+    buf.extend_from_slice(&[0x00, 0x01]);
+}
+
+/// A malformed stored value or key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodecError(pub String);
+
+impl fmt::Display for CodecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed state bytes: {}", self.0)
+    }
+}
+
+impl std::error::Error for CodecError {}
+
+/// Reads what the `put_*` functions and [`Writer`] wrote.
+pub struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+        if self.bytes.len() < n {
+            return Err(CodecError(format!(
+                "expected {n} more bytes, found {}",
+                self.bytes.len()
+            )));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    pub fn i64_ordered(&mut self) -> Result<i64, CodecError> {
+        Ok((u64::from_be_bytes(self.array()?) ^ (1 << 63)) as i64)
+    }
+
+    pub fn u16_ordered(&mut self) -> Result<u16, CodecError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    pub fn str_ordered(&mut self) -> Result<String, CodecError> {
+        let mut out = Vec::new();
+        loop {
+            let b = self.take(1)?[0];
+            if b != 0 {
+                out.push(b);
+                continue;
+            }
+            match self.take(1)?[0] {
+                0xFF => out.push(0),
+                0x01 => break,
+                other => return Err(CodecError(format!("bad string escape 0x00 0x{other:02x}"))),
+            }
+        }
+        String::from_utf8(out).map_err(|e| CodecError(format!("key is not UTF-8: {e}")))
+    }
+
+    pub fn u8(&mut self) -> Result<u8, CodecError> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub fn u32(&mut self) -> Result<u32, CodecError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    pub fn u64(&mut self) -> Result<u64, CodecError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    pub fn i64(&mut self) -> Result<i64, CodecError> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+
+    pub fn f64(&mut self) -> Result<f64, CodecError> {
+        Ok(f64::from_le_bytes(self.array()?))
+    }
+
+    pub fn bytes(&mut self) -> Result<&'a [u8], CodecError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+/// Fixed little-endian value layout, the counterpart of [`Reader`].
+#[derive(Default)]
+pub struct Writer {
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    pub fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn i64(&mut self, v: i64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn f64(&mut self, v: f64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn bytes(&mut self, v: &[u8]) {
+        // Values are bounded by max_distinct × record size, far below 4 GiB.
+        self.u32(v.len() as u32);
+        self.buf.extend_from_slice(v);
+    }
+}
+
+/// `(spec, key)`: the prefix of a key's slices and its window metadata.
+pub fn key_prefix(spec: u16, key: &str) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(key.len() + 12);
+    put_u16_ordered(&mut buf, spec);
+    put_str_ordered(&mut buf, key);
+    buf
+}
+
+/// `(spec, key, slice_start)` in the slices column family.
+pub fn slice_key(spec: u16, key: &str, slice_start: i64) -> Vec<u8> {
+    let mut buf = key_prefix(spec, key);
+    put_i64_ordered(&mut buf, slice_start);
+    buf
+}
+
+/// `(due_window_end, spec, key)` in the timers column family, so that firing
+/// is a range scan from the smallest end.
+pub fn timer_key(due: i64, spec: u16, key: &str) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(key.len() + 20);
+    put_i64_ordered(&mut buf, due);
+    put_u16_ordered(&mut buf, spec);
+    put_str_ordered(&mut buf, key);
+    buf
+}
+
+/// Inverse of [`timer_key`].
+pub fn parse_timer_key(bytes: &[u8]) -> Result<(i64, u16, String), CodecError> {
+    let mut r = Reader::new(bytes);
+    let due = r.i64_ordered()?;
+    let spec = r.u16_ordered()?;
+    let key = r.str_ordered()?;
+    Ok((due, spec, key))
+}
+
+/// The slice start stored after a [`key_prefix`].
+pub fn parse_slice_start(bytes: &[u8], prefix_len: usize) -> Result<i64, CodecError> {
+    let rest = bytes
+        .get(prefix_len..)
+        .ok_or_else(|| CodecError("slice key shorter than its prefix".into()))?;
+    Reader::new(rest).i64_ordered()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_order_is_logical_order() {
+        let keys = ["", "\0", "\0a", "a", "a\0", "ab", "b"];
+        let mut encoded: Vec<_> = keys.iter().map(|k| key_prefix(1, k)).collect();
+        let sorted = encoded.clone();
+        encoded.sort();
+        assert_eq!(encoded, sorted);
+        let times = [i64::MIN, -5, -1, 0, 1, 60_000, i64::MAX];
+        let enc: Vec<_> = times.iter().map(|t| slice_key(0, "k", *t)).collect();
+        let mut s = enc.clone();
+        s.sort();
+        assert_eq!(enc, s);
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        for key in ["", "u1", "a\0b\0"] {
+            let k = timer_key(-42, 7, key);
+            assert_eq!(parse_timer_key(&k).unwrap(), (-42, 7, key.to_string()));
+            let p = key_prefix(3, key);
+            assert_eq!(
+                parse_slice_start(&slice_key(3, key, 99), p.len()).unwrap(),
+                99
+            );
+        }
+        assert!(parse_timer_key(&[1, 2, 3]).is_err());
+    }
+}

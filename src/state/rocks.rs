@@ -1,0 +1,246 @@
+//! The RocksDB side of [`StateStore`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options,
+    WriteBatch, WriteOptions, DB,
+};
+
+use super::codec::{self, key_prefix};
+use super::{Cf, Op, StateDelta, StateError};
+use crate::record::Position;
+
+const META_FINGERPRINT: &[u8] = b"fingerprint";
+const META_CHECKPOINT: &[u8] = b"checkpoint";
+const META_POSITIONS: &[u8] = b"positions";
+/// The engine's watermarks and arrival counter (see `engine::EngineMeta`).
+pub(crate) const META_ENGINE: &[u8] = b"engine";
+
+/// Shared handle to the state database. Cloning is cheap; the engine reads
+/// through one clone while the pipeline commits through another.
+#[derive(Clone)]
+pub struct StateStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DB,
+    dir: PathBuf,
+}
+
+/// Entries per column family, for tests and diagnostics (a full scan).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyCounts {
+    pub slices: usize,
+    pub windows: usize,
+    pub timers: usize,
+}
+
+fn cf_options() -> Options {
+    let mut opts = Options::default();
+    opts.set_compression_type(DBCompressionType::Lz4);
+    opts
+}
+
+impl StateStore {
+    /// Opens (creating) the DB at `dir`. State written under another
+    /// fingerprint is refused unless `reset`, which wipes the directory's
+    /// state and starts over.
+    pub fn open(dir: &Path, fingerprint: &str, reset: bool) -> Result<StateStore, StateError> {
+        let io = |source| StateError::Io {
+            dir: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        if reset {
+            DB::destroy(&opts, dir)?;
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let cfs = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let store = StateStore {
+            inner: Arc::new(Inner {
+                db,
+                dir: dir.to_owned(),
+            }),
+        };
+        match store.get(Cf::Meta, META_FINGERPRINT)? {
+            Some(found) if found != fingerprint.as_bytes() => {
+                return Err(StateError::FingerprintMismatch {
+                    dir: dir.to_owned(),
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                    expected: fingerprint.to_owned(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                let mut w = WriteOptions::default();
+                w.set_sync(true);
+                store.inner.db.put_cf_opt(
+                    store.cf(Cf::Meta)?,
+                    META_FINGERPRINT,
+                    fingerprint,
+                    &w,
+                )?;
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    fn cf(&self, cf: Cf) -> Result<&ColumnFamily, StateError> {
+        self.inner
+            .db
+            .cf_handle(cf.name())
+            .ok_or_else(|| StateError::Corrupt {
+                what: "column families",
+                detail: format!("column family {} is missing", cf.name()),
+            })
+    }
+
+    pub(crate) fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.inner.db.get_cf(self.cf(cf)?, key)?)
+    }
+
+    /// Last committed checkpoint id (0 if none).
+    pub fn committed_checkpoint(&self) -> Result<u64, StateError> {
+        match self.get(Cf::Meta, META_CHECKPOINT)? {
+            None => Ok(0),
+            Some(bytes) => codec::Reader::new(&bytes)
+                .u64()
+                .map_err(|e| StateError::Corrupt {
+                    what: "checkpoint id",
+                    detail: e.to_string(),
+                }),
+        }
+    }
+
+    /// The per-partition positions committed with the last checkpoint.
+    pub fn committed_positions(&self) -> Result<Vec<Position>, StateError> {
+        match self.get(Cf::Meta, META_POSITIONS)? {
+            None => Ok(Vec::new()),
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                what: "positions",
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Atomically writes, in one `WriteBatch` (synced), the engine's delta,
+    /// the positions and the checkpoint id.
+    pub fn commit(
+        &self,
+        checkpoint_id: u64,
+        delta: StateDelta,
+        positions: &[Position],
+    ) -> Result<(), StateError> {
+        let committed = self.committed_checkpoint()?;
+        if checkpoint_id <= committed {
+            return Err(StateError::CheckpointOrder {
+                id: checkpoint_id,
+                committed,
+            });
+        }
+        let mut batch = WriteBatch::default();
+        for op in delta.ops {
+            match op {
+                Op::Put(cf, k, v) => batch.put_cf(self.cf(cf)?, k, v),
+                Op::Delete(cf, k) => batch.delete_cf(self.cf(cf)?, k),
+            }
+        }
+        let positions = serde_json::to_vec(positions).map_err(|e| StateError::Corrupt {
+            what: "positions",
+            detail: e.to_string(),
+        })?;
+        let meta = self.cf(Cf::Meta)?;
+        batch.put_cf(meta, META_POSITIONS, positions);
+        batch.put_cf(meta, META_CHECKPOINT, checkpoint_id.to_le_bytes());
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        self.inner.db.write_opt(batch, &w)?;
+        Ok(())
+    }
+
+    /// Every persisted timer `(due, spec, key)`, in due order (restore only).
+    pub(crate) fn load_timers(&self) -> Result<Vec<(i64, u16, String)>, StateError> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(Cf::Timers)?, IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            out.push(codec::parse_timer_key(&k).map_err(|e| StateError::Corrupt {
+                what: "timers",
+                detail: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// A key's window metadata and its slices `(slice_start, bytes)`.
+    pub(crate) fn load_key(
+        &self,
+        spec: u16,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Vec<(i64, Vec<u8>)>)>, StateError> {
+        let prefix = key_prefix(spec, key);
+        let Some(meta) = self.get(Cf::Windows, &prefix)? else {
+            return Ok(None);
+        };
+        let mut slices = Vec::new();
+        let iter = self.inner.db.iterator_cf(
+            self.cf(Cf::Slices)?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let start =
+                codec::parse_slice_start(&k, prefix.len()).map_err(|e| StateError::Corrupt {
+                    what: "slices",
+                    detail: e.to_string(),
+                })?;
+            slices.push((start, v.into_vec()));
+        }
+        Ok(Some((meta, slices)))
+    }
+
+    /// Whether any key state is stored (so cache misses must read RocksDB).
+    pub(crate) fn has_key_state(&self) -> Result<bool, StateError> {
+        let mut iter = self
+            .inner
+            .db
+            .iterator_cf(self.cf(Cf::Windows)?, IteratorMode::Start);
+        Ok(iter.next().transpose()?.is_some())
+    }
+
+    /// Counts entries per column family (a full scan; tests and diagnostics).
+    pub fn key_counts(&self) -> Result<KeyCounts, StateError> {
+        let count = |cf: Cf| -> Result<usize, StateError> {
+            let mut n = 0;
+            for item in self.inner.db.iterator_cf(self.cf(cf)?, IteratorMode::Start) {
+                item?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        Ok(KeyCounts {
+            slices: count(Cf::Slices)?,
+            windows: count(Cf::Windows)?,
+            timers: count(Cf::Timers)?,
+        })
+    }
+}
