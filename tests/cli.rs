@@ -289,13 +289,21 @@ kinds = ["prediction"]
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let log = std::thread::spawn(move || {
-            BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-                .collect::<Vec<_>>()
-                .join("\n")
+            let mut lines = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("metrics on http://") {
+                    let rest = &line[at + "metrics on http://".len()..];
+                    let _ = addr_tx.send(rest.split('/').next().unwrap_or("").to_string());
+                }
+                lines.push(line);
+            }
+            lines.join("\n")
         });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the metrics address is logged");
         // Let it produce and checkpoint for a while.
         let deadline = Instant::now() + Duration::from_secs(20);
         let predictions = dir.path().join("predictions.ndjson");
@@ -303,6 +311,18 @@ kinds = ["prediction"]
             std::thread::sleep(Duration::from_millis(100));
         }
         let before = read_lines(&predictions).len();
+        let (status, body) = http_get(&addr, "/metrics");
+        assert_eq!(status, 200);
+        for name in [
+            "shardflow_records_in_total",
+            "shardflow_outputs_total",
+            "shardflow_checkpoints_total",
+            "shardflow_inference_batch_size",
+        ] {
+            assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
+        }
+        assert_eq!(http_get(&addr, "/healthz").0, 200);
+        assert_eq!(http_get(&addr, "/readyz").0, 200);
         let stopped = Instant::now();
         let status = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -365,4 +385,113 @@ kinds = ["prediction"]
         both.len(),
         "a clean stop and restart repeats nothing"
     );
+}
+
+/// A minimal HTTP/1.1 GET, enough for the metrics endpoint.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn file_run_fires_windows_and_reports_late_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.ndjson");
+    let t0: i64 = 1_699_999_980_000; // a minute boundary
+    let events = [
+        ("u1", 0),
+        ("u1", 30_000),
+        ("u2", 61_000),
+        ("u1", 5_000),
+        ("u1", 65_000),
+    ];
+    let text: String = events
+        .iter()
+        .map(|(k, dt)| {
+            format!(
+                "{{\"userId\":\"{k}\",\"timestamp\":{},\"amount\":1}}\n",
+                t0 + dt
+            )
+        })
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let extra = r#"
+[watermark]
+max_out_of_orderness = "0s"
+allowed_lateness = "0s"
+
+[[features]]
+name = "count_1m"
+agg = "count"
+window = { type = "tumbling", size = "1m" }
+
+[[sinks]]
+type = "file"
+path = "OUT/windows.ndjson"
+kinds = ["window", "late"]
+"#
+    .replace("OUT", &dir.path().display().to_string());
+    let config = file_config(dir.path(), &input, &extra);
+    let out = bin()
+        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let features = read_lines(&dir.path().join("features.ndjson"));
+    let counts: Vec<i64> = features
+        .iter()
+        .map(|f| f["features"]["count_1m"].as_i64().unwrap())
+        .collect();
+    assert_eq!(counts, [1, 2, 1, 1], "the late 4th event gets no vector");
+
+    let outputs = read_lines(&dir.path().join("windows.ndjson"));
+    let summary: Vec<String> = outputs
+        .iter()
+        .map(|o| match o["kind"].as_str().unwrap() {
+            "window" => format!(
+                "window {} {} {}",
+                o["key"].as_str().unwrap(),
+                o["window_start"].as_i64().unwrap() - t0,
+                o["value"]
+            ),
+            "late" => format!(
+                "late {} watermark {}",
+                o["id"].as_str().unwrap().rsplit('/').next().unwrap(),
+                o["watermark"].as_i64().unwrap() - t0
+            ),
+            other => panic!("unexpected kind {other}"),
+        })
+        .collect();
+    // u1's first minute fires when u2 at 61 s moves the watermark to 60.999 s;
+    // the event at 5 s then finds its window purged; the end of the file fires the rest.
+    let mut tail = summary[2..].to_vec();
+    tail.sort();
+    assert_eq!(summary[..2], ["window u1 0 2", "late 4 watermark 60999"]);
+    assert_eq!(tail, ["window u1 60000 1", "window u2 60000 1"]);
 }
