@@ -495,3 +495,80 @@ kinds = ["window", "late"]
     assert_eq!(summary[..2], ["window u1 0 2", "late 4 watermark 60999"]);
     assert_eq!(tail, ["window u1 60000 1", "window u2 60000 1"]);
 }
+
+#[test]
+fn followed_file_is_tailed_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.ndjson");
+    let line = |i: i64| {
+        format!(
+            "{{\"userId\":\"u{i}\",\"timestamp\":{},\"amount\":1}}\n",
+            1_700_000_000_000 + i
+        )
+    };
+    std::fs::write(&input, line(1)).unwrap();
+    let config = file_config(dir.path(), &input, "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "type = \"file\"\npath",
+        "type = \"file\"\nfollow = true\npoll_interval = \"50ms\"\npath",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = bin()
+        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let features = dir.path().join("features.ndjson");
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while read_lines(&features).len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} lines arrived",
+                read_lines(&features).len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(1);
+    // Append two lines, the second in two writes (a partial line must wait for its newline).
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .unwrap();
+    f.write_all(line(2).as_bytes()).unwrap();
+    let third = line(3);
+    f.write_all(&third.as_bytes()[..10]).unwrap();
+    f.flush().unwrap();
+    wait_for(2);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        read_lines(&features).len(),
+        2,
+        "a partial line was read early"
+    );
+    f.write_all(&third.as_bytes()[10..]).unwrap();
+    f.flush().unwrap();
+    wait_for(3);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let keys: Vec<String> = read_lines(&features)
+        .iter()
+        .map(|f| f["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, ["u1", "u2", "u3"]);
+}

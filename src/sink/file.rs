@@ -117,3 +117,52 @@ impl Sink for FileSink {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{DeadLetter, Position};
+
+    fn dead(n: usize) -> Output {
+        Output::DeadLetter(DeadLetter {
+            reason: "r".into(),
+            position: Position::new("p".into(), n.to_string()),
+            raw: bytes::Bytes::from_static(b"x"),
+        })
+    }
+
+    #[tokio::test]
+    async fn rotates_by_size_and_resumes_in_the_last_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.ndjson");
+        let config = FileSinkConfig {
+            path: path.clone(),
+            kinds: vec![],
+            rotate_bytes: Some(200),
+        };
+        let outputs: Vec<Output> = (0..10).map(dead).collect();
+        let refs: Vec<&Output> = outputs.iter().collect();
+        let line_len = outputs[0].to_ndjson().len() as u64;
+        {
+            let mut sink = FileSink::open(config.clone()).unwrap();
+            sink.write(&refs).await.unwrap();
+            sink.flush().await.unwrap();
+        }
+        let per_file = 200 / line_len;
+        let mut total = 0;
+        let mut files = 0;
+        while numbered(&path, files).exists() {
+            let text = std::fs::read_to_string(numbered(&path, files)).unwrap();
+            assert!(text.len() as u64 <= 200);
+            total += text.lines().count();
+            files += 1;
+        }
+        assert_eq!(total, 10);
+        assert_eq!(files as u64, 10u64.div_ceil(per_file));
+        // A new sink appends to the highest-numbered file.
+        let mut sink = FileSink::open(config).unwrap();
+        assert_eq!(sink.index, files - 1);
+        sink.write(&refs[..1]).await.unwrap();
+        sink.flush().await.unwrap();
+    }
+}
