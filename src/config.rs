@@ -151,6 +151,9 @@ pub struct PipelineConfig {
     pub batch_size: usize,
     /// How often a progress line is printed on a terminal (0 turns it off).
     pub progress_interval: Duration,
+    /// Most (window spec, key) states the engine keeps in memory; colder ones
+    /// are read back from RocksDB when needed.
+    pub state_cache_entries: usize,
 }
 
 impl Default for PipelineConfig {
@@ -161,6 +164,7 @@ impl Default for PipelineConfig {
             channel_capacity: 16,
             batch_size: 256,
             progress_interval: Duration(5_000),
+            state_cache_entries: 1_000_000,
         }
     }
 }
@@ -581,6 +585,12 @@ impl Config {
             return Err((
                 None,
                 "[pipeline] checkpoint_interval must be greater than 0".into(),
+            ));
+        }
+        if p.state_cache_entries == 0 {
+            return Err((
+                None,
+                "[pipeline] state_cache_entries must be at least 1".into(),
             ));
         }
         if p.channel_capacity == 0 || p.batch_size == 0 {

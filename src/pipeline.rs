@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::decode::Decoder;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineOptions};
 use crate::inference;
 use crate::record::{DeadLetter, Event, KindSet, Output, OutputKind, Position};
 use crate::sink::{self, SinkMessage};
@@ -186,7 +186,14 @@ pub async fn run(
     let src = source::build(&config)?;
     tracing::info!(source = %src.describe(), "starting");
     let cap = config.pipeline.channel_capacity;
-    let engine = Engine::new(&config, store.clone()).context("restoring the window engine")?;
+    let engine = Engine::with_options(
+        &config,
+        store.clone(),
+        EngineOptions {
+            cache_capacity: config.pipeline.state_cache_entries,
+        },
+    )
+    .context("restoring the window engine")?;
 
     let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
 
