@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingM
 use shardflow::config::Config;
 use shardflow::engine::Engine;
 use shardflow::record::{
-    Event, FeatureRecord, FeatureVector, FieldValue, FeatureNames, Output, Position,
+    Event, FeatureNames, FeatureRecord, FeatureVector, FieldValue, Output, Position,
 };
 use shardflow::state::StateStore;
 
@@ -36,15 +36,21 @@ fn events_from_env() -> usize {
 }
 
 fn config(window: &str) -> Config {
-    let features: String = [("count", None), ("sum", Some("amount")), ("max", Some("amount"))]
-        .iter()
-        .map(|(agg, field)| {
-            format!(
-                "[[features]]\nname = \"{agg}\"\nagg = \"{agg}\"\n{}window = {window}\n\n",
-                field.map(|f| format!("field = \"{f}\"\n")).unwrap_or_default()
-            )
-        })
-        .collect();
+    let features: String = [
+        ("count", None),
+        ("sum", Some("amount")),
+        ("max", Some("amount")),
+    ]
+    .iter()
+    .map(|(agg, field)| {
+        format!(
+            "[[features]]\nname = \"{agg}\"\nagg = \"{agg}\"\n{}window = {window}\n\n",
+            field
+                .map(|f| format!("field = \"{f}\"\n"))
+                .unwrap_or_default()
+        )
+    })
+    .collect();
     let text = format!(
         r#"
 [source]
@@ -117,7 +123,12 @@ fn fresh(config: &Config, hold_watermark: bool) -> Run {
         };
         engine.process(&hold, 0, &mut Vec::new()).expect("hold");
     }
-    Run { _dir: dir, store, engine, checkpoint: 0 }
+    Run {
+        _dir: dir,
+        store,
+        engine,
+        checkpoint: 0,
+    }
 }
 
 /// Processes all events with periodic checkpoints; returns results fired.
@@ -127,14 +138,21 @@ fn ingest(run: &mut Run, events: &[Event]) -> usize {
     for (i, e) in events.iter().enumerate() {
         run.engine.process(e, 0, &mut out).expect("process");
         if out.len() >= 4096 {
-            results += out.iter().filter(|o| matches!(o, Output::Window(_))).count();
+            results += out
+                .iter()
+                .filter(|o| matches!(o, Output::Window(_)))
+                .count();
             out.clear();
         }
         if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 {
             checkpoint(run, e);
         }
     }
-    results + out.iter().filter(|o| matches!(o, Output::Window(_))).count()
+    results
+        + out
+            .iter()
+            .filter(|o| matches!(o, Output::Window(_)))
+            .count()
 }
 
 fn checkpoint(run: &mut Run, last: &Event) {
@@ -152,8 +170,13 @@ fn hashmap_floor(events: &[Event], names: &FeatureNames) -> usize {
     let mut out = Vec::with_capacity(4096);
     let mut n = 0;
     for e in events {
-        let v = e.fields[0].as_ref().and_then(FieldValue::as_f64).unwrap_or(0.0);
-        let a = map.entry(e.key.clone()).or_insert((0, 0.0, f64::NEG_INFINITY));
+        let v = e.fields[0]
+            .as_ref()
+            .and_then(FieldValue::as_f64)
+            .unwrap_or(0.0);
+        let a = map
+            .entry(e.key.clone())
+            .or_insert((0, 0.0, f64::NEG_INFINITY));
         a.0 += 1;
         a.1 += v;
         a.2 = a.2.max(v);
@@ -181,9 +204,18 @@ fn hashmap_floor(events: &[Event], names: &FeatureNames) -> usize {
 fn windows() -> Vec<(&'static str, &'static str)> {
     vec![
         ("tumbling_1m", r#"{ type = "tumbling", size = "1m" }"#),
-        ("sliding_x6", r#"{ type = "sliding", size = "1m", slide = "10s" }"#),
-        ("sliding_x60", r#"{ type = "sliding", size = "10m", slide = "10s" }"#),
-        ("sliding_x360", r#"{ type = "sliding", size = "1h", slide = "10s" }"#),
+        (
+            "sliding_x6",
+            r#"{ type = "sliding", size = "1m", slide = "10s" }"#,
+        ),
+        (
+            "sliding_x60",
+            r#"{ type = "sliding", size = "10m", slide = "10s" }"#,
+        ),
+        (
+            "sliding_x360",
+            r#"{ type = "sliding", size = "1h", slide = "10s" }"#,
+        ),
     ]
 }
 
@@ -203,11 +235,17 @@ fn bench(c: &mut Criterion) {
     })
     .expect("engine")
     .feature_names();
-    g.bench_function("hashmap_floor", |b| b.iter(|| black_box(hashmap_floor(&evs, &names))));
+    g.bench_function("hashmap_floor", |b| {
+        b.iter(|| black_box(hashmap_floor(&evs, &names)))
+    });
     for (name, window) in windows() {
         let cfg = config(window);
         g.bench_function(name, |b| {
-            b.iter_batched(|| fresh(&cfg, true), |mut run| black_box(ingest(&mut run, &evs)), BatchSize::PerIteration)
+            b.iter_batched(
+                || fresh(&cfg, true),
+                |mut run| black_box(ingest(&mut run, &evs)),
+                BatchSize::PerIteration,
+            )
         });
     }
     g.finish();
@@ -215,7 +253,10 @@ fn bench(c: &mut Criterion) {
     // Emission: a smaller input (100 events per key) so that a 1 h window's
     // ~370 results per key stay affordable; throughput is in results.
     let emission_events = events((n / 10).max(10)).into_iter().map(|mut e| {
-        e.key = Arc::from(format!("user-{}", e.position.sequence.parse::<u64>().unwrap_or(0) % 1_000));
+        e.key = Arc::from(format!(
+            "user-{}",
+            e.position.sequence.parse::<u64>().unwrap_or(0) % 1_000
+        ));
         e
     });
     let emission_events: Vec<Event> = emission_events.collect();
@@ -230,8 +271,14 @@ fn bench(c: &mut Criterion) {
         ingest(&mut probe, &emission_events);
         let mut out = Vec::new();
         probe.engine.finish(&mut out).expect("finish");
-        let results = out.iter().filter(|o| matches!(o, Output::Window(_))).count();
-        println!("emission/{name}: {results} window results from {} events", emission_events.len());
+        let results = out
+            .iter()
+            .filter(|o| matches!(o, Output::Window(_)))
+            .count();
+        println!(
+            "emission/{name}: {results} window results from {} events",
+            emission_events.len()
+        );
         g.throughput(Throughput::Elements(results as u64));
         g.bench_function(name, |b| {
             b.iter_batched(
@@ -262,7 +309,11 @@ fn bench(c: &mut Criterion) {
         let results = ingest(&mut probe, &evs);
         println!("end_to_end/{name}: {results} window results from {n} events while streaming");
         g.bench_function(name, |b| {
-            b.iter_batched(|| fresh(&cfg, false), |mut run| black_box(ingest(&mut run, &evs)), BatchSize::PerIteration)
+            b.iter_batched(
+                || fresh(&cfg, false),
+                |mut run| black_box(ingest(&mut run, &evs)),
+                BatchSize::PerIteration,
+            )
         });
     }
     g.finish();

@@ -30,7 +30,9 @@ fn raw() -> impl Strategy<Value = Raw> {
 fn steps(raws: &[Raw]) -> Vec<Step> {
     let mut clock = 0;
     let mut out = Vec::new();
-    for (i, &(partition, key, advance, lag, amount, merchant, extra, tick)) in raws.iter().enumerate() {
+    for (i, &(partition, key, advance, lag, amount, merchant, extra, tick)) in
+        raws.iter().enumerate()
+    {
         clock += advance;
         out.push(Step::Event(In {
             partition,
@@ -42,7 +44,9 @@ fn steps(raws: &[Raw]) -> Vec<Step> {
         }));
         match extra {
             0..=1 => out.push(Step::Tick(tick)),
-            2..=3 => out.push(Step::Checkpoint { deferred: extra == 3 }),
+            2..=3 => out.push(Step::Checkpoint {
+                deferred: extra == 3,
+            }),
             _ => {}
         }
     }
@@ -53,8 +57,14 @@ fn check(steps: &[Step], ooo: i64, idle: i64, lateness: i64, features: &str, cac
     let config = config(ooo, idle, lateness, features);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path(), &config);
-    let engine = Engine::with_options(&config, store.clone(), EngineOptions { cache_capacity: cache })
-        .expect("engine");
+    let engine = Engine::with_options(
+        &config,
+        store.clone(),
+        EngineOptions {
+            cache_capacity: cache,
+        },
+    )
+    .expect("engine");
     let mut driver = Driver::new(engine, store, 0);
     let mut outputs = Vec::new();
     for step in steps {
@@ -117,17 +127,31 @@ window = { type = "sliding", size = 60, slide = 5 }
 
 #[test]
 fn late_events_carry_the_watermark_and_refire_revisions() {
-    let config = config(0, 1_000_000, 20, r#"
+    let config = config(
+        0,
+        1_000_000,
+        20,
+        r#"
 [[features]]
 name = "c"
 agg = "count"
 window = { type = "tumbling", size = 10 }
-"#);
+"#,
+    );
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), &config);
     let mut engine = Engine::new(&config, store).unwrap();
     let mut out = Vec::new();
-    let ev = |seq, time| event(&In { partition: 0, seq, key: 1, time, amount: None, merchant: 0 });
+    let ev = |seq, time| {
+        event(&In {
+            partition: 0,
+            seq,
+            key: 1,
+            time,
+            amount: None,
+            merchant: 0,
+        })
+    };
     engine.process(&ev(0, 5), 0, &mut out).unwrap(); // W = 4
     engine.process(&ev(1, 10), 0, &mut out).unwrap(); // W = 9: [0,10) fires rev 0
     engine.process(&ev(2, 7), 0, &mut out).unwrap(); // allowed late: rev 1 with count 2
@@ -136,11 +160,22 @@ window = { type = "tumbling", size = 10 }
     let ids: Vec<String> = out.iter().map(|o| o.id()).collect();
     assert_eq!(
         ids,
-        ["p0/0", "p0/1", "c/k1/10/0", "p0/2", "c/k1/10/1", "p0/3", "c/k1/20/0", "p0/4"],
+        [
+            "p0/0",
+            "p0/1",
+            "c/k1/10/0",
+            "p0/2",
+            "c/k1/10/1",
+            "p0/3",
+            "c/k1/20/0",
+            "p0/4"
+        ],
         "{out:#?}"
     );
     match &out[4] {
-        shardflow::record::Output::Window(w) => assert_eq!(w.value, Some(shardflow::record::Value::Int(2))),
+        shardflow::record::Output::Window(w) => {
+            assert_eq!(w.value, Some(shardflow::record::Value::Int(2)))
+        }
         o => panic!("{o:?}"),
     }
     match &out[7] {

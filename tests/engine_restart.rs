@@ -34,9 +34,18 @@ fn steps(raws: &[Raw]) -> Vec<Step> {
     let mut out = Vec::new();
     for (i, &(partition, key, advance, lag, amount, merchant, extra)) in raws.iter().enumerate() {
         clock += advance;
-        out.push(Step::Event(In { partition, seq: i as u32, key, time: 1_000 + clock - lag, amount, merchant }));
+        out.push(Step::Event(In {
+            partition,
+            seq: i as u32,
+            key,
+            time: 1_000 + clock - lag,
+            amount,
+            merchant,
+        }));
         if extra < 3 {
-            out.push(Step::Checkpoint { deferred: extra == 2 });
+            out.push(Step::Checkpoint {
+                deferred: extra == 2,
+            });
         }
     }
     out
@@ -53,11 +62,17 @@ fn resume_index(steps: &[Step], positions: &[shardflow::record::Position]) -> us
 
 fn run_with_crashes(steps: &[Step], crashes: &BTreeSet<usize>, lateness: i64, cache: usize) {
     let config = config(10, 1_000_000_000, lateness, ALL_FEATURES);
-    let options = EngineOptions { cache_capacity: cache };
+    let options = EngineOptions {
+        cache_capacity: cache,
+    };
 
     let dir_a = tempfile::tempdir().unwrap();
     let store = open(dir_a.path(), &config);
-    let mut a = Driver::new(Engine::with_options(&config, store.clone(), options).unwrap(), store, 0);
+    let mut a = Driver::new(
+        Engine::with_options(&config, store.clone(), options).unwrap(),
+        store,
+        0,
+    );
     let mut expected = Vec::new();
     for s in steps {
         a.step(s, &mut expected);
@@ -125,7 +140,8 @@ fn fingerprint_mismatch_is_refused_unless_reset() {
         .err()
         .expect("mismatch refused");
     assert!(err.to_string().contains("--reset-state"), "{err}");
-    let store = shardflow::state::StateStore::open(dir.path(), &b.state_fingerprint(), true).expect("reset");
+    let store = shardflow::state::StateStore::open(dir.path(), &b.state_fingerprint(), true)
+        .expect("reset");
     assert_eq!(store.committed_checkpoint().unwrap(), 0);
 }
 
@@ -135,7 +151,11 @@ fn fingerprint_mismatch_is_refused_unless_reset() {
 /// all once the input ends.
 #[test]
 fn purged_windows_leave_no_state() {
-    let config = config(50, 1_000_000_000, 0, r#"
+    let config = config(
+        50,
+        1_000_000_000,
+        0,
+        r#"
 [[features]]
 name = "count_t100"
 agg = "count"
@@ -152,11 +172,19 @@ name = "max_s200"
 agg = "max"
 field = "amount"
 window = { type = "sliding", size = 200, slide = 50 }
-"#);
+"#,
+    );
     let geos = [Geometry::new(100, 100), Geometry::new(200, 50)];
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), &config);
-    let engine = Engine::with_options(&config, store.clone(), EngineOptions { cache_capacity: 500 }).unwrap();
+    let engine = Engine::with_options(
+        &config,
+        store.clone(),
+        EngineOptions {
+            cache_capacity: 500,
+        },
+    )
+    .unwrap();
     let mut d = Driver::new(engine, store.clone(), 0);
     let mut out = Vec::new();
     let mut accepted: Vec<(i64, u32)> = Vec::new(); // (time, key) of accepted events
@@ -172,7 +200,14 @@ window = { type = "sliding", size = 200, slide = 50 }
         // Keys drift through time, so old keys go quiet and must be purged.
         let key = (i / 4 + (next() % 50) as u32) % keys;
         let time = 10_000 + i64::from(i) - (next() % 40) as i64;
-        let e = In { partition: 0, seq: i, key: 0, time, amount: Some((next() % 100) as i32), merchant: 0 };
+        let e = In {
+            partition: 0,
+            seq: i,
+            key: 0,
+            time,
+            amount: Some((next() % 100) as i32),
+            merchant: 0,
+        };
         let mut ev = event(&e);
         ev.key = format!("k{key}").into();
         d.now += 1;
@@ -197,18 +232,37 @@ window = { type = "sliding", size = 200, slide = 50 }
                 }
             }
             let counts = store.key_counts().unwrap();
-            assert_eq!(counts.slices, live_slices.len(), "slices after {i} events (W = {w})");
-            assert_eq!(counts.windows, live_keys.len(), "window entries after {i} events");
+            assert_eq!(
+                counts.slices,
+                live_slices.len(),
+                "slices after {i} events (W = {w})"
+            );
+            assert_eq!(
+                counts.windows,
+                live_keys.len(),
+                "window entries after {i} events"
+            );
             assert_eq!(counts.timers, live_keys.len(), "timers after {i} events");
             assert!(counts.slices < 2_000, "state must stay bounded: {counts:?}");
             let (cached, timers) = d.engine.memory_footprint();
-            assert!(cached <= live_keys.len() + 500, "cache {cached} for {} live states", live_keys.len());
-            assert!(timers <= 4 * live_keys.len() + 100, "timer entries {timers}");
+            assert!(
+                cached <= live_keys.len() + 500,
+                "cache {cached} for {} live states",
+                live_keys.len()
+            );
+            assert!(
+                timers <= 4 * live_keys.len() + 100,
+                "timer entries {timers}"
+            );
         }
     }
     d.engine.finish(&mut out).unwrap();
     d.step(&Step::Checkpoint { deferred: false }, &mut out);
     let counts = store.key_counts().unwrap();
-    assert_eq!((counts.slices, counts.windows, counts.timers), (0, 0, 0), "{counts:?}");
+    assert_eq!(
+        (counts.slices, counts.windows, counts.timers),
+        (0, 0, 0),
+        "{counts:?}"
+    );
     assert_eq!(d.engine.memory_footprint(), (0, 0));
 }

@@ -111,10 +111,22 @@ pub enum DistinctSet {
 pub enum Lane {
     /// Reads [`Acc::count`].
     Count,
-    Sum { n: u64, sum: f64 },
-    Min { n: u64, v: f64 },
-    Max { n: u64, v: f64 },
-    Mean { n: u64, sum: f64 },
+    Sum {
+        n: u64,
+        sum: f64,
+    },
+    Min {
+        n: u64,
+        v: f64,
+    },
+    Max {
+        n: u64,
+        v: f64,
+    },
+    Mean {
+        n: u64,
+        sum: f64,
+    },
     First(Option<Stamped>),
     Last(Option<Stamped>),
     Stddev(Welford),
@@ -127,8 +139,14 @@ impl Lane {
         match agg {
             AggKind::Count => Lane::Count,
             AggKind::Sum => Lane::Sum { n: 0, sum: 0.0 },
-            AggKind::Min => Lane::Min { n: 0, v: f64::INFINITY },
-            AggKind::Max => Lane::Max { n: 0, v: f64::NEG_INFINITY },
+            AggKind::Min => Lane::Min {
+                n: 0,
+                v: f64::INFINITY,
+            },
+            AggKind::Max => Lane::Max {
+                n: 0,
+                v: f64::NEG_INFINITY,
+            },
             AggKind::Mean => Lane::Mean { n: 0, sum: 0.0 },
             AggKind::First => Lane::First(None),
             AggKind::Last => Lane::Last(None),
@@ -213,7 +231,10 @@ impl Acc {
         let mut outcome = AddOutcome::default();
         self.count += 1;
         for (lane, slot) in self.lanes.iter_mut().zip(slots) {
-            let Some(field) = slot.field.and_then(|i| event.fields.get(i)).and_then(|f| f.as_ref())
+            let Some(field) = slot
+                .field
+                .and_then(|i| event.fields.get(i))
+                .and_then(|f| f.as_ref())
             else {
                 continue;
             };
@@ -247,13 +268,21 @@ impl Acc {
                     *v = v.max(x);
                 }
                 Lane::First(cur) => {
-                    let s = Stamped { time: event.event_time, seq, value: x };
+                    let s = Stamped {
+                        time: event.event_time,
+                        seq,
+                        value: x,
+                    };
                     if cur.is_none_or(|c| (s.time, s.seq) < (c.time, c.seq)) {
                         *cur = Some(s);
                     }
                 }
                 Lane::Last(cur) => {
-                    let s = Stamped { time: event.event_time, seq, value: x };
+                    let s = Stamped {
+                        time: event.event_time,
+                        seq,
+                        value: x,
+                    };
                     if cur.is_none_or(|c| (s.time, s.seq) > (c.time, c.seq)) {
                         *cur = Some(s);
                     }
@@ -360,14 +389,30 @@ impl Acc {
         for slot in slots {
             let lane = match slot.agg {
                 AggKind::Count => Lane::Count,
-                AggKind::Sum => Lane::Sum { n: r.u64()?, sum: r.f64()? },
-                AggKind::Mean => Lane::Mean { n: r.u64()?, sum: r.f64()? },
-                AggKind::Min => Lane::Min { n: r.u64()?, v: r.f64()? },
-                AggKind::Max => Lane::Max { n: r.u64()?, v: r.f64()? },
+                AggKind::Sum => Lane::Sum {
+                    n: r.u64()?,
+                    sum: r.f64()?,
+                },
+                AggKind::Mean => Lane::Mean {
+                    n: r.u64()?,
+                    sum: r.f64()?,
+                },
+                AggKind::Min => Lane::Min {
+                    n: r.u64()?,
+                    v: r.f64()?,
+                },
+                AggKind::Max => Lane::Max {
+                    n: r.u64()?,
+                    v: r.f64()?,
+                },
                 AggKind::First | AggKind::Last => {
                     let s = match r.u8()? {
                         0 => None,
-                        1 => Some(Stamped { time: r.i64()?, seq: r.u64()?, value: r.f64()? }),
+                        1 => Some(Stamped {
+                            time: r.i64()?,
+                            seq: r.u64()?,
+                            value: r.f64()?,
+                        }),
                         t => return Err(CodecError(format!("bad first/last tag {t}"))),
                     };
                     if slot.agg == AggKind::First {
@@ -376,7 +421,11 @@ impl Acc {
                         Lane::Last(s)
                     }
                 }
-                AggKind::Stddev => Lane::Stddev(Welford { n: r.u64()?, mean: r.f64()?, m2: r.f64()? }),
+                AggKind::Stddev => Lane::Stddev(Welford {
+                    n: r.u64()?,
+                    mean: r.f64()?,
+                    m2: r.f64()?,
+                }),
                 AggKind::DistinctCount => Lane::Distinct(match r.u8()? {
                     0 => None,
                     2 => Some(Box::new(DistinctSet::Overflow)),
@@ -402,7 +451,10 @@ impl Acc {
             };
             lanes.push(lane);
         }
-        Ok(Acc { count, lanes: lanes.into() })
+        Ok(Acc {
+            count,
+            lanes: lanes.into(),
+        })
     }
 }
 

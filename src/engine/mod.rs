@@ -99,7 +99,11 @@ fn plan(config: &Config) -> Result<Vec<SpecPlan>, EngineError> {
         let field = match &f.field {
             None => None,
             Some(name) => Some(config.schema.field_index(name.get_ref()).ok_or_else(|| {
-                EngineError::Config(format!("feature {:?}: unknown field {:?}", f.name.get_ref(), name.get_ref()))
+                EngineError::Config(format!(
+                    "feature {:?}: unknown field {:?}",
+                    f.name.get_ref(),
+                    name.get_ref()
+                ))
             })?),
         };
         let slot = FeatureSlot {
@@ -114,7 +118,11 @@ fn plan(config: &Config) -> Result<Vec<SpecPlan>, EngineError> {
             None => {
                 let id = u16::try_from(specs.len())
                     .map_err(|_| EngineError::Config("too many distinct window specs".into()))?;
-                specs.push(SpecPlan { id, geo, slots: vec![slot] });
+                specs.push(SpecPlan {
+                    id,
+                    geo,
+                    slots: vec![slot],
+                });
             }
         }
     }
@@ -127,7 +135,11 @@ impl Engine {
         Engine::with_options(config, store, EngineOptions::default())
     }
 
-    pub fn with_options(config: &Config, store: StateStore, options: EngineOptions) -> Result<Engine, EngineError> {
+    pub fn with_options(
+        config: &Config,
+        store: StateStore,
+        options: EngineOptions,
+    ) -> Result<Engine, EngineError> {
         let specs = plan(config)?;
         let names: FeatureNames = config
             .features
@@ -138,8 +150,8 @@ impl Engine {
         let mut wm = Watermarks::new(wc.max_out_of_orderness.millis(), wc.idle_timeout.millis());
         let mut next_seq = 0;
         if let Some(bytes) = store.get(Cf::Meta, rocks_meta_key())? {
-            let meta: EngineMeta =
-                serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;
+            let meta: EngineMeta = serde_json::from_slice(&bytes)
+                .map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;
             wm.restore(meta.watermark, meta.partitions);
             next_seq = meta.next_seq;
         }
@@ -173,14 +185,23 @@ impl Engine {
 
     /// The five steps for one event (see the module docs). Appends exactly
     /// one `Features` or `Late` output, then any window results.
-    pub fn process(&mut self, event: &Event, now: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
+    pub fn process(
+        &mut self,
+        event: &Event,
+        now: Millis,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
         let w_before = self.wm.current();
         let seq = self.next_seq;
         self.next_seq += 1;
         self.op.stats.events += 1;
         let t = event.event_time;
         let late = !self.op.specs.is_empty()
-            && self.op.specs.iter().all(|s| s.geo.is_late(t, w_before, self.lateness));
+            && self
+                .op
+                .specs
+                .iter()
+                .all(|s| s.geo.is_late(t, w_before, self.lateness));
         if late {
             self.op.stats.late += 1;
             out.push(Output::Late(LateRecord {
@@ -232,7 +253,8 @@ impl Engine {
             next_seq: self.next_seq,
             partitions: self.wm.partitions().to_vec(),
         };
-        let bytes = serde_json::to_vec(&meta).map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;
+        let bytes = serde_json::to_vec(&meta)
+            .map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;
         delta.put(Cf::Meta, rocks_meta_key().to_vec(), bytes);
         let s = self.op.stats;
         metrics::counter!("shardflow_engine_events_total").absolute(s.events);

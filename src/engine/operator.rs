@@ -22,10 +22,10 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::record::Event;
 use crate::record::{Output, Value, WindowResult};
 use crate::state::codec::{key_prefix, slice_key, timer_key, Reader, Writer};
 use crate::state::{Cf, StateDelta, StateStore};
-use crate::record::Event;
 
 use super::aggregate::{Acc, FeatureSlot};
 use super::window::{Geometry, KeyWindows, Slice};
@@ -132,7 +132,11 @@ impl KeyState {
         w.buf
     }
 
-    fn decode(plan: &SpecPlan, meta: &[u8], slices: Vec<(i64, Vec<u8>)>) -> Result<KeyState, EngineError> {
+    fn decode(
+        plan: &SpecPlan,
+        meta: &[u8],
+        slices: Vec<(i64, Vec<u8>)>,
+    ) -> Result<KeyState, EngineError> {
         let corrupt = |e: crate::state::codec::CodecError| EngineError::Corrupt(e.to_string());
         let mut r = Reader::new(meta);
         let fired = r.i64().map_err(corrupt)?;
@@ -226,17 +230,23 @@ fn emit(
     }
     let revision = if refire { st.next_revision(j) } else { 0 };
     let (start, end) = (geo.start_of(j), geo.end_of(j));
-    st.windows.values_of_merged(&geo, &plan.slots, j, scratch, |slot, value: Option<Value>| {
-        stats.window_results += 1;
-        out.push(Output::Window(WindowResult {
-            key: key.clone(),
-            feature: slot.name.clone(),
-            window_start: start,
-            window_end: end,
-            value,
-            revision,
-        }));
-    });
+    st.windows.values_of_merged(
+        &geo,
+        &plan.slots,
+        j,
+        scratch,
+        |slot, value: Option<Value>| {
+            stats.window_results += 1;
+            out.push(Output::Window(WindowResult {
+                key: key.clone(),
+                feature: slot.name.clone(),
+                window_start: start,
+                window_end: end,
+                value,
+                revision,
+            }));
+        },
+    );
 }
 
 impl Operator {
@@ -249,7 +259,9 @@ impl Operator {
         let mut timers: BTreeMap<(i64, u16), Vec<Arc<str>>> = BTreeMap::new();
         for (due, spec, key) in store.load_timers()? {
             if usize::from(spec) >= specs.len() {
-                return Err(EngineError::Corrupt(format!("timer for unknown window spec {spec}")));
+                return Err(EngineError::Corrupt(format!(
+                    "timer for unknown window spec {spec}"
+                )));
             }
             timers.entry((due, spec)).or_default().push(Arc::from(key));
         }
@@ -348,11 +360,12 @@ impl Operator {
             }
             touch(dirty, plan.id, &event.key, st);
             let j = s.max(live);
-            st.windows.values(&geo, &plan.slots, j, &mut scratch[si], |slot, v| {
-                if let Some(dst) = values.get_mut(slot.index) {
-                    *dst = v;
-                }
-            });
+            st.windows
+                .values(&geo, &plan.slots, j, &mut scratch[si], |slot, v| {
+                    if let Some(dst) = values.get_mut(slot.index) {
+                        *dst = v;
+                    }
+                });
             let hi = s.saturating_add(geo.n - 1).min(st.fired);
             if j <= hi {
                 refire.push((plan.id, event.key.clone(), j, hi));
@@ -404,7 +417,14 @@ impl Operator {
         Ok(())
     }
 
-    fn visit(&mut self, si: usize, key: &Arc<str>, due: i64, w: i64, out: &mut Vec<Output>) -> Result<(), EngineError> {
+    fn visit(
+        &mut self,
+        si: usize,
+        key: &Arc<str>,
+        due: i64,
+        w: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
         if !self.load(si, key, false)? {
             return Ok(());
         }
@@ -440,7 +460,10 @@ impl Operator {
         }
         st.fired = st.fired.max(last_due);
         st.windows.purge(&geo, w, *lateness, |idx| {
-            pending.delete(Cf::Slices, slice_key(plan.id, key, idx.saturating_mul(geo.slide)));
+            pending.delete(
+                Cf::Slices,
+                slice_key(plan.id, key, idx.saturating_mul(geo.slide)),
+            );
         });
         while let Some((j, _)) = st.revisions.front() {
             if geo.purge_due_of_window(*j, *lateness).saturating_sub(1) > w {
@@ -538,5 +561,4 @@ impl Operator {
     pub fn timer_entries(&self) -> usize {
         self.timers.values().map(Vec::len).sum()
     }
-
 }

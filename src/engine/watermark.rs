@@ -133,7 +133,11 @@ mod tests {
         assert_eq!(w.observe(&b, 120, 30), 114);
         assert_eq!(w.observe(&a, 210, 115), 114, "b not idle yet");
         assert_eq!(w.tick(130), 204, "b idle for 100ms");
-        assert_eq!(w.observe(&b, 130, 140), 204, "b active again, still monotone");
+        assert_eq!(
+            w.observe(&b, 130, 140),
+            204,
+            "b active again, still monotone"
+        );
         assert_eq!(w.tick(1_000), 204, "all idle: unchanged");
         assert_eq!(w.finish(), Millis::MAX);
     }

@@ -244,7 +244,13 @@ impl KeyWindows {
 
     /// Position of the last slice of block `b` with `idx ≤ j`, with its
     /// prefix cache made valid.
-    fn prefix_pos(&mut self, geo: &Geometry, slots: &[FeatureSlot], b: i64, j: i64) -> Option<usize> {
+    fn prefix_pos(
+        &mut self,
+        geo: &Geometry,
+        slots: &[FeatureSlot],
+        b: i64,
+        j: i64,
+    ) -> Option<usize> {
         let lo = b * geo.n;
         let p = self.slices.partition_point(|s| s.idx <= j).checked_sub(1)?;
         if self.slices[p].idx < lo {
@@ -255,7 +261,10 @@ impl KeyWindows {
             return Some(p);
         }
         let block_start = self.slices.partition_point(|s| s.idx < lo);
-        let start = self.slices.partition_point(|s| s.idx <= upto).max(block_start);
+        let start = self
+            .slices
+            .partition_point(|s| s.idx <= upto)
+            .max(block_start);
         for q in start..=p {
             let prev = if q > block_start {
                 self.slices[q - 1].prefix.take()
@@ -277,7 +286,13 @@ impl KeyWindows {
 
     /// Position of the first slice of block `b` with `idx ≥ q`, with its
     /// suffix cache made valid.
-    fn suffix_pos(&mut self, geo: &Geometry, slots: &[FeatureSlot], b: i64, q: i64) -> Option<usize> {
+    fn suffix_pos(
+        &mut self,
+        geo: &Geometry,
+        slots: &[FeatureSlot],
+        b: i64,
+        q: i64,
+    ) -> Option<usize> {
         let hi = (b + 1) * geo.n;
         let p = self.slices.partition_point(|s| s.idx < q);
         if p >= self.slices.len() || self.slices[p].idx >= hi {
@@ -310,7 +325,9 @@ impl KeyWindows {
 
     /// The slices of window `j`, for distinct counts.
     pub fn window_slices(&self, geo: &Geometry, j: i64) -> impl Iterator<Item = &Acc> {
-        let lo = self.slices.partition_point(|s| s.idx < j.saturating_sub(geo.n - 1));
+        let lo = self
+            .slices
+            .partition_point(|s| s.idx < j.saturating_sub(geo.n - 1));
         let hi = self.slices.partition_point(|s| s.idx <= j);
         self.slices.range(lo..hi.max(lo)).map(|s| &s.acc)
     }
@@ -362,9 +379,19 @@ impl KeyWindows {
 
     /// Drops the slices all of whose windows are purged at `w`, calling
     /// `on_removed` with each removed slice that is in the store.
-    pub fn purge(&mut self, geo: &Geometry, w: i64, lateness: i64, mut on_removed: impl FnMut(i64)) {
+    pub fn purge(
+        &mut self,
+        geo: &Geometry,
+        w: i64,
+        lateness: i64,
+        mut on_removed: impl FnMut(i64),
+    ) {
         while let Some(front) = self.slices.front() {
-            if geo.purge_due_of_slice(front.idx, lateness).saturating_sub(1) > w {
+            if geo
+                .purge_due_of_slice(front.idx, lateness)
+                .saturating_sub(1)
+                > w
+            {
                 break;
             }
             if front.stored {
@@ -390,17 +417,23 @@ mod tests {
     use crate::record::{FieldValue, Position};
 
     fn slots() -> Vec<FeatureSlot> {
-        [AggKind::Count, AggKind::Sum, AggKind::Max, AggKind::First, AggKind::Last]
-            .iter()
-            .enumerate()
-            .map(|(i, agg)| FeatureSlot {
-                index: i,
-                name: Arc::from(agg.as_str()),
-                agg: *agg,
-                field: (*agg != AggKind::Count).then_some(0),
-                max_distinct: 10,
-            })
-            .collect()
+        [
+            AggKind::Count,
+            AggKind::Sum,
+            AggKind::Max,
+            AggKind::First,
+            AggKind::Last,
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, agg)| FeatureSlot {
+            index: i,
+            name: Arc::from(agg.as_str()),
+            agg: *agg,
+            field: (*agg != AggKind::Count).then_some(0),
+            max_distinct: 10,
+        })
+        .collect()
     }
 
     fn event(t: i64, v: f64) -> Event {

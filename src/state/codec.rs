@@ -220,7 +220,10 @@ mod tests {
             let k = timer_key(-42, 7, key);
             assert_eq!(parse_timer_key(&k).unwrap(), (-42, 7, key.to_string()));
             let p = key_prefix(3, key);
-            assert_eq!(parse_slice_start(&slice_key(3, key, 99), p.len()).unwrap(), 99);
+            assert_eq!(
+                parse_slice_start(&slice_key(3, key, 99), p.len()).unwrap(),
+                99
+            );
         }
         assert!(parse_timer_key(&[1, 2, 3]).is_err());
     }

@@ -83,10 +83,12 @@ impl StateStore {
             None => {
                 let mut w = WriteOptions::default();
                 w.set_sync(true);
-                store
-                    .inner
-                    .db
-                    .put_cf_opt(store.cf(Cf::Meta)?, META_FINGERPRINT, fingerprint, &w)?;
+                store.inner.db.put_cf_opt(
+                    store.cf(Cf::Meta)?,
+                    META_FINGERPRINT,
+                    fingerprint,
+                    &w,
+                )?;
             }
         }
         Ok(store)
@@ -172,7 +174,11 @@ impl StateStore {
     /// Every persisted timer `(due, spec, key)`, in due order (restore only).
     pub(crate) fn load_timers(&self) -> Result<Vec<(i64, u16, String)>, StateError> {
         let mut out = Vec::new();
-        for item in self.inner.db.iterator_cf(self.cf(Cf::Timers)?, IteratorMode::Start) {
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(Cf::Timers)?, IteratorMode::Start)
+        {
             let (k, _) = item?;
             out.push(codec::parse_timer_key(&k).map_err(|e| StateError::Corrupt {
                 what: "timers",
@@ -202,10 +208,11 @@ impl StateStore {
             if !k.starts_with(&prefix) {
                 break;
             }
-            let start = codec::parse_slice_start(&k, prefix.len()).map_err(|e| StateError::Corrupt {
-                what: "slices",
-                detail: e.to_string(),
-            })?;
+            let start =
+                codec::parse_slice_start(&k, prefix.len()).map_err(|e| StateError::Corrupt {
+                    what: "slices",
+                    detail: e.to_string(),
+                })?;
             slices.push((start, v.into_vec()));
         }
         Ok(Some((meta, slices)))
@@ -213,7 +220,10 @@ impl StateStore {
 
     /// Whether any key state is stored (so cache misses must read RocksDB).
     pub(crate) fn has_key_state(&self) -> Result<bool, StateError> {
-        let mut iter = self.inner.db.iterator_cf(self.cf(Cf::Windows)?, IteratorMode::Start);
+        let mut iter = self
+            .inner
+            .db
+            .iterator_cf(self.cf(Cf::Windows)?, IteratorMode::Start);
         Ok(iter.next().transpose()?.is_some())
     }
 

@@ -148,8 +148,12 @@ fn close(a: &Option<f64>, b: &Option<f64>) -> bool {
 impl Seen {
     pub fn approx_eq(&self, other: &Seen) -> bool {
         match (self, other) {
-            (Seen::Features(a), Seen::Features(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| close(x, y)),
-            (Seen::Window(s1, e1, v1), Seen::Window(s2, e2, v2)) => s1 == s2 && e1 == e2 && close(v1, v2),
+            (Seen::Features(a), Seen::Features(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| close(x, y))
+            }
+            (Seen::Window(s1, e1, v1), Seen::Window(s2, e2, v2)) => {
+                s1 == s2 && e1 == e2 && close(v1, v2)
+            }
             (a, b) => a == b,
         }
     }
@@ -157,9 +161,17 @@ impl Seen {
 
 pub fn seen(o: &Output) -> Seen {
     match o {
-        Output::Features(f) => Seen::Features(f.features.values.iter().map(|v| v.map(|v| v.as_f64())).collect()),
+        Output::Features(f) => Seen::Features(
+            f.features
+                .values
+                .iter()
+                .map(|v| v.map(|v| v.as_f64()))
+                .collect(),
+        ),
         Output::Late(l) => Seen::Late(l.watermark),
-        Output::Window(w) => Seen::Window(w.window_start, w.window_end, w.value.map(|v| v.as_f64())),
+        Output::Window(w) => {
+            Seen::Window(w.window_start, w.window_end, w.value.map(|v| v.as_f64()))
+        }
         other => panic!("unexpected output {other:?}"),
     }
 }
@@ -170,7 +182,11 @@ pub fn by_id(outputs: &[Output]) -> BTreeMap<String, Seen> {
     for o in outputs {
         let s = seen(o);
         if let Some(prev) = map.insert(o.id(), s.clone()) {
-            assert!(prev.approx_eq(&s), "id {} produced twice with different content: {prev:?} vs {s:?}", o.id());
+            assert!(
+                prev.approx_eq(&s),
+                "id {} produced twice with different content: {prev:?} vs {s:?}",
+                o.id()
+            );
         }
     }
     map
@@ -185,7 +201,10 @@ pub fn assert_same(engine: &BTreeMap<String, Seen>, reference: &BTreeMap<String,
         }
     }
     for (id, e) in engine {
-        assert!(reference.contains_key(id), "engine produced {id} ({e:?}) that the reference did not");
+        assert!(
+            reference.contains_key(id),
+            "engine produced {id} ({e:?}) that the reference did not"
+        );
     }
 }
 
@@ -272,7 +291,11 @@ impl Reference {
     pub fn new(config: &Config) -> Reference {
         Reference {
             features: ref_features(config),
-            names: config.features.iter().map(|f| f.name.get_ref().clone()).collect(),
+            names: config
+                .features
+                .iter()
+                .map(|f| f.name.get_ref().clone())
+                .collect(),
             ooo: config.watermark.max_out_of_orderness.millis(),
             idle: config.watermark.idle_timeout.millis(),
             lateness: config.watermark.allowed_lateness.millis(),
@@ -310,8 +333,14 @@ impl Reference {
             Agg::Min => vals.iter().copied().reduce(f64::min),
             Agg::Max => vals.iter().copied().reduce(f64::max),
             Agg::Mean => (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / n),
-            Agg::First => xs.iter().min_by_key(|e| (e.time, e.seq)).and_then(|e| e.amount),
-            Agg::Last => xs.iter().max_by_key(|e| (e.time, e.seq)).and_then(|e| e.amount),
+            Agg::First => xs
+                .iter()
+                .min_by_key(|e| (e.time, e.seq))
+                .and_then(|e| e.amount),
+            Agg::Last => xs
+                .iter()
+                .max_by_key(|e| (e.time, e.seq))
+                .and_then(|e| e.amount),
             Agg::Stddev => (!vals.is_empty()).then(|| {
                 let mean = vals.iter().sum::<f64>() / n;
                 (vals.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt()
@@ -320,8 +349,11 @@ impl Reference {
                 // A slice (slide-aligned) with more than `max` values makes the window null.
                 let mut s = start;
                 while s < start + f.size {
-                    let mut in_slice: Vec<u8> =
-                        events.iter().filter(|e| e.time >= s && e.time < s + f.slide).map(|e| e.merchant).collect();
+                    let mut in_slice: Vec<u8> = events
+                        .iter()
+                        .filter(|e| e.time >= s && e.time < s + f.slide)
+                        .map(|e| e.merchant)
+                        .collect();
                     in_slice.sort();
                     in_slice.dedup();
                     if in_slice.len() > max {
@@ -341,7 +373,12 @@ impl Reference {
         let w_before = self.watermark;
         let seq = self.seq;
         self.seq += 1;
-        let ev = RefEvent { time: e.time, seq, amount: e.amount.map(f64::from), merchant: e.merchant };
+        let ev = RefEvent {
+            time: e.time,
+            seq,
+            amount: e.amount.map(f64::from),
+            merchant: e.merchant,
+        };
         let id = format!("p{}/{}", e.partition, e.seq);
         // (1) + (2): add to every live window; late if there is none.
         let mut any_live = false;
@@ -372,7 +409,10 @@ impl Reference {
             self.out.insert(id, Seen::Late(w_before));
         }
         // (4)
-        let p = self.partitions.entry(e.partition).or_insert((Millis::MIN, now));
+        let p = self
+            .partitions
+            .entry(e.partition)
+            .or_insert((Millis::MIN, now));
         p.0 = p.0.max(e.time);
         p.1 = now;
         self.advance(now);
@@ -410,18 +450,25 @@ impl Reference {
             let end = start + f.size;
             if win.pending && (w as i128) >= end as i128 - 1 {
                 let id = format!("{}/k{}/{}/{}", self.names[*fi], key, end, win.fired);
-                fired.push((id, Seen::Window(*start, end, Self::value(f, *start, &win.events))));
+                fired.push((
+                    id,
+                    Seen::Window(*start, end, Self::value(f, *start, &win.events)),
+                ));
                 win.fired += 1;
                 win.pending = false;
             }
         }
         for (id, s) in fired {
-            assert!(self.out.insert(id.clone(), s).is_none(), "reference fired {id} twice");
+            assert!(
+                self.out.insert(id.clone(), s).is_none(),
+                "reference fired {id} twice"
+            );
         }
         let lateness = self.lateness;
         let features = &self.features;
-        self.windows
-            .retain(|(fi, _, start), _| !((w as i128) >= (start + features[*fi].size) as i128 - 1 + lateness as i128));
+        self.windows.retain(|(fi, _, start), _| {
+            !((w as i128) >= (start + features[*fi].size) as i128 - 1 + lateness as i128)
+        });
     }
 }
 
@@ -433,7 +480,9 @@ pub enum Step {
     Tick(i64),
     /// A checkpoint barrier: snapshot now; the commit follows at once, or
     /// (`deferred`) only at the next barrier, as when sinks are slow.
-    Checkpoint { deferred: bool },
+    Checkpoint {
+        deferred: bool,
+    },
 }
 
 /// Drives an engine through steps, committing checkpoints like the pipeline.
@@ -449,7 +498,14 @@ pub struct Driver {
 impl Driver {
     pub fn new(engine: Engine, store: StateStore, now: Millis) -> Driver {
         let next_checkpoint = store.committed_checkpoint().expect("checkpoint") + 1;
-        Driver { engine, store, now, next_checkpoint, queued: Vec::new(), last_position: Vec::new() }
+        Driver {
+            engine,
+            store,
+            now,
+            next_checkpoint,
+            queued: Vec::new(),
+            last_position: Vec::new(),
+        }
     }
 
     pub fn step(&mut self, step: &Step, out: &mut Vec<Output>) {
@@ -479,7 +535,9 @@ impl Driver {
     pub fn commit_queued(&mut self) {
         let mut last = None;
         for (id, delta) in self.queued.drain(..) {
-            self.store.commit(id, delta, &self.last_position).expect("commit");
+            self.store
+                .commit(id, delta, &self.last_position)
+                .expect("commit");
             last = Some(id);
         }
         if let Some(id) = last {
