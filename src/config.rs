@@ -25,9 +25,7 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.location {
-            Some((line, col)) => {
-                write!(f, "{}:{line}:{col}: {}", self.file.display(), self.message)
-            }
+            Some((line, col)) => write!(f, "{}:{line}:{col}: {}", self.file.display(), self.message),
             None => write!(f, "{}: {}", self.file.display(), self.message),
         }
     }
@@ -84,12 +82,7 @@ impl Duration {
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0;
-        for (unit, scale) in [
-            ("d", 86_400_000),
-            ("h", 3_600_000),
-            ("m", 60_000),
-            ("s", 1_000),
-        ] {
+        for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
             if ms != 0 && ms % scale == 0 {
                 return write!(f, "{}{unit}", ms / scale);
             }
@@ -439,9 +432,7 @@ impl WindowSpec {
 impl fmt::Display for WindowSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.kind, self.slide) {
-            (WindowType::Sliding, Some(slide)) => {
-                write!(f, "sliding {} every {}", self.size, slide)
-            }
+            (WindowType::Sliding, Some(slide)) => write!(f, "sliding {} every {}", self.size, slide),
             _ => write!(f, "tumbling {}", self.size),
         }
     }
@@ -578,34 +569,21 @@ impl Config {
 
         let p = &self.pipeline;
         if p.checkpoint_interval.millis() <= 0 {
-            return Err((
-                None,
-                "[pipeline] checkpoint_interval must be greater than 0".into(),
-            ));
+            return Err((None, "[pipeline] checkpoint_interval must be greater than 0".into()));
         }
         if p.channel_capacity == 0 || p.batch_size == 0 {
-            return Err((
-                None,
-                "[pipeline] channel_capacity and batch_size must be at least 1".into(),
-            ));
+            return Err((None, "[pipeline] channel_capacity and batch_size must be at least 1".into()));
         }
 
         match self.source.get_ref() {
             SourceConfig::File(f) => {
                 if f.all_paths().is_empty() {
-                    return at(
-                        self.source.span(),
-                        "[source] type = \"file\" needs `path` (one file) or `paths` (several)"
-                            .into(),
-                    );
+                    return at(self.source.span(), "[source] type = \"file\" needs `path` (one file) or `paths` (several)".into());
                 }
                 let mut seen = HashSet::new();
                 for p in f.all_paths() {
                     if !seen.insert(p.clone()) {
-                        return at(
-                            self.source.span(),
-                            format!("[source] lists the file {} twice", p.display()),
-                        );
+                        return at(self.source.span(), format!("[source] lists the file {} twice", p.display()));
                     }
                 }
             }
@@ -614,26 +592,14 @@ impl Config {
                     return at(self.source.span(), format!("[source] rate must be a number of events per second ≥ 0 (0 = unthrottled), got {}", g.rate));
                 }
                 if g.keys == 0 || g.partitions == 0 {
-                    return at(
-                        self.source.span(),
-                        "[source] keys and partitions must be at least 1".into(),
-                    );
+                    return at(self.source.span(), "[source] keys and partitions must be at least 1".into());
                 }
                 if !(g.skew >= 0.0 && g.skew.is_finite()) {
-                    return at(
-                        self.source.span(),
-                        format!("[source] skew must be ≥ 0 (0 = uniform), got {}", g.skew),
-                    );
+                    return at(self.source.span(), format!("[source] skew must be ≥ 0 (0 = uniform), got {}", g.skew));
                 }
-                for (name, v) in [
-                    ("late_fraction", g.late_fraction),
-                    ("bad_fraction", g.bad_fraction),
-                ] {
+                for (name, v) in [("late_fraction", g.late_fraction), ("bad_fraction", g.bad_fraction)] {
                     if !(0.0..=1.0).contains(&v) {
-                        return at(
-                            self.source.span(),
-                            format!("[source] {name} must be between 0 and 1, got {v}"),
-                        );
+                        return at(self.source.span(), format!("[source] {name} must be between 0 and 1, got {v}"));
                     }
                 }
             }
@@ -644,30 +610,18 @@ impl Config {
             return Err((None, "[schema] key and timestamp must name fields".into()));
         }
         if s.key == s.timestamp {
-            return Err((
-                None,
-                format!(
-                    "[schema] key and timestamp are both {:?}; they must be different fields",
-                    s.key
-                ),
-            ));
+            return Err((None, format!("[schema] key and timestamp are both {:?}; they must be different fields", s.key)));
         }
         if s.max_record_bytes == 0 {
             return Err((None, "[schema] max_record_bytes must be at least 1".into()));
         }
         if s.min_event_time >= s.max_event_time {
-            return Err((
-                None,
-                "[schema] min_event_time must be less than max_event_time".into(),
-            ));
+            return Err((None, "[schema] min_event_time must be less than max_event_time".into()));
         }
 
         let w = &self.watermark;
         if w.idle_timeout.millis() == 0 {
-            return Err((
-                None,
-                "[watermark] idle_timeout must be greater than 0".into(),
-            ));
+            return Err((None, "[watermark] idle_timeout must be greater than 0".into()));
         }
 
         let mut names = HashSet::new();
@@ -677,18 +631,12 @@ impl Config {
                 return at(f.name.span(), "feature name must not be empty".into());
             }
             if !names.insert(name.clone()) {
-                return at(
-                    f.name.span(),
-                    format!("feature {name:?} is defined twice; names must be unique"),
-                );
+                return at(f.name.span(), format!("feature {name:?} is defined twice; names must be unique"));
             }
             let spec = f.window.get_ref();
             let wspan = f.window.span();
             if spec.size.millis() <= 0 {
-                return at(
-                    wspan,
-                    format!("feature {name:?}: window size must be greater than 0"),
-                );
+                return at(wspan, format!("feature {name:?}: window size must be greater than 0"));
             }
             match (spec.kind, spec.slide) {
                 (WindowType::Tumbling, Some(_)) => {
@@ -699,10 +647,7 @@ impl Config {
                 }
                 (WindowType::Sliding, Some(slide)) => {
                     if slide.millis() <= 0 {
-                        return at(
-                            wspan,
-                            format!("feature {name:?}: slide must be greater than 0"),
-                        );
+                        return at(wspan, format!("feature {name:?}: slide must be greater than 0"));
                     }
                     if spec.size.millis() % slide.millis() != 0 {
                         return at(wspan, format!(
@@ -715,32 +660,20 @@ impl Config {
             }
             match (&f.field, f.agg) {
                 (Some(field), AggKind::Count) => {
-                    return at(
-                        field.span(),
-                        format!("feature {name:?}: count takes no `field` (it counts events)"),
-                    );
+                    return at(field.span(), format!("feature {name:?}: count takes no `field` (it counts events)"));
                 }
                 (None, AggKind::Count) => {}
                 (None, agg) => {
-                    return at(
-                        f.name.span(),
-                        format!(
-                            "feature {name:?}: {} needs `field`, one of the [schema] fields",
-                            agg.as_str()
-                        ),
-                    );
+                    return at(f.name.span(), format!("feature {name:?}: {} needs `field`, one of the [schema] fields", agg.as_str()));
                 }
                 (Some(field), agg) => {
                     let Some(ty) = s.fields.get(field.get_ref()) else {
                         let known: Vec<_> = s.fields.keys().map(String::as_str).collect();
-                        return at(
-                            field.span(),
-                            format!(
+                        return at(field.span(), format!(
                             "feature {name:?}: field {:?} is not in [schema].fields (known: {})",
                             field.get_ref(),
                             if known.is_empty() { "none".to_string() } else { known.join(", ") }
-                        ),
-                        );
+                        ));
                     };
                     if agg.needs_numeric_field() && !ty.ty.is_numeric() {
                         return at(field.span(), format!(
@@ -751,25 +684,16 @@ impl Config {
                 }
             }
             if f.max_distinct.is_some() && f.agg != AggKind::DistinctCount {
-                return at(
-                    f.name.span(),
-                    format!("feature {name:?}: max_distinct only applies to distinct_count"),
-                );
+                return at(f.name.span(), format!("feature {name:?}: max_distinct only applies to distinct_count"));
             }
             if f.max_distinct == Some(0) {
-                return at(
-                    f.name.span(),
-                    format!("feature {name:?}: max_distinct must be at least 1"),
-                );
+                return at(f.name.span(), format!("feature {name:?}: max_distinct must be at least 1"));
             }
         }
 
         let inf = &self.inference;
         if inf.max_batch == 0 || inf.max_in_flight == 0 {
-            return Err((
-                None,
-                "[inference] max_batch and max_in_flight must be at least 1".into(),
-            ));
+            return Err((None, "[inference] max_batch and max_in_flight must be at least 1".into()));
         }
         match inf.backend {
             Backend::Embedded if inf.model.is_none() => {
@@ -789,47 +713,24 @@ impl Config {
         for sink in &self.sinks {
             let cfg = sink.get_ref();
             if cfg.kinds().is_empty() {
-                return at(
-                    sink.span(),
-                    format!(
-                        "[[sinks]] type = {:?} subscribes to no kinds; list some in `kinds`",
-                        cfg.type_name()
-                    ),
-                );
+                return at(sink.span(), format!("[[sinks]] type = {:?} subscribes to no kinds; list some in `kinds`", cfg.type_name()));
             }
             for kind in cfg.kinds() {
                 if !produced.contains(*kind) {
                     let why = match kind {
-                        OutputKind::Prediction => {
-                            "no model is configured ([inference] backend = \"none\")"
-                        }
-                        OutputKind::Window | OutputKind::Late => {
-                            "there are no [[features]], so there are no windows"
-                        }
+                        OutputKind::Prediction => "no model is configured ([inference] backend = \"none\")",
+                        OutputKind::Window | OutputKind::Late => "there are no [[features]], so there are no windows",
                         _ => "no stage produces it",
                     };
-                    return at(
-                        sink.span(),
-                        format!(
-                            "[[sinks]] type = {:?} subscribes to {kind:?} records, but {why}",
-                            cfg.type_name(),
-                            kind = kind.as_str()
-                        ),
-                    );
+                    return at(sink.span(), format!("[[sinks]] type = {:?} subscribes to {kind:?} records, but {why}", cfg.type_name(), kind = kind.as_str()));
                 }
             }
             if let SinkConfig::File(f) = cfg {
                 if f.path.as_os_str().is_empty() {
-                    return at(
-                        sink.span(),
-                        "[[sinks]] type = \"file\" needs a `path`".into(),
-                    );
+                    return at(sink.span(), "[[sinks]] type = \"file\" needs a `path`".into());
                 }
                 if !files.insert(f.path.clone()) {
-                    return at(
-                        sink.span(),
-                        format!("two file sinks write to {}", f.path.display()),
-                    );
+                    return at(sink.span(), format!("two file sinks write to {}", f.path.display()));
                 }
                 if f.rotate_bytes == Some(0) {
                     return at(sink.span(), "rotate_bytes must be greater than 0".into());
@@ -934,11 +835,7 @@ fn substitute_env(
                 continue;
             }
             let Some(close) = after.find('}') else {
-                return Err((
-                    pos + i,
-                    "unclosed ${ in environment reference; write ${NAME} or ${NAME:-default}"
-                        .into(),
-                ));
+                return Err((pos + i, "unclosed ${ in environment reference; write ${NAME} or ${NAME:-default}".into()));
             };
             let inner = &after[2..close];
             let (name, default) = match inner.split_once(":-") {
@@ -989,9 +886,7 @@ kinds = ["features", "window"]
 "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::from_str_at(text, Path::new("test.toml"), |n| {
-            (n == "SET").then(|| "yes".into())
-        })
+        Config::from_str_at(text, Path::new("test.toml"), |n| (n == "SET").then(|| "yes".into()))
     }
 
     #[test]
@@ -1031,10 +926,9 @@ kinds = ["features", "window"]
 
     #[test]
     fn env_substitution() {
-        let out = substitute_env(
-            "a = \"${SET}\"\n# ${UNSET}\nb = \"${UNSET:-x}\" $${SET}",
-            &|n: &str| (n == "SET").then(|| "yes".to_string()),
-        )
+        let out = substitute_env("a = \"${SET}\"\n# ${UNSET}\nb = \"${UNSET:-x}\" $${SET}", &|n: &str| {
+            (n == "SET").then(|| "yes".to_string())
+        })
         .unwrap();
         assert_eq!(out, "a = \"yes\"\n# ${UNSET}\nb = \"x\" ${SET}");
         let e = parse(&MINIMAL.replace("\"userId\"", "\"${NOPE}\"")).unwrap_err();

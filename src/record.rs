@@ -449,10 +449,7 @@ mod tests {
             raw: Bytes::from_static(b"{}"),
         });
         let line = dead.to_ndjson();
-        assert!(
-            line.contains("\"reason\":\"missing field userId\""),
-            "{line}"
-        );
+        assert!(line.contains("\"reason\":\"missing field userId\""), "{line}");
         assert!(line.contains("\"raw_base64\":\"e30=\""), "{line}");
     }
 
