@@ -1,7 +1,7 @@
 //! Window engine throughput (issue 3). Workload: events over keys
 //! (default 1 M over 100 k; `SHARDFLOW_BENCH_EVENTS` scales it, keys are a
 //! tenth), 5 s out-of-orderness, count + sum + max, RocksDB state with a
-//! checkpoint (snapshot + synced commit) every 100 k events.
+//! checkpoint (snapshot + synced commit) every 250 k events.
 //!
 //! - `ingest/*`: the watermark is held back by a second partition that
 //!   never advances, so nothing fires. `hashmap_floor` is the same loop with
@@ -26,7 +26,7 @@ use shardflow::record::{
 use shardflow::state::StateStore;
 
 const T0: i64 = 1_700_000_000_000;
-const CHECKPOINT_EVERY: usize = 100_000;
+const CHECKPOINT_EVERY: usize = 250_000;
 
 fn events_from_env() -> usize {
     std::env::var("SHARDFLOW_BENCH_EVENTS")

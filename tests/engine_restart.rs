@@ -22,7 +22,7 @@ fn raw() -> impl Strategy<Value = Raw> {
         0u8..3,
         0u8..5,
         0i64..10,
-        prop_oneof![4 => 0i64..12, 1 => 0i64..80],
+        prop_oneof![4 => 0i64..12, 1 => 0i64..80, 1 => 0i64..300],
         proptest::option::weighted(0.8, 0i32..20),
         0u8..6,
         0u8..10,

@@ -271,3 +271,13 @@ impl Engine {
         self.op.committed(checkpoint_id);
     }
 }
+
+/// The pipeline moves the engine into its task and deltas and the store
+/// across tasks.
+const _: () = {
+    const fn send<T: Send>() {}
+    const fn send_sync<T: Send + Sync>() {}
+    send::<Engine>();
+    send::<StateDelta>();
+    send_sync::<StateStore>();
+};

@@ -491,20 +491,24 @@ pub struct Driver {
     pub store: StateStore,
     pub now: Millis,
     pub next_checkpoint: u64,
-    queued: Vec<(u64, shardflow::state::StateDelta)>,
+    /// Snapshots awaiting their commit, with the positions of their barrier.
+    queued: Vec<(u64, shardflow::state::StateDelta, Vec<Position>)>,
+    /// Where the input is: the position of the last event processed.
     pub last_position: Vec<Position>,
 }
 
 impl Driver {
     pub fn new(engine: Engine, store: StateStore, now: Millis) -> Driver {
         let next_checkpoint = store.committed_checkpoint().expect("checkpoint") + 1;
+        // Like a source, the input resumes at the committed positions.
+        let last_position = store.committed_positions().expect("positions");
         Driver {
             engine,
             store,
             now,
             next_checkpoint,
             queued: Vec::new(),
-            last_position: Vec::new(),
+            last_position,
         }
     }
 
@@ -524,7 +528,7 @@ impl Driver {
                 let id = self.next_checkpoint;
                 self.next_checkpoint += 1;
                 let delta = self.engine.snapshot(id).expect("snapshot");
-                self.queued.push((id, delta));
+                self.queued.push((id, delta, self.last_position.clone()));
                 if !deferred {
                     self.commit_queued();
                 }
@@ -534,10 +538,8 @@ impl Driver {
 
     pub fn commit_queued(&mut self) {
         let mut last = None;
-        for (id, delta) in self.queued.drain(..) {
-            self.store
-                .commit(id, delta, &self.last_position)
-                .expect("commit");
+        for (id, delta, positions) in self.queued.drain(..) {
+            self.store.commit(id, delta, &positions).expect("commit");
             last = Some(id);
         }
         if let Some(id) = last {
