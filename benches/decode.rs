@@ -4,11 +4,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use rand_distr::Zipf;
-use shardflow::config::{Config, GeneratorConfig};
+use shardflow::config::Config;
 use shardflow::decode::Decoder;
 use shardflow::record::{Position, RawRecord};
-use shardflow::source::generator::GeneratorSource;
+use shardflow::source::generator::demo_events;
 
 fn decode(c: &mut Criterion) {
     let config = Config::from_str_at(
@@ -27,15 +26,14 @@ kinds = ["features"]
         |_| None,
     )
     .expect("bench config parses");
-    let generator_config = GeneratorConfig::default();
-    let zipf = Zipf::new(generator_config.keys as f64, generator_config.skew).expect("valid zipf");
-    let generator = GeneratorSource::new(generator_config, &config.schema);
     let partition: Arc<str> = Arc::from("p");
-    let records: Vec<RawRecord> = (0..10_000)
-        .map(|i| RawRecord {
+    let records: Vec<RawRecord> = demo_events(0..10_000, 1_700_000_000_000)
+        .into_iter()
+        .enumerate()
+        .map(|(i, bytes)| RawRecord {
             position: Position::new(partition.clone(), i.to_string()),
             arrival: 0,
-            bytes: Bytes::from(generator.event_bytes(i, 1_700_000_000_000, &zipf)),
+            bytes: Bytes::from(bytes),
         })
         .collect();
     let decoder = Decoder::new(&config.schema);

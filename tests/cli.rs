@@ -114,6 +114,33 @@ fn broken_configs_are_located_by_line() {
     );
 }
 
+/// Runs a bounded config to its end; it must exit 0.
+fn run_to_end(config: &Path) {
+    let out = bin()
+        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Sends SIGTERM and waits; the process must exit within 10 s.
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let stopped = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(10), "no exit within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn file_config(dir: &Path, input: &Path, extra: &str) -> PathBuf {
     let config = format!(
         r#"
@@ -166,16 +193,7 @@ fn file_run_sends_good_lines_on_and_bad_lines_to_dead_letters() {
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let config = file_config(dir.path(), &input, "");
-    let out = bin()
-        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_end(&config);
 
     let features = read_lines(&dir.path().join("features.ndjson"));
     let ids: Vec<&str> = features.iter().map(|f| f["id"].as_str().unwrap()).collect();
@@ -216,16 +234,7 @@ fn file_run_sends_good_lines_on_and_bad_lines_to_dead_letters() {
     assert_eq!(raw, lines[8].as_bytes());
 
     // A second run resumes after the committed checkpoint: nothing new.
-    let out = bin()
-        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_end(&config);
     assert_eq!(read_lines(&dir.path().join("features.ndjson")).len(), 3);
     assert_eq!(read_lines(&dir.path().join("dead.ndjson")).len(), 5);
 }
@@ -323,22 +332,7 @@ kinds = ["prediction"]
         }
         assert_eq!(http_get(&addr, "/healthz").0, 200);
         assert_eq!(http_get(&addr, "/readyz").0, 200);
-        let stopped = Instant::now();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let exit = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                stopped.elapsed() < Duration::from_secs(10),
-                "did not exit within 10 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let exit = terminate(&mut child);
         let log = log.join().unwrap();
         assert!(exit.success(), "exit {exit:?}\n{log}");
         assert_eq!(
@@ -452,16 +446,7 @@ kinds = ["window", "late"]
 "#
     .replace("OUT", &dir.path().display().to_string());
     let config = file_config(dir.path(), &input, &extra);
-    let out = bin()
-        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_end(&config);
 
     let features = read_lines(&dir.path().join("features.ndjson"));
     let counts: Vec<i64> = features
@@ -553,18 +538,7 @@ fn followed_file_is_tailed_until_sigterm() {
     f.write_all(&third.as_bytes()[10..]).unwrap();
     f.flush().unwrap();
     wait_for(3);
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = terminate(&mut child);
     assert!(status.success());
     let keys: Vec<String> = read_lines(&features)
         .iter()

@@ -114,6 +114,31 @@ impl GeneratorSource {
     }
 }
 
+/// Events `indices` of the default generator over the demo schema (`userId`,
+/// `timestamp`, `amount: f64`, `merchant: string`), starting at `start_time`:
+/// what examples and benchmarks feed through the pipeline.
+pub fn demo_events(indices: std::ops::Range<u64>, start_time: Millis) -> Vec<Vec<u8>> {
+    let config = GeneratorConfig::default();
+    let Ok(zipf) = Zipf::new(config.keys as f64, config.skew) else {
+        return Vec::new();
+    };
+    let schema = SchemaConfig {
+        key: "userId".into(),
+        timestamp: "timestamp".into(),
+        fields: [
+            ("amount".to_string(), FieldSpec { ty: FieldType::F64, optional: false }),
+            ("merchant".to_string(), FieldSpec { ty: FieldType::String, optional: false }),
+        ]
+        .into_iter()
+        .collect(),
+        max_record_bytes: 1 << 20,
+        min_event_time: 0,
+        max_event_time: i64::MAX,
+    };
+    let generator = GeneratorSource::new(config, &schema);
+    indices.map(|i| generator.event_bytes(i, start_time, &zipf)).collect()
+}
+
 fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
