@@ -841,9 +841,19 @@ impl Config {
         let text = substitute_env(text, &env).map_err(|(at, msg)| err(Some(at..at), text, msg))?;
         let config: Config = toml::from_str(&text)
             .map_err(|e| err(e.span(), &text, e.message().trim().to_string()))?;
-        config
-            .validate()
-            .map_err(|(span, msg)| err(span, &text, msg))?;
+        config.validate().map_err(|(span, msg)| {
+            // A table-level problem without a span points at its table header.
+            let span = span.or_else(|| {
+                let table = msg.split_once(']').map(|(t, _)| format!("{t}]"))?;
+                table.starts_with('[').then_some(())?;
+                let at = text
+                    .match_indices(&table)
+                    .map(|(i, _)| i)
+                    .find(|&i| i == 0 || text[..i].ends_with('\n'))?;
+                Some(at..at)
+            });
+            err(span, &text, msg)
+        })?;
         Ok(config)
     }
 

@@ -80,12 +80,22 @@ kinds = ["prediction", "late", "dead_letter"]
     let read_stalled = stats.records_in.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let read_later = stats.records_in.load(Ordering::SeqCst);
-    assert_eq!(read_stalled, read_later, "the source kept reading while the model was stalled");
+    assert_eq!(
+        read_stalled, read_later,
+        "the source kept reading while the model was stalled"
+    );
     // Bounded: 3 channels of 4 batches of 256, plus what each stage holds and
     // 4 batches of 64 in flight; far from the 30,000 available.
-    assert!(read_stalled <= 8_000, "{read_stalled} records read while stalled");
+    assert!(
+        read_stalled <= 8_000,
+        "{read_stalled} records read while stalled"
+    );
     assert!(read_stalled > 0);
-    assert!(server.requests() <= 4, "{} requests: more than max_in_flight", server.requests());
+    assert!(
+        server.requests() <= 4,
+        "{} requests: more than max_in_flight",
+        server.requests()
+    );
 
     // Recovery: everything flows and the run ends.
     let resumed = Instant::now();
@@ -109,7 +119,11 @@ kinds = ["prediction", "late", "dead_letter"]
             others += 1;
         }
     }
-    assert_eq!(predictions + others, count, "count in = count out + late + dead letters");
+    assert_eq!(
+        predictions + others,
+        count,
+        "count in = count out + late + dead letters"
+    );
     assert_eq!(others, 0);
     eprintln!(
         "stalled at {read_stalled} records read; after recovery {count} records in {took:?} ({:.0}/s)",
@@ -142,7 +156,10 @@ async fn batches_in_flight_overlap_and_leave_in_order() {
             let started = Instant::now();
             let out = run_batcher(scorer(&c), &c, records(80, 80), 80).await;
             let (p, _) = split(&out);
-            let ids: Vec<usize> = p.iter().map(|p| p.features.id[2..].parse().unwrap()).collect();
+            let ids: Vec<usize> = p
+                .iter()
+                .map(|p| p.features.id[2..].parse().unwrap())
+                .collect();
             assert_eq!(ids, (0..80).collect::<Vec<_>>());
             started.elapsed()
         }
@@ -151,5 +168,8 @@ async fn batches_in_flight_overlap_and_leave_in_order() {
     let serial = elapsed(1).await;
     let parallel = elapsed(4).await;
     assert!(serial >= Duration::from_millis(800), "{serial:?}");
-    assert!(parallel < serial / 2, "in flight {parallel:?} vs serial {serial:?}");
+    assert!(
+        parallel < serial / 2,
+        "in flight {parallel:?} vs serial {serial:?}"
+    );
 }
