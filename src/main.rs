@@ -58,10 +58,19 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Serve the embedded model with the SageMaker container contract (reserved; not in this build yet).
+    /// Serve the config's embedded model with the SageMaker container contract:
+    /// GET /ping, POST /invocations and POST /endpoints/{name}/invocations
+    /// (JSON or CSV). The model is `[inference] model`, or `fallback_model`.
     ServeModel {
-        #[arg(short, long)]
+        #[arg(short, long, env = "SHARDFLOW_CONFIG")]
         config: PathBuf,
+        /// Address to listen on (port 0 picks a free port; the bound address is printed).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: String,
+        /// Production variant named in X-Amzn-Invoked-Production-Variant when
+        /// the request does not ask for one.
+        #[arg(long, default_value = "AllTraffic")]
+        variant: String,
     },
 }
 
@@ -96,6 +105,7 @@ fn main() -> ExitCode {
             let options = RunOptions {
                 reset_state,
                 progress: !quiet,
+                aws: None,
             };
             match runtime.block_on(run(config, options, metrics_addr)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -106,7 +116,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Replay { .. } | Command::ServeModel { .. } => {
+        Command::ServeModel {
+            config,
+            addr,
+            variant,
+        } => serve_model(&config, &addr, &variant),
+        Command::Replay { .. } => {
             eprintln!("error: this command is reserved and not available in this build yet");
             ExitCode::from(2)
         }
@@ -130,6 +145,75 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("error: {}: {e:#}", path.display());
             ExitCode::from(2)
+        }
+    }
+}
+
+fn serve_model(path: &std::path::Path, addr: &str, variant: &str) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let inf = &config.inference;
+    let Some(model_path) = inf.model.as_ref().or(inf.fallback_model.as_ref()) else {
+        eprintln!(
+            "error: {}: serve-model serves an embedded model: set [inference] model (or fallback_model)",
+            path.display()
+        );
+        return ExitCode::from(2);
+    };
+    let model = match shardflow::inference::load_embedded(&config, model_path) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let addr: SocketAddr = match addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: --addr {addr:?}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let names = shardflow::inference::feature_names(&config);
+    let describe = shardflow::inference::Model::describe(&model);
+    let router = match shardflow::inference::server::router(model, names, variant) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(model = %describe, "serving on http://{bound} (GET /ping, POST /invocations, POST /endpoints/{{name}}/invocations)");
+        eprintln!("listening on http://{bound}");
+        shardflow::inference::server::serve(listener, router, wait_for_signal()).await?;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -64,7 +64,7 @@ pub struct Stats {
     pub records_in: AtomicU64,
     pub events: AtomicU64,
     pub dead_letters: AtomicU64,
-    pub outputs: [AtomicU64; 5],
+    pub outputs: [AtomicU64; 6],
     pub checkpoints: AtomicU64,
     pub watermark: AtomicI64,
     pub ready: AtomicBool,
@@ -83,6 +83,9 @@ pub struct RunOptions {
     pub reset_state: bool,
     /// Print a progress line on stderr (when it is a terminal).
     pub progress: bool,
+    /// AWS configuration for SageMaker, instead of the standard chain
+    /// (programs that embed shardflow, and tests).
+    pub aws: Option<aws_config::SdkConfig>,
 }
 
 /// How a run ended.
@@ -133,12 +136,35 @@ pub fn describe(config: &Config) -> anyhow::Result<String> {
         ));
     }
     match inference::build(config)? {
-        Some(m) => out.push_str(&format!(
-            "model:     {} (batches of ≤ {}, wait ≤ {})\n",
-            m.describe(),
-            config.inference.max_batch,
-            config.inference.max_wait
-        )),
+        Some(m) => {
+            let inf = &config.inference;
+            out.push_str(&format!(
+                "model:     {} (batches of ≤ {}, wait ≤ {}, ≤ {} in flight)\n",
+                m.describe(),
+                inf.max_batch,
+                inf.max_wait,
+                inf.max_in_flight
+            ));
+            out.push_str(&format!(
+                "resilience: timeout {}, {} retries from {}, breaker at {:.0}% of ≥ {} calls over {} (cool-down {}), fallback {}\n",
+                inf.request_timeout,
+                inf.max_retries,
+                inf.retry_base,
+                inf.breaker_error_rate * 100.0,
+                inf.breaker_min_requests,
+                inf.breaker_window,
+                inf.breaker_cooldown,
+                match inf.fallback {
+                    crate::config::FallbackKind::DeadLetter => "dead letters".to_string(),
+                    crate::config::FallbackKind::Constant =>
+                        format!("constant score {}", inf.fallback_score.unwrap_or_default()),
+                    crate::config::FallbackKind::Embedded => format!(
+                        "embedded model {}",
+                        inf.fallback_model.as_deref().unwrap_or(std::path::Path::new("")).display()
+                    ),
+                }
+            ));
+        }
         None => out.push_str("model:     none (the features output is final)\n"),
     }
     for s in &config.sinks {
@@ -182,7 +208,10 @@ pub async fn run(
         );
     }
 
-    let model = inference::build(&config)?;
+    let model = inference::build_with(&config, options.aws.clone())?;
+    if let Some(m) = &model {
+        m.ready().await.context("preparing the model")?;
+    }
     let src = source::build(&config)?;
     tracing::info!(source = %src.describe(), "starting");
     let cap = config.pipeline.channel_capacity;

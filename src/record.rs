@@ -226,15 +226,18 @@ pub enum OutputKind {
     Window,
     Late,
     DeadLetter,
+    /// A shadow model's answer: same shape as a prediction.
+    Shadow,
 }
 
 impl OutputKind {
-    pub const ALL: [OutputKind; 5] = [
+    pub const ALL: [OutputKind; 6] = [
         OutputKind::Features,
         OutputKind::Prediction,
         OutputKind::Window,
         OutputKind::Late,
         OutputKind::DeadLetter,
+        OutputKind::Shadow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -244,6 +247,7 @@ impl OutputKind {
             OutputKind::Window => "window",
             OutputKind::Late => "late",
             OutputKind::DeadLetter => "dead_letter",
+            OutputKind::Shadow => "shadow",
         }
     }
 
@@ -293,6 +297,8 @@ pub enum Output {
     Window(WindowResult),
     Late(LateRecord),
     DeadLetter(DeadLetter),
+    /// Written by the shadow model; never affects `Prediction` records.
+    Shadow(PredictionRecord),
 }
 
 impl Output {
@@ -303,6 +309,7 @@ impl Output {
             Output::Window(_) => OutputKind::Window,
             Output::Late(_) => OutputKind::Late,
             Output::DeadLetter(_) => OutputKind::DeadLetter,
+            Output::Shadow(_) => OutputKind::Shadow,
         }
     }
 
@@ -310,7 +317,7 @@ impl Output {
     pub fn id(&self) -> String {
         match self {
             Output::Features(r) => r.id.clone(),
-            Output::Prediction(r) => r.features.id.clone(),
+            Output::Prediction(r) | Output::Shadow(r) => r.features.id.clone(),
             Output::Window(r) => r.id(),
             Output::Late(r) => r.id.clone(),
             Output::DeadLetter(r) => r.position.to_string(),
@@ -321,7 +328,7 @@ impl Output {
     pub fn key(&self) -> Option<&str> {
         match self {
             Output::Features(r) => Some(&r.key),
-            Output::Prediction(r) => Some(&r.features.key),
+            Output::Prediction(r) | Output::Shadow(r) => Some(&r.features.key),
             Output::Window(r) => Some(&r.key),
             Output::Late(r) => Some(&r.key),
             Output::DeadLetter(_) => None,
@@ -366,7 +373,7 @@ impl Serialize for Output {
                 map.serialize_entry("event_time", &r.event_time)?;
                 map.serialize_entry("features", &r.features)?;
             }
-            Output::Prediction(p) => {
+            Output::Prediction(p) | Output::Shadow(p) => {
                 let r = &p.features;
                 map.serialize_entry("id", &r.id)?;
                 map.serialize_entry("key", &*r.key)?;

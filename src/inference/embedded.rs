@@ -118,6 +118,15 @@ impl EmbeddedModel {
         })
     }
 
+    /// The columns of a CSV answer, in order: `score,label` for a logistic
+    /// model, `value` for a linear one (the keys of [`Self::score`]'s object).
+    pub fn output_columns(&self) -> &'static [&'static str] {
+        match self.spec.kind {
+            ModelType::Logistic => &["score", "label"],
+            ModelType::Linear => &["value"],
+        }
+    }
+
     /// Scores one vector.
     pub fn score(&self, v: &FeatureVector) -> serde_json::Value {
         let mut z = self.spec.bias;
