@@ -221,5 +221,7 @@ fn scenarios_cover_the_interesting_cases() {
     assert!(revised > 10, "re-fired windows: {revised}");
     assert!(nulls > 0, "distinct overflows: {nulls}");
     assert!(idle_advances > 0, "idleness never advanced the watermark");
-    eprintln!("late {late}, revised {revised}, distinct nulls {nulls}, idle advances {idle_advances}");
+    eprintln!(
+        "late {late}, revised {revised}, distinct nulls {nulls}, idle advances {idle_advances}"
+    );
 }

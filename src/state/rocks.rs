@@ -30,6 +30,9 @@ struct Inner {
     dir: PathBuf,
 }
 
+/// A key's stored window metadata and its slices `(slice_start, bytes)`.
+pub(crate) type StoredKey = (Vec<u8>, Vec<(i64, Vec<u8>)>);
+
 /// Entries per column family, for tests and diagnostics (a full scan).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KeyCounts {
@@ -189,11 +192,7 @@ impl StateStore {
     }
 
     /// A key's window metadata and its slices `(slice_start, bytes)`.
-    pub(crate) fn load_key(
-        &self,
-        spec: u16,
-        key: &str,
-    ) -> Result<Option<(Vec<u8>, Vec<(i64, Vec<u8>)>)>, StateError> {
+    pub(crate) fn load_key(&self, spec: u16, key: &str) -> Result<Option<StoredKey>, StateError> {
         let prefix = key_prefix(spec, key);
         let Some(meta) = self.get(Cf::Windows, &prefix)? else {
             return Ok(None);
