@@ -14,7 +14,11 @@ use std::io::Write as _;
 use shardflow::source::generator::demo_events;
 
 fn main() -> anyhow::Result<()> {
-    let count: u64 = std::env::args().nth(1).map(|n| n.parse()).transpose()?.unwrap_or(10_000);
+    let count: u64 = std::env::args()
+        .nth(1)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(10_000);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     // In chunks, so a large count does not sit in memory.
     let mut written = 0;

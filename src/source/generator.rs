@@ -126,8 +126,20 @@ pub fn demo_events(indices: std::ops::Range<u64>, start_time: Millis) -> Vec<Vec
         key: "userId".into(),
         timestamp: "timestamp".into(),
         fields: [
-            ("amount".to_string(), FieldSpec { ty: FieldType::F64, optional: false }),
-            ("merchant".to_string(), FieldSpec { ty: FieldType::String, optional: false }),
+            (
+                "amount".to_string(),
+                FieldSpec {
+                    ty: FieldType::F64,
+                    optional: false,
+                },
+            ),
+            (
+                "merchant".to_string(),
+                FieldSpec {
+                    ty: FieldType::String,
+                    optional: false,
+                },
+            ),
         ]
         .into_iter()
         .collect(),
@@ -136,7 +148,9 @@ pub fn demo_events(indices: std::ops::Range<u64>, start_time: Millis) -> Vec<Vec
         max_event_time: i64::MAX,
     };
     let generator = GeneratorSource::new(config, &schema);
-    indices.map(|i| generator.event_bytes(i, start_time, &zipf)).collect()
+    indices
+        .map(|i| generator.event_bytes(i, start_time, &zipf))
+        .collect()
 }
 
 fn json_string(s: &str) -> String {
