@@ -14,7 +14,6 @@
 
 use std::time::Duration;
 
-use aws_sdk_kinesis::error::DisplayErrorContext;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
@@ -146,7 +145,7 @@ async fn put_all(
                     first_error.unwrap_or_default()
                 )
             }
-            Err(e) => format!("{}", DisplayErrorContext(&e)),
+            Err(e) => crate::source::kinesis::error_text(&e),
         };
         if attempt >= max_attempts {
             anyhow::bail!(

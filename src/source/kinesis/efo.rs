@@ -27,7 +27,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{ShardIteratorType, StartingPosition, SubscribeToShardEventStream};
 use aws_sdk_kinesis::Client;
@@ -66,6 +66,15 @@ impl Start {
         }
     }
 
+    /// True for a sequence number this position says was handed on in full.
+    fn already_delivered(&self, sequence: &str) -> bool {
+        match self {
+            Start::After(s) => cmp_sequence(sequence, s).is_le(),
+            Start::Inside { sequence: s, .. } => cmp_sequence(sequence, s).is_lt(),
+            _ => false,
+        }
+    }
+
     fn to_sdk(&self) -> StartingPosition {
         let b = StartingPosition::builder();
         let b = match self {
@@ -83,6 +92,13 @@ impl Start {
         };
         b.build().expect("the type is always set")
     }
+}
+
+/// Orders two decimal sequence numbers (up to 128 digits) numerically.
+pub fn cmp_sequence(a: &str, b: &str) -> std::cmp::Ordering {
+    let a = a.trim_start_matches('0');
+    let b = b.trim_start_matches('0');
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 /// Jittered exponential backoff.
@@ -220,7 +236,7 @@ impl ShardTask {
                         }
                         _ => backoff.next_delay(),
                     };
-                    tracing::warn!(shard = %self.shard, error = %DisplayErrorContext(&e), retry_in = ?delay, "SubscribeToShard failed; retrying");
+                    tracing::warn!(shard = %self.shard, error = %super::error_text(&e), retry_in = ?delay, "SubscribeToShard failed; retrying");
                     resubscribes("error");
                     if !self.sleep_for(delay).await {
                         return Outcome::Stopped;
@@ -248,7 +264,7 @@ impl ShardTask {
                     }
                     Ok(Err(e)) => {
                         let delay = backoff.next_delay();
-                        tracing::warn!(shard = %self.shard, error = %DisplayErrorContext(&e), retry_in = ?delay, "subscription failed; resubscribing");
+                        tracing::warn!(shard = %self.shard, error = %super::error_text(&e), retry_in = ?delay, "subscription failed; resubscribing");
                         resubscribes("error");
                         if !self.sleep_for(delay).await {
                             return Outcome::Stopped;
@@ -276,6 +292,12 @@ impl ShardTask {
                 let mut batch = Vec::with_capacity(event.records.len());
                 let mut last_sequence = None;
                 for record in event.records {
+                    // Sequence numbers grow within a shard. A record at or
+                    // before what was delivered is never handed on twice,
+                    // whatever a server (or emulator) resends.
+                    if self.start.already_delivered(&record.sequence_number) {
+                        continue;
+                    }
                     let sequence: Arc<str> = Arc::from(record.sequence_number.as_str());
                     let data = Bytes::from(record.data.into_inner());
                     records_total.increment(1);
@@ -447,6 +469,21 @@ mod tests {
         split_record(&shard, Arc::from("7"), agg, 0, None, &mut out);
         assert_eq!(out.len(), 4);
         assert_eq!(out[3].position.to_string(), "s/7:3");
+    }
+
+    #[test]
+    fn sequences_compare_numerically() {
+        use std::cmp::Ordering::*;
+        assert_eq!(cmp_sequence("9", "10"), Less);
+        assert_eq!(cmp_sequence("0010", "10"), Equal);
+        let after = Start::After("100".into());
+        assert!(after.already_delivered("99") && after.already_delivered("100"));
+        assert!(!after.already_delivered("101"));
+        let inside = Start::Inside {
+            sequence: "100".into(),
+            skip_through: 2,
+        };
+        assert!(inside.already_delivered("99") && !inside.already_delivered("100"));
     }
 
     #[test]

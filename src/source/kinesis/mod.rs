@@ -179,7 +179,7 @@ pub async fn ensure_consumer(
                     Err(e) => {
                         return Err(anyhow::anyhow!(
                             "RegisterStreamConsumer {name:?}: {}",
-                            DisplayErrorContext(&e)
+                            error_text(&e)
                         ))
                     }
                 }
@@ -192,10 +192,10 @@ pub async fn ensure_consumer(
                 if !retryable {
                     return Err(anyhow::anyhow!(
                         "DescribeStreamConsumer {name:?}: {}",
-                        DisplayErrorContext(&e)
+                        error_text(&e)
                     ));
                 }
-                tracing::warn!(consumer = name, error = %DisplayErrorContext(&e), "DescribeStreamConsumer failed; retrying");
+                tracing::warn!(consumer = name, error = %error_text(&e), "DescribeStreamConsumer failed; retrying");
             }
         }
         if tokio::time::Instant::now() > deadline {
@@ -208,23 +208,35 @@ pub async fn ensure_consumer(
     }
 }
 
+/// An AWS error in one line: the service's code and message when there is
+/// one (never the raw response, which carries headers), else the chain.
+pub fn error_text<E, R>(e: &aws_sdk_kinesis::error::SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (e.code(), e.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(e).to_string(),
+    }
+}
+
 /// Every shard of the stream with its parents (ListShards, paginated).
-async fn list_shards(
-    client: &Client,
-    stream_arn: &str,
-) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+/// By name: emulators do not all take the ARN.
+async fn list_shards(client: &Client, stream: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
     let mut shards = Vec::new();
     let mut token: Option<String> = None;
     loop {
         // NextToken and the stream cannot be given together.
         let request = match &token {
             Some(t) => client.list_shards().next_token(t),
-            None => client.list_shards().stream_arn(stream_arn),
+            None => client.list_shards().stream_name(stream),
         };
         let out = request
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("ListShards: {}", DisplayErrorContext(&e)))?;
+            .map_err(|e| anyhow::anyhow!("ListShards: {}", error_text(&e)))?;
         for s in out.shards.unwrap_or_default() {
             let parents = s
                 .parent_shard_id
@@ -257,7 +269,7 @@ async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result
             anyhow::anyhow!(
                 "DescribeStreamSummary {:?}: {}",
                 config.stream_name,
-                DisplayErrorContext(&e)
+                error_text(&e)
             )
         })?;
     let stream_arn = summary
@@ -321,7 +333,7 @@ async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result
     loop {
         tokio::select! {
             _ = refresh.tick() => {
-                match list_shards(&client, &stream_arn).await {
+                match list_shards(&client, &config.stream_name).await {
                     Ok(list) => {
                         for (id, parents) in list {
                             graph.add(&id, parents);
@@ -378,7 +390,7 @@ async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result
         {
             Ok(_) => tracing::info!(consumer = %config.consumer_name, "deregistered the consumer"),
             Err(e) => {
-                tracing::warn!(error = %DisplayErrorContext(&e), "DeregisterStreamConsumer failed")
+                tracing::warn!(error = %error_text(&e), "DeregisterStreamConsumer failed")
             }
         }
     }
