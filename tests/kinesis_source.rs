@@ -313,3 +313,172 @@ async fn split_and_merge_while_consuming_lose_nothing_and_keep_key_order() {
         expected_counts(events.iter().map(|e| e.0))
     );
 }
+
+/// A TCP proxy whose connections can be frozen: they stay open but forward
+/// nothing more, like a half-open connection. Connections accepted after a
+/// freeze forward normally.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let e = epoch.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let mine = e.load(Ordering::SeqCst);
+                let e = e.clone();
+                conns.spawn(async move {
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let frozen = move || e.load(Ordering::SeqCst) != mine;
+                    let f2 = frozen.clone();
+                    let _ = tokio::join!(pump(cr, sw, frozen), pump(sr, cw, f2));
+                });
+            }
+        });
+        Proxy { addr, epoch, task }
+    }
+
+    fn freeze_current_connections(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies bytes until EOF; once frozen, holds both ends open and idle.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        if frozen() {
+            std::future::pending::<()>().await;
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+        };
+        if frozen() {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_renewed_within_stall_timeout() {
+    let emu = Emulator::start(options()).await;
+    let client = emu.client().await;
+    create_stream(&client, "events", 1).await;
+    let proxy = Proxy::start(emu.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://{}", proxy.addr);
+    let run = Running::start(config(dir.path(), &url, "events", "stall_timeout = \"1s\""));
+    let events = keyed(0..200, 5);
+    put(&client, "events", as_records(&events[..100])).await;
+    wait_for_ids(&features_path(dir.path()), 100, 60).await;
+
+    // Every open connection goes silent without closing.
+    proxy.freeze_current_connections();
+    let frozen_at = Instant::now();
+    put(&client, "events", as_records(&events[100..])).await;
+    let out = wait_for_ids(&features_path(dir.path()), 200, 30).await;
+    let took = frozen_at.elapsed();
+    run.stop().await;
+    assert!(
+        took < Duration::from_secs(8),
+        "renewed after {took:?} (stall_timeout 1 s + pacing)"
+    );
+    assert!(id_counts(&out).values().all(|&c| c == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_puts_every_output_and_flush_waits_for_all() {
+    use shardflow::record::{DeadLetter, Output, WindowResult};
+    use shardflow::sink::Sink as _;
+    let emu = Emulator::start(options()).await;
+    let client = emu.client().await;
+    create_stream(&client, "out", 2).await;
+    let mut sink =
+        shardflow::sink::kinesis::KinesisSink::new(shardflow::config::KinesisSinkConfig {
+            stream_name: "out".into(),
+            kinds: vec![],
+            endpoint_url: Some(emu.url()),
+            region: Some("us-east-1".into()),
+            max_attempts: 5,
+        });
+    // 1 234 window results: more than two PutRecords batches.
+    let outputs: Vec<Output> = (0..1_234)
+        .map(|i| {
+            Output::Window(WindowResult {
+                key: Arc::from(format!("k{}", i % 10)),
+                feature: Arc::from("f"),
+                window_start: 0,
+                window_end: 1000 + i,
+                value: None,
+                revision: 0,
+            })
+        })
+        .chain(std::iter::once(Output::DeadLetter(DeadLetter {
+            reason: "r".into(),
+            position: Position::new(Arc::from("p"), "1"),
+            raw: bytes::Bytes::from_static(b"x"),
+        })))
+        .collect();
+    let refs: Vec<&Output> = outputs.iter().collect();
+    sink.write(&refs).await.unwrap();
+    sink.flush().await.unwrap();
+
+    // Read both shards back.
+    let mut ids = std::collections::HashSet::new();
+    for shard in ["shardId-000000000000", "shardId-000000000001"] {
+        let mut it = client
+            .get_shard_iterator()
+            .stream_name("out")
+            .shard_id(shard)
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .unwrap()
+            .shard_iterator;
+        while let Some(i) = it {
+            let out = client.get_records().shard_iterator(i).send().await.unwrap();
+            if out.records.is_empty() {
+                break;
+            }
+            for r in out.records {
+                let v: serde_json::Value = serde_json::from_slice(r.data.as_ref()).unwrap();
+                ids.insert(v["id"].as_str().unwrap_or_default().to_owned());
+                if v["kind"] == "window" {
+                    assert_eq!(r.partition_key.as_deref(), v["key"].as_str());
+                }
+            }
+            it = out.next_shard_iterator;
+        }
+    }
+    assert_eq!(ids.len(), 1_235);
+}

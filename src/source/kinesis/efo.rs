@@ -218,13 +218,20 @@ impl ShardTask {
                 .shard_id(&*self.shard)
                 .starting_position(requested)
                 .send();
+            // The initial response is bounded by the same deadline: a
+            // request sent on a half-open pooled connection must not hang.
             let response = tokio::select! {
-                r = request => r,
+                r = tokio::time::timeout(self.stall_timeout, request) => r,
                 _ = self.shutdown.changed() => return Outcome::Stopped,
             };
             let mut output = match response {
-                Ok(o) => o,
-                Err(e) => {
+                Err(_) => {
+                    tracing::warn!(shard = %self.shard, stall_timeout = ?self.stall_timeout, "SubscribeToShard unanswered for stall_timeout; retrying");
+                    resubscribes("stall");
+                    continue;
+                }
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
                     let code = e.code().unwrap_or("network").to_owned();
                     let delay = match code.as_str() {
                         // A zombie subscription (a previous connection the
