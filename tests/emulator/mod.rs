@@ -31,13 +31,12 @@ pub fn init() {
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
         std::env::set_var("AWS_REGION", "us-east-1");
         std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-        let _ = tracing_subscriber_init();
+        // Quiet by default (the emulator logs every request at info).
+        if std::env::var_os("RUST_LOG").is_none() {
+            std::env::set_var("RUST_LOG", "warn,ferrokinesis=error");
+        }
+        shardflow::telemetry::init_logging(shardflow::telemetry::LogFormat::Human);
     });
-}
-
-fn tracing_subscriber_init() -> Option<()> {
-    shardflow::telemetry::init_logging(shardflow::telemetry::LogFormat::Human);
-    Some(())
 }
 
 pub fn options() -> StoreOptions {
