@@ -176,6 +176,8 @@ pub enum SourceConfig {
     File(FileSourceConfig),
     /// Synthetic events, deterministic for a seed.
     Generator(GeneratorConfig),
+    /// A Kinesis data stream, read with enhanced fan-out (SubscribeToShard).
+    Kinesis(KinesisSourceConfig),
 }
 
 impl SourceConfig {
@@ -183,6 +185,7 @@ impl SourceConfig {
         match self {
             SourceConfig::File(_) => "file",
             SourceConfig::Generator(_) => "generator",
+            SourceConfig::Kinesis(_) => "kinesis",
         }
     }
 }
@@ -201,6 +204,161 @@ pub struct FileSourceConfig {
     /// How often a followed file is checked for new lines.
     #[serde(default = "default_poll_interval")]
     pub poll_interval: Duration,
+}
+
+/// Where a shard is read from when the checkpoint has no position for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StartingPosition {
+    /// Only records written after the subscription starts.
+    #[default]
+    Latest,
+    /// The oldest record still retained.
+    TrimHorizon,
+    /// The first record written at or after `timestamp`.
+    AtTimestamp,
+}
+
+/// `[source] type = "kinesis"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KinesisSourceConfig {
+    pub stream_name: String,
+    /// The enhanced fan-out consumer, found or registered at start.
+    #[serde(default = "default_consumer_name")]
+    pub consumer_name: String,
+    #[serde(default)]
+    pub starting_position: StartingPosition,
+    /// With `starting_position = "at_timestamp"`: RFC 3339 or epoch milliseconds.
+    #[serde(default)]
+    pub timestamp: Option<toml::Value>,
+    /// Overrides the AWS endpoint (emulators); omit (or leave empty) for AWS.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Overrides the region of the AWS chain.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// A subscription silent this long is cancelled and renewed.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: Duration,
+    /// Deregister the consumer when the run stops (off: consumers are reused).
+    #[serde(default)]
+    pub deregister_on_exit: bool,
+    /// How often ListShards is called to find new shards.
+    #[serde(default = "default_shard_refresh_interval")]
+    pub shard_refresh_interval: Duration,
+    /// Events (SubscribeToShard batches) a shard holds ahead of the pipeline.
+    #[serde(default = "default_shard_buffer")]
+    pub shard_buffer: usize,
+}
+
+impl KinesisSourceConfig {
+    /// The first inconsistency in these settings, if any.
+    fn problem(&self) -> Option<String> {
+        if self.stream_name.trim().is_empty() {
+            return Some("`stream_name` must name a stream".into());
+        }
+        if self.consumer_name.trim().is_empty() || self.consumer_name.len() > 128 {
+            return Some("`consumer_name` must have 1 to 128 characters".into());
+        }
+        match (self.starting_position, &self.timestamp) {
+            (StartingPosition::AtTimestamp, None) => {
+                return Some(
+                    "starting_position = \"at_timestamp\" needs `timestamp` (RFC 3339 or epoch ms)"
+                        .into(),
+                )
+            }
+            (StartingPosition::AtTimestamp, Some(_)) => {
+                if let Err(e) = self.timestamp_millis() {
+                    return Some(e);
+                }
+            }
+            (_, Some(_)) => {
+                return Some(
+                    "`timestamp` is only used with starting_position = \"at_timestamp\"".into(),
+                )
+            }
+            _ => {}
+        }
+        if self.stall_timeout.millis() < 1_000 {
+            return Some(format!(
+                "stall_timeout must be at least 1s (the service sends an event every few seconds), got {}",
+                self.stall_timeout
+            ));
+        }
+        if self.shard_refresh_interval.millis() < 1_000 {
+            return Some(format!(
+                "shard_refresh_interval must be at least 1s, got {}",
+                self.shard_refresh_interval
+            ));
+        }
+        if self.shard_buffer == 0 {
+            return Some("shard_buffer must be at least 1".into());
+        }
+        endpoint_problem(self.endpoint_url.as_deref())
+    }
+}
+
+fn endpoint_problem(url: Option<&str>) -> Option<String> {
+    match url {
+        Some(u) if !u.is_empty() && !(u.starts_with("http://") || u.starts_with("https://")) => {
+            Some(format!(
+                "endpoint_url must start with http:// or https://, got {u:?}"
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn default_consumer_name() -> String {
+    "shardflow".into()
+}
+fn default_stall_timeout() -> Duration {
+    Duration(30_000)
+}
+fn default_shard_refresh_interval() -> Duration {
+    Duration(30_000)
+}
+fn default_shard_buffer() -> usize {
+    4
+}
+
+impl KinesisSourceConfig {
+    /// `timestamp` as epoch milliseconds (validated at load).
+    pub fn timestamp_millis(&self) -> Result<Option<Millis>, String> {
+        match &self.timestamp {
+            None => Ok(None),
+            Some(toml::Value::Integer(ms)) => Ok(Some(*ms)),
+            Some(toml::Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| Some(t.timestamp_millis()))
+                .map_err(|e| format!("timestamp {s:?} is not RFC 3339: {e}")),
+            Some(toml::Value::Datetime(d)) => chrono::DateTime::parse_from_rfc3339(&d.to_string())
+                .map(|t| Some(t.timestamp_millis()))
+                .map_err(|e| format!("timestamp {d} needs a date, a time and an offset: {e}")),
+            Some(other) => Err(format!(
+                "timestamp must be an RFC 3339 string or epoch milliseconds, got {other}"
+            )),
+        }
+    }
+}
+
+/// `[[sinks]] type = "kinesis"`: PutRecords, one output per record.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KinesisSinkConfig {
+    pub stream_name: String,
+    pub kinds: Vec<OutputKind>,
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Attempts for the entries of one PutRecords batch before the sink fails.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_max_attempts() -> u32 {
+    10
 }
 
 fn default_poll_interval() -> Duration {
@@ -784,6 +942,7 @@ fn check_endpoint_name(key: &str, name: &str) -> Result<(), String> {
 pub enum SinkConfig {
     Stdout(StdoutSinkConfig),
     File(FileSinkConfig),
+    Kinesis(KinesisSinkConfig),
 }
 
 impl SinkConfig {
@@ -791,12 +950,14 @@ impl SinkConfig {
         match self {
             SinkConfig::Stdout(c) => &c.kinds,
             SinkConfig::File(c) => &c.kinds,
+            SinkConfig::Kinesis(c) => &c.kinds,
         }
     }
     pub fn type_name(&self) -> &'static str {
         match self {
             SinkConfig::Stdout(_) => "stdout",
             SinkConfig::File(_) => "file",
+            SinkConfig::Kinesis(_) => "kinesis",
         }
     }
     pub fn kind_set(&self) -> KindSet {
@@ -930,6 +1091,14 @@ impl Config {
                             format!("[source] {name} must be between 0 and 1, got {v}"),
                         );
                     }
+                }
+            }
+            SourceConfig::Kinesis(k) => {
+                if let Some(msg) = k.problem() {
+                    return at(
+                        self.source.span(),
+                        format!("[source] type = \"kinesis\": {msg}"),
+                    );
                 }
             }
         }
@@ -1097,6 +1266,23 @@ impl Config {
                             kind = kind.as_str()
                         ),
                     );
+                }
+            }
+            if let SinkConfig::Kinesis(k) = cfg {
+                if k.stream_name.trim().is_empty() {
+                    return at(
+                        sink.span(),
+                        "[[sinks]] type = \"kinesis\" needs a `stream_name`".into(),
+                    );
+                }
+                if k.max_attempts == 0 {
+                    return at(
+                        sink.span(),
+                        "[[sinks]] type = \"kinesis\": max_attempts must be at least 1".into(),
+                    );
+                }
+                if let Some(msg) = endpoint_problem(k.endpoint_url.as_deref()) {
+                    return at(sink.span(), format!("[[sinks]] type = \"kinesis\": {msg}"));
                 }
             }
             if let SinkConfig::File(f) = cfg {

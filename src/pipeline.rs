@@ -173,6 +173,7 @@ pub fn describe(config: &Config) -> anyhow::Result<String> {
         let target = match s {
             crate::config::SinkConfig::Stdout(_) => "stdout".to_string(),
             crate::config::SinkConfig::File(f) => format!("file {}", f.path.display()),
+            crate::config::SinkConfig::Kinesis(k) => format!("kinesis stream {}", k.stream_name),
         };
         out.push_str(&format!("sink:      {target} ← {}\n", kinds.join(", ")));
     }

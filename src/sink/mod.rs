@@ -6,6 +6,7 @@
 //! crash and what it did not is produced again (with the same ids).
 
 pub mod file;
+pub mod kinesis;
 pub mod stdout;
 
 use std::sync::Arc;
@@ -39,6 +40,7 @@ pub fn build(config: &SinkConfig) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match config {
         SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink::new()),
         SinkConfig::File(c) => Box::new(file::FileSink::open(c.clone())?),
+        SinkConfig::Kinesis(c) => Box::new(kinesis::KinesisSink::new(c.clone())),
     })
 }
 

@@ -7,6 +7,7 @@
 
 pub mod file;
 pub mod generator;
+pub mod kinesis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -77,6 +78,7 @@ pub fn build(config: &crate::config::Config) -> anyhow::Result<Box<dyn Source>> 
         SourceConfig::Generator(c) => {
             Box::new(generator::GeneratorSource::new(c.clone(), &config.schema))
         }
+        SourceConfig::Kinesis(c) => Box::new(kinesis::KinesisSource::new(c.clone())),
     })
 }
 

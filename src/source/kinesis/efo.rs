@@ -1,0 +1,507 @@
+//! One shard's enhanced fan-out subscription: SubscribeToShard, renewed
+//! until the shard ends or the run stops.
+//!
+//! Two tasks per shard, joined by a bounded channel of `shard_buffer` events:
+//! the *reader* holds the HTTP/2 event stream, the *forwarder* hands records
+//! to the pipeline. When the pipeline is slow the forwarder waits, the
+//! channel fills, the reader stops polling the event stream and HTTP/2 flow
+//! control stops the service from sending more. Memory per shard is bounded
+//! by `shard_buffer` events (an event holds at most what the service sends in
+//! one push, about 2 MB/s of shard throughput).
+//!
+//! Where to (re)subscribe is tracked by the reader itself, never by trusting
+//! `ContinuationSequenceNumber`'s exact meaning: after a record was delivered,
+//! `AFTER_SEQUENCE_NUMBER` of it (no gap, no duplicate); before any record,
+//! the starting position again (`LATEST` becomes `AT_TIMESTAMP` of the first
+//! subscription, so records written between two subscriptions are not lost).
+//! The continuation only tells whether the shard is over: an event without
+//! one, or one announcing `ChildShards` with no records left, is SHARD_END,
+//! and a shard at its end is never subscribed to again.
+//!
+//! Inactivity deadline: the service pushes an event every few seconds even
+//! with no data, so a subscription silent for `stall_timeout` is half-open.
+//! It is dropped (which resets the HTTP/2 stream) and renewed from the same
+//! position; `shardflow_kinesis_resubscribes_total{reason="stall"}` counts it.
+//! Time spent waiting for the pipeline does not count as silence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::{ShardIteratorType, StartingPosition, SubscribeToShardEventStream};
+use aws_sdk_kinesis::Client;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::deagg::{deaggregate, Deaggregated};
+use crate::record::{Millis, Position, RawRecord};
+use crate::source::{now_millis, SourceMessage};
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    Latest,
+    TrimHorizon,
+    AtTimestamp(Millis),
+    /// Right after a fully delivered record.
+    After(String),
+    /// At a KPL aggregate of which sub-records `0..=skip_through` were delivered.
+    Inside {
+        sequence: String,
+        skip_through: u64,
+    },
+}
+
+impl Start {
+    /// The resume point a checkpointed position stands for.
+    pub fn from_checkpoint(p: &Position) -> Start {
+        match p.sub_sequence {
+            None => Start::After(p.sequence.to_string()),
+            Some(sub) => Start::Inside {
+                sequence: p.sequence.to_string(),
+                skip_through: sub,
+            },
+        }
+    }
+
+    /// True for a sequence number this position says was handed on in full.
+    fn already_delivered(&self, sequence: &str) -> bool {
+        match self {
+            Start::After(s) => cmp_sequence(sequence, s).is_le(),
+            Start::Inside { sequence: s, .. } => cmp_sequence(sequence, s).is_lt(),
+            _ => false,
+        }
+    }
+
+    fn to_sdk(&self) -> StartingPosition {
+        let b = StartingPosition::builder();
+        let b = match self {
+            Start::Latest => b.r#type(ShardIteratorType::Latest),
+            Start::TrimHorizon => b.r#type(ShardIteratorType::TrimHorizon),
+            Start::AtTimestamp(ms) => b
+                .r#type(ShardIteratorType::AtTimestamp)
+                .timestamp(DateTime::from_millis(*ms)),
+            Start::After(seq) => b
+                .r#type(ShardIteratorType::AfterSequenceNumber)
+                .sequence_number(seq),
+            Start::Inside { sequence, .. } => b
+                .r#type(ShardIteratorType::AtSequenceNumber)
+                .sequence_number(sequence),
+        };
+        b.build().expect("the type is always set")
+    }
+}
+
+/// Orders two decimal sequence numbers (up to 128 digits) numerically.
+pub fn cmp_sequence(a: &str, b: &str) -> std::cmp::Ordering {
+    let a = a.trim_start_matches('0');
+    let b = b.trim_start_matches('0');
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+/// Jittered exponential backoff.
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay: uniform in [d/2, d] with d = base·2^attempt, capped.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = d / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// How a shard's task ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// SHARD_END: every record was handed on; these children may follow
+    /// (shard id, parent ids).
+    Ended(Vec<(String, Vec<String>)>),
+    /// The run is stopping (or the pipeline is gone).
+    Stopped,
+}
+
+pub struct ShardTask {
+    pub client: Client,
+    pub consumer_arn: Arc<str>,
+    pub shard: Arc<str>,
+    pub start: Start,
+    pub stall_timeout: Duration,
+    pub shard_buffer: usize,
+    pub batch_size: usize,
+    pub output: mpsc::Sender<SourceMessage>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// What the reader gives the forwarder.
+enum Chunk {
+    Records(Vec<RawRecord>),
+}
+
+impl ShardTask {
+    pub async fn run(self) -> Outcome {
+        let (tx, rx) = mpsc::channel(self.shard_buffer);
+        let forwarder = tokio::spawn(forward(
+            rx,
+            self.output.clone(),
+            self.batch_size,
+            self.shutdown.clone(),
+        ));
+        let outcome = self.read(tx).await;
+        // The reader dropped its sender: the forwarder drains what is left
+        // (all of it at SHARD_END, so children start strictly after).
+        let delivered = forwarder.await.unwrap_or(false);
+        match outcome {
+            Outcome::Ended(children) if delivered => Outcome::Ended(children),
+            _ => Outcome::Stopped,
+        }
+    }
+
+    async fn read(mut self, tx: mpsc::Sender<Chunk>) -> Outcome {
+        let shard = self.shard.to_string();
+        let behind = metrics::gauge!("shardflow_millis_behind_latest", "shard" => shard.clone());
+        let records_total =
+            metrics::counter!("shardflow_kinesis_records_total", "shard" => shard.clone());
+        let bytes_total =
+            metrics::counter!("shardflow_kinesis_bytes_total", "shard" => shard.clone());
+        let resubscribes = |reason: &'static str| {
+            metrics::counter!("shardflow_kinesis_resubscribes_total", "shard" => shard.clone(), "reason" => reason)
+                .increment(1)
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut last_subscribe: Option<Instant> = None;
+        let mut first = true;
+
+        loop {
+            if *self.shutdown.borrow() {
+                return Outcome::Stopped;
+            }
+            // At most one SubscribeToShard per shard and consumer per second.
+            if let Some(t) = last_subscribe {
+                if !self.sleep_until(t + Duration::from_secs(1)).await {
+                    return Outcome::Stopped;
+                }
+            }
+            last_subscribe = Some(Instant::now());
+            let requested = self.start.to_sdk();
+            if self.start == Start::Latest {
+                // Should this subscription end before a record arrives, the
+                // next one starts when this one did, not at a later LATEST.
+                self.start = Start::AtTimestamp(now_millis());
+            }
+            let request = self
+                .client
+                .subscribe_to_shard()
+                .consumer_arn(&*self.consumer_arn)
+                .shard_id(&*self.shard)
+                .starting_position(requested)
+                .send();
+            // The initial response is bounded by the same deadline: a
+            // request sent on a half-open pooled connection must not hang.
+            let response = tokio::select! {
+                r = tokio::time::timeout(self.stall_timeout, request) => r,
+                _ = self.shutdown.changed() => return Outcome::Stopped,
+            };
+            let mut output = match response {
+                Err(_) => {
+                    tracing::warn!(shard = %self.shard, stall_timeout = ?self.stall_timeout, "SubscribeToShard unanswered for stall_timeout; retrying");
+                    resubscribes("stall");
+                    continue;
+                }
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
+                    let code = e.code().unwrap_or("network").to_owned();
+                    let delay = match code.as_str() {
+                        // A zombie subscription (a previous connection the
+                        // service still holds) is taken over by a call more
+                        // than 5 s later: wait that long, then retry.
+                        "ResourceInUseException" => {
+                            Duration::from_secs(5)
+                                + backoff.next_delay().min(Duration::from_secs(5))
+                        }
+                        _ => backoff.next_delay(),
+                    };
+                    tracing::warn!(shard = %self.shard, error = %super::error_text(&e), retry_in = ?delay, "SubscribeToShard failed; retrying");
+                    resubscribes("error");
+                    if !self.sleep_for(delay).await {
+                        return Outcome::Stopped;
+                    }
+                    continue;
+                }
+            };
+            if first {
+                tracing::info!(shard = %self.shard, start = ?self.start, "subscribed");
+                first = false;
+            } else {
+                tracing::debug!(shard = %self.shard, start = ?self.start, "resubscribed");
+            }
+
+            loop {
+                let next = tokio::select! {
+                    r = tokio::time::timeout(self.stall_timeout, output.event_stream.recv()) => r,
+                    _ = self.shutdown.changed() => return Outcome::Stopped,
+                };
+                let event = match next {
+                    Err(_) => {
+                        tracing::warn!(shard = %self.shard, stall_timeout = ?self.stall_timeout, "subscription silent for stall_timeout; resubscribing");
+                        resubscribes("stall");
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(shard = %self.shard, error = %super::error_text(&e), retry_in = ?delay, "subscription failed; resubscribing");
+                        resubscribes("error");
+                        if !self.sleep_for(delay).await {
+                            return Outcome::Stopped;
+                        }
+                        break;
+                    }
+                    Ok(Ok(None)) => {
+                        // Subscriptions last 5 minutes; renew.
+                        resubscribes("renewal");
+                        break;
+                    }
+                    Ok(Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(ev)))) => ev,
+                    Ok(Ok(Some(other))) => {
+                        tracing::debug!(shard = %self.shard, event = ?other, "ignoring an unknown event");
+                        continue;
+                    }
+                };
+                backoff.reset();
+                behind.set(event.millis_behind_latest as f64);
+                let had_records = !event.records.is_empty();
+                let child_shards = event.child_shards.unwrap_or_default();
+                let shard_end = event.continuation_sequence_number.is_empty()
+                    || (!child_shards.is_empty() && !had_records);
+                let arrival = now_millis();
+                let mut batch = Vec::with_capacity(event.records.len());
+                let mut last_sequence = None;
+                for record in event.records {
+                    // Sequence numbers grow within a shard. A record at or
+                    // before what was delivered is never handed on twice,
+                    // whatever a server (or emulator) resends.
+                    if self.start.already_delivered(&record.sequence_number) {
+                        continue;
+                    }
+                    let sequence: Arc<str> = Arc::from(record.sequence_number.as_str());
+                    let data = Bytes::from(record.data.into_inner());
+                    records_total.increment(1);
+                    bytes_total.increment(data.len() as u64);
+                    let skip_through = match &self.start {
+                        Start::Inside {
+                            sequence: s,
+                            skip_through,
+                        } if **s == *sequence => Some(*skip_through),
+                        _ => None,
+                    };
+                    split_record(
+                        &self.shard,
+                        sequence.clone(),
+                        data,
+                        arrival,
+                        skip_through,
+                        &mut batch,
+                    );
+                    last_sequence = Some(sequence);
+                }
+                if let Some(seq) = last_sequence {
+                    self.start = Start::After(seq.to_string());
+                }
+                if !batch.is_empty() {
+                    let sent = tokio::select! {
+                        r = tx.send(Chunk::Records(batch)) => r.is_ok(),
+                        _ = self.shutdown.changed() => false,
+                    };
+                    if !sent {
+                        return Outcome::Stopped;
+                    }
+                }
+                if shard_end {
+                    let children = child_shards
+                        .iter()
+                        .map(|c| (c.shard_id.clone(), c.parent_shards.clone()))
+                        .collect::<Vec<_>>();
+                    tracing::info!(shard = %self.shard, children = ?children.iter().map(|c| &c.0).collect::<Vec<_>>(), "shard ended (SHARD_END)");
+                    behind.set(0.0);
+                    return Outcome::Ended(children);
+                }
+            }
+        }
+    }
+
+    async fn sleep_until(&mut self, t: Instant) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep_until(t) => true,
+            _ = self.shutdown.changed() => false,
+        }
+    }
+
+    async fn sleep_for(&mut self, d: Duration) -> bool {
+        self.sleep_until(Instant::now() + d).await
+    }
+}
+
+/// Turns one Kinesis record into the records the pipeline gets: itself, or
+/// the user records of a KPL aggregate (sub-sequence = index), skipping
+/// those a checkpoint already covers.
+fn split_record(
+    shard: &Arc<str>,
+    sequence: Arc<str>,
+    data: Bytes,
+    arrival: Millis,
+    skip_through: Option<u64>,
+    out: &mut Vec<RawRecord>,
+) {
+    let position = |sub: Option<u64>| Position {
+        partition: shard.clone(),
+        sequence: sequence.clone(),
+        sub_sequence: sub,
+        resume_offset: None,
+    };
+    match deaggregate(&data) {
+        Deaggregated::Single => {
+            // A checkpoint inside a record only exists for aggregates; a
+            // plain record at the checkpointed sequence was delivered.
+            if skip_through.is_none() {
+                out.push(RawRecord {
+                    position: position(None),
+                    arrival,
+                    bytes: data,
+                });
+            }
+        }
+        Deaggregated::Aggregate(parts) => {
+            for (i, bytes) in parts.into_iter().enumerate() {
+                let i = i as u64;
+                if skip_through.is_some_and(|s| i <= s) {
+                    continue;
+                }
+                out.push(RawRecord {
+                    position: position(Some(i)),
+                    arrival,
+                    bytes,
+                });
+            }
+        }
+        Deaggregated::Bad(reason) => {
+            metrics::counter!("shardflow_kinesis_bad_aggregates_total", "shard" => shard.to_string())
+                .increment(1);
+            tracing::warn!(shard = %shard, sequence = %sequence, %reason, "bad KPL aggregate; passed on whole as a dead letter");
+            if skip_through.is_none() {
+                out.push(RawRecord {
+                    position: position(None),
+                    arrival,
+                    bytes: data,
+                });
+            }
+        }
+    }
+}
+
+/// Hands a shard's records to the pipeline in batches of at most
+/// `batch_size`. True when everything it was given was handed on.
+async fn forward(
+    mut rx: mpsc::Receiver<Chunk>,
+    output: mpsc::Sender<SourceMessage>,
+    batch_size: usize,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    while let Some(Chunk::Records(records)) = rx.recv().await {
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let batch: Vec<RawRecord> = records.by_ref().take(batch_size).collect();
+            let sent = tokio::select! {
+                r = output.send(SourceMessage::Batch(batch)) => r.is_ok(),
+                _ = shutdown.changed() => false,
+            };
+            if !sent {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::kinesis::deagg::aggregate;
+
+    #[test]
+    fn checkpoints_map_to_resume_points() {
+        let mut p = Position::new(Arc::from("shardId-000000000001"), "42");
+        assert_eq!(Start::from_checkpoint(&p), Start::After("42".into()));
+        p.sub_sequence = Some(3);
+        assert_eq!(
+            Start::from_checkpoint(&p),
+            Start::Inside {
+                sequence: "42".into(),
+                skip_through: 3
+            }
+        );
+    }
+
+    #[test]
+    fn restart_inside_an_aggregate_skips_what_was_delivered() {
+        let shard: Arc<str> = Arc::from("s");
+        let agg = Bytes::from(aggregate("k", &[b"a", b"b", b"c", b"d"]));
+        let mut out = Vec::new();
+        split_record(&shard, Arc::from("7"), agg.clone(), 0, Some(1), &mut out);
+        let subs: Vec<_> = out.iter().map(|r| r.position.sub_sequence).collect();
+        assert_eq!(subs, vec![Some(2), Some(3)]);
+        assert_eq!(&out[0].bytes[..], b"c");
+        out.clear();
+        split_record(&shard, Arc::from("7"), agg, 0, None, &mut out);
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[3].position.to_string(), "s/7:3");
+    }
+
+    #[test]
+    fn sequences_compare_numerically() {
+        use std::cmp::Ordering::*;
+        assert_eq!(cmp_sequence("9", "10"), Less);
+        assert_eq!(cmp_sequence("0010", "10"), Equal);
+        let after = Start::After("100".into());
+        assert!(after.already_delivered("99") && after.already_delivered("100"));
+        assert!(!after.already_delivered("101"));
+        let inside = Start::Inside {
+            sequence: "100".into(),
+            skip_through: 2,
+        };
+        assert!(inside.already_delivered("99") && !inside.already_delivered("100"));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..20 {
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

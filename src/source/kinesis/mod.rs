@@ -1,0 +1,398 @@
+//! `[source] type = "kinesis"`: a Kinesis data stream read with enhanced
+//! fan-out (SubscribeToShard over HTTP/2).
+//!
+//! - `mod.rs` (this file): the AWS client, consumer registration, and the
+//!   coordinator that discovers shards and starts one task per shard.
+//! - `shards.rs`: which shards may start (parents before children).
+//! - `efo.rs`: one shard's subscription: renewals, stalls, backoff, SHARD_END,
+//!   the bounded per-shard buffer.
+//! - `deagg.rs`: KPL aggregated records.
+//!
+//! A record's position is `{ partition: shard id, sequence: sequence number,
+//! sub_sequence: index inside a KPL aggregate }`; the pipeline checkpoints the
+//! last position per shard, and a restart subscribes `AFTER_SEQUENCE_NUMBER`
+//! of it (or `AT_SEQUENCE_NUMBER` of an aggregate, skipping the sub-records
+//! already delivered). Shards without a checkpoint start at
+//! `starting_position`.
+
+pub mod deagg;
+pub mod efo;
+pub mod shards;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aws_sdk_kinesis::config::Region;
+use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::types::ConsumerStatus;
+use aws_sdk_kinesis::Client;
+use tokio::task::JoinSet;
+
+use self::efo::{Backoff, Outcome, ShardTask, Start};
+use self::shards::ShardGraph;
+use super::{BoxFuture, Source, SourceContext};
+use crate::config::{KinesisSourceConfig, StartingPosition};
+
+/// How the AWS client is built. Everything else (credentials, retries,
+/// profiles) comes from the standard AWS chain.
+#[derive(Debug, Default, Clone)]
+pub struct ClientSettings {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// Extra PEM certificates to trust (a private CA in front of an endpoint).
+    pub extra_root_pem: Option<Vec<u8>>,
+}
+
+/// A Kinesis client on hyper 1 + rustls (ring). Its TLS offers `h2` first by
+/// ALPN, so SubscribeToShard runs over HTTP/2 against AWS (which refuses it
+/// over HTTP/1.1); plain `http://` endpoints (emulators) use HTTP/1.1.
+///
+/// An empty `region` or `endpoint_url` counts as unset, so that a config can
+/// write `endpoint_url = "${KINESIS_ENDPOINT:-}"`.
+pub async fn client(settings: &ClientSettings) -> anyhow::Result<Client> {
+    let region = settings.region.as_deref().filter(|r| !r.is_empty());
+    let endpoint_url = settings.endpoint_url.as_deref().filter(|u| !u.is_empty());
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+    let builder = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
+    let http = match &settings.extra_root_pem {
+        Some(pem) => builder
+            .tls_context(
+                tls::TlsContext::builder()
+                    .with_trust_store(tls::TrustStore::default().with_pem_certificate(pem.clone()))
+                    .build()
+                    .context("building the TLS trust store")?,
+            )
+            .build_https(),
+        None => builder.build_https(),
+    };
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_owned()));
+    }
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let shared = loader.load().await;
+    let mut config = aws_sdk_kinesis::config::Builder::from(&shared);
+    if shared.region().is_none() {
+        if endpoint_url.is_some() {
+            // Emulators accept any region; spare the user from setting one.
+            config = config.region(Region::new("us-east-1"));
+        } else {
+            anyhow::bail!(
+                "no AWS region: set `region` in the config, or AWS_REGION / a profile's region"
+            );
+        }
+    }
+    Ok(Client::from_conf(config.build()))
+}
+
+pub struct KinesisSource {
+    config: KinesisSourceConfig,
+}
+
+impl KinesisSource {
+    pub fn new(config: KinesisSourceConfig) -> Self {
+        KinesisSource { config }
+    }
+}
+
+impl Source for KinesisSource {
+    fn describe(&self) -> String {
+        let c = &self.config;
+        format!(
+            "kinesis stream {} via enhanced fan-out consumer {:?}, from {} when no checkpoint{}",
+            c.stream_name,
+            c.consumer_name,
+            match c.starting_position {
+                StartingPosition::Latest => "latest",
+                StartingPosition::TrimHorizon => "trim_horizon",
+                StartingPosition::AtTimestamp => "at_timestamp",
+            },
+            c.endpoint_url
+                .as_deref()
+                .filter(|u| !u.is_empty())
+                .map(|u| format!(" (endpoint {u})"))
+                .unwrap_or_default()
+        )
+    }
+
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, anyhow::Result<()>> {
+        Box::pin(async move {
+            let result = run(self.config, &ctx).await;
+            ctx.end(false).await;
+            result
+        })
+    }
+}
+
+/// Finds the consumer or registers it, then waits until it is ACTIVE.
+/// Returns `None` when the run is stopped meanwhile.
+pub async fn ensure_consumer(
+    client: &Client,
+    stream_arn: &str,
+    name: &str,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<String>> {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    let mut registered = false;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(None);
+        }
+        match client
+            .describe_stream_consumer()
+            .stream_arn(stream_arn)
+            .consumer_name(name)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let d = out
+                    .consumer_description
+                    .context("DescribeStreamConsumer answered without a description")?;
+                if d.consumer_status == ConsumerStatus::Active {
+                    tracing::info!(consumer = name, arn = %d.consumer_arn, "enhanced fan-out consumer is active");
+                    return Ok(Some(d.consumer_arn));
+                }
+                tracing::info!(consumer = name, status = %d.consumer_status, "waiting for the consumer to become ACTIVE");
+            }
+            Err(e) if e.code() == Some("ResourceNotFoundException") && !registered => {
+                match client
+                    .register_stream_consumer()
+                    .stream_arn(stream_arn)
+                    .consumer_name(name)
+                    .send()
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(consumer = name, "registered the enhanced fan-out consumer");
+                        registered = true;
+                        continue;
+                    }
+                    // Another instance registers it at the same moment.
+                    Err(e) if e.code() == Some("ResourceInUseException") => {}
+                    Err(e) => {
+                        return Err(anyhow::anyhow!(
+                            "RegisterStreamConsumer {name:?}: {}",
+                            error_text(&e)
+                        ))
+                    }
+                }
+            }
+            Err(e) => {
+                let retryable = !matches!(
+                    e.code(),
+                    Some("AccessDeniedException" | "InvalidArgumentException")
+                );
+                if !retryable {
+                    return Err(anyhow::anyhow!(
+                        "DescribeStreamConsumer {name:?}: {}",
+                        error_text(&e)
+                    ));
+                }
+                tracing::warn!(consumer = name, error = %error_text(&e), "DescribeStreamConsumer failed; retrying");
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the consumer {name:?} did not become ACTIVE within 5 minutes");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.changed() => return Ok(None),
+        }
+    }
+}
+
+/// An AWS error in one line: the service's code and message when there is
+/// one (never the raw response, which carries headers), else the chain.
+pub fn error_text<E, R>(e: &aws_sdk_kinesis::error::SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (e.code(), e.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(e).to_string(),
+    }
+}
+
+/// Every shard of the stream with its parents (ListShards, paginated).
+/// By name: emulators do not all take the ARN.
+async fn list_shards(client: &Client, stream: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let mut shards = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        // NextToken and the stream cannot be given together.
+        let request = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client.list_shards().stream_name(stream),
+        };
+        let out = request
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("ListShards: {}", error_text(&e)))?;
+        for s in out.shards.unwrap_or_default() {
+            let parents = s
+                .parent_shard_id
+                .into_iter()
+                .chain(s.adjacent_parent_shard_id)
+                .collect();
+            shards.push((s.shard_id, parents));
+        }
+        token = out.next_token;
+        if token.is_none() {
+            return Ok(shards);
+        }
+    }
+}
+
+async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result<()> {
+    let mut shutdown = ctx.shutdown.clone();
+    let client = client(&ClientSettings {
+        region: config.region.clone(),
+        endpoint_url: config.endpoint_url.clone(),
+        extra_root_pem: None,
+    })
+    .await?;
+    let summary = client
+        .describe_stream_summary()
+        .stream_name(&config.stream_name)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "DescribeStreamSummary {:?}: {}",
+                config.stream_name,
+                error_text(&e)
+            )
+        })?;
+    let stream_arn = summary
+        .stream_description_summary
+        .map(|s| s.stream_arn)
+        .context("DescribeStreamSummary answered without the stream")?;
+    let Some(consumer_arn) =
+        ensure_consumer(&client, &stream_arn, &config.consumer_name, &mut shutdown).await?
+    else {
+        return Ok(());
+    };
+    let consumer_arn: Arc<str> = Arc::from(consumer_arn);
+
+    let fresh_start = match config.starting_position {
+        StartingPosition::Latest => Start::Latest,
+        StartingPosition::TrimHorizon => Start::TrimHorizon,
+        StartingPosition::AtTimestamp => Start::AtTimestamp(
+            config
+                .timestamp_millis()
+                .map_err(anyhow::Error::msg)?
+                .context("at_timestamp without timestamp")?,
+        ),
+    };
+    let mut graph = ShardGraph::default();
+    let mut tasks: JoinSet<(String, Outcome)> = JoinSet::new();
+    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut refresh = tokio::time::interval(config.shard_refresh_interval.std());
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let active = metrics::gauge!("shardflow_kinesis_active_shards");
+
+    let spawn = |graph: &mut ShardGraph,
+                 tasks: &mut JoinSet<(String, Outcome)>,
+                 names: &mut HashMap<tokio::task::Id, String>| {
+        for (shard, after_parent) in graph.take_ready() {
+            // A shard a checkpoint knows resumes right after it. A child whose
+            // parent was read to its end here starts at its first record
+            // (TRIM_HORIZON), whatever starting_position says: none of its
+            // records was seen yet, and LATEST would lose some.
+            let start = match ctx.resume_position(&shard) {
+                Some(p) => Start::from_checkpoint(p),
+                None if after_parent => Start::TrimHorizon,
+                None => fresh_start.clone(),
+            };
+            let task = ShardTask {
+                client: client.clone(),
+                consumer_arn: consumer_arn.clone(),
+                shard: Arc::from(shard.as_str()),
+                start,
+                stall_timeout: config.stall_timeout.std(),
+                shard_buffer: config.shard_buffer,
+                batch_size: ctx.batch_size,
+                output: ctx.output.clone(),
+                shutdown: ctx.shutdown.clone(),
+            };
+            let name = shard.clone();
+            let handle = tasks.spawn(async move { (name, task.run().await) });
+            names.insert(handle.id(), shard);
+        }
+    };
+
+    loop {
+        tokio::select! {
+            _ = refresh.tick() => {
+                match list_shards(&client, &config.stream_name).await {
+                    Ok(list) => {
+                        for (id, parents) in list {
+                            graph.add(&id, parents);
+                        }
+                    }
+                    // Transient: the running shards go on; the next tick retries.
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "shard refresh failed; retrying at the next interval"),
+                }
+            }
+            joined = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                match joined {
+                    Some(Ok((id, (shard, Outcome::Ended(children))))) => {
+                        names.remove(&id);
+                        graph.finish(&shard);
+                        for (child, parents) in children {
+                            graph.add(&child, parents);
+                        }
+                    }
+                    Some(Ok((id, (_, Outcome::Stopped)))) => {
+                        names.remove(&id);
+                        if !*shutdown.borrow() {
+                            // The pipeline is gone.
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let shard = names.remove(&e.id()).unwrap_or_default();
+                        anyhow::bail!("the task reading shard {shard} failed: {e}");
+                    }
+                    None => {}
+                }
+            }
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+        spawn(&mut graph, &mut tasks, &mut names);
+        active.set(graph.running() as f64);
+        let waiting = graph.waiting();
+        if !waiting.is_empty() {
+            tracing::debug!(?waiting, "shards waiting for their parents");
+        }
+    }
+
+    // Stop: the tasks see the shutdown signal and return.
+    while tasks.join_next().await.is_some() {}
+    if config.deregister_on_exit {
+        match client
+            .deregister_stream_consumer()
+            .consumer_arn(&*consumer_arn)
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(consumer = %config.consumer_name, "deregistered the consumer"),
+            Err(e) => {
+                tracing::warn!(error = %error_text(&e), "DeregisterStreamConsumer failed")
+            }
+        }
+    }
+    Ok(())
+}
