@@ -12,7 +12,6 @@
 //! `cargo bench --bench inference` (release profile).
 
 #[path = "../tests/inference_support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::sync::Arc;

@@ -301,7 +301,7 @@ impl KinesisSourceConfig {
 
 fn endpoint_problem(url: Option<&str>) -> Option<String> {
     match url {
-        Some(u) if !u.is_empty() && !(u.starts_with("http://") || u.starts_with("https://")) => {
+        Some(u) if !u.is_empty() && !u.starts_with("http://") && !u.starts_with("https://") => {
             Some(format!(
                 "endpoint_url must start with http:// or https://, got {u:?}"
             ))
@@ -1391,9 +1391,9 @@ fn substitute_env(
         while let Some(i) = rest.find('$') {
             out.push_str(&rest[..i]);
             let after = &rest[i..];
-            if after.starts_with("$${") {
+            if let Some(tail) = after.strip_prefix("$${") {
                 out.push_str("${");
-                rest = &after[3..];
+                rest = tail;
                 pos += i + 3;
                 continue;
             }

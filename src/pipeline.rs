@@ -520,7 +520,9 @@ async fn fanout_stage(
                         && !subscribed.contains(kind)
                     {
                         unsubscribed_reported += 1;
-                        if unsubscribed_reported <= 100 || unsubscribed_reported % 10_000 == 0 {
+                        if unsubscribed_reported <= 100
+                            || unsubscribed_reported.is_multiple_of(10_000)
+                        {
                             tracing::warn!(kind = %kind, id = %o.id(), record = %o.to_ndjson().trim_end(), "no sink subscribes to this kind");
                         }
                     }

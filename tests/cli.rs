@@ -348,7 +348,7 @@ kinds = ["prediction"]
             "{log}"
         );
         let after = read_lines(&predictions);
-        assert!(after.len() >= before && after.len() > 0, "{log}");
+        assert!(after.len() >= before && !after.is_empty(), "{log}");
         after
     };
     let first = run_once(false);

@@ -170,15 +170,15 @@ impl Lane {
                 *n += n2;
                 *v = v.max(*v2);
             }
-            (Lane::First(a), Lane::First(Some(b))) => {
-                if a.is_none_or(|a| (b.time, b.seq) < (a.time, a.seq)) {
-                    *a = Some(*b);
-                }
+            (Lane::First(a), Lane::First(Some(b)))
+                if a.is_none_or(|a| (b.time, b.seq) < (a.time, a.seq)) =>
+            {
+                *a = Some(*b);
             }
-            (Lane::Last(a), Lane::Last(Some(b))) => {
-                if a.is_none_or(|a| (b.time, b.seq) > (a.time, a.seq)) {
-                    *a = Some(*b);
-                }
+            (Lane::Last(a), Lane::Last(Some(b)))
+                if a.is_none_or(|a| (b.time, b.seq) > (a.time, a.seq)) =>
+            {
+                *a = Some(*b);
             }
             (Lane::Stddev(a), Lane::Stddev(b)) => a.merge(b),
             // Count reads Acc::count; distinct is unioned separately.

@@ -395,7 +395,7 @@ async fn score_shadow(scorer: &Scorer, records: Vec<FeatureRecord>) -> Vec<Outpu
 /// visible without flooding the log at thousands of batches a second.
 fn log_failure(error: &str, rows: usize, what: &str) {
     let n = FAILED_BATCHES.fetch_add(1, Ordering::Relaxed);
-    if n < 20 || n % 1000 == 0 {
+    if n < 20 || n.is_multiple_of(1000) {
         tracing::warn!(rows, failed_batches = n + 1, error = %error, "model failed; batch {what}");
     }
 }

@@ -91,7 +91,7 @@ impl PartitionReader {
             let complete = self.partial.last() == Some(&b'\n');
             if n == 0 || !complete {
                 self.at_end = true;
-                if !(accept_unterminated && !self.partial.is_empty()) {
+                if !accept_unterminated || self.partial.is_empty() {
                     break;
                 }
             }

@@ -467,7 +467,7 @@ impl Reference {
         let lateness = self.lateness;
         let features = &self.features;
         self.windows.retain(|(fi, _, start), _| {
-            !((w as i128) >= (start + features[*fi].size) as i128 - 1 + lateness as i128)
+            (w as i128) < (start + features[*fi].size) as i128 - 1 + lateness as i128
         });
     }
 }
