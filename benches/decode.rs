@@ -34,6 +34,7 @@ kinds = ["features"]
             position: Position::new(partition.clone(), i.to_string()),
             arrival: 0,
             bytes: Bytes::from(bytes),
+            replay_watermark: None,
         })
         .collect();
     let decoder = Decoder::new(&config.schema);

@@ -48,9 +48,7 @@ async fn main() {
     let run = tokio::spawn(shardflow::pipeline::run(
         config,
         RunOptions {
-            reset_state: false,
-            progress: false,
-            aws: None,
+            ..RunOptions::default()
         },
         shutdown,
         stats.clone(),

@@ -136,6 +136,26 @@ pub struct Config {
     pub inference: InferenceConfig,
     #[serde(default)]
     pub sinks: Vec<Spanned<SinkConfig>>,
+    /// What `shardflow replay` uses instead of `[source]` and `[[sinks]]`,
+    /// so that one file configures both the live run and its replay.
+    #[serde(default)]
+    pub replay: Option<Spanned<ReplayConfig>>,
+}
+
+/// `[replay]`: the archive to replay and where its results go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// The archive (`type = "s3"`); without it `[source]` must be one.
+    #[serde(default)]
+    pub source: Option<SourceConfig>,
+    /// Sinks for the replay; without them the replay writes to `[[sinks]]`.
+    #[serde(default)]
+    pub sinks: Vec<Spanned<SinkConfig>>,
+    /// A field of the input records copied into `--export` rows as the
+    /// training label (`null` where a record lacks it).
+    #[serde(default)]
+    pub label: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -178,6 +198,9 @@ pub enum SourceConfig {
     Generator(GeneratorConfig),
     /// A Kinesis data stream, read with enhanced fan-out (SubscribeToShard).
     Kinesis(KinesisSourceConfig),
+    /// Archived records in S3 (shardflow's own archive or Firehose's), read
+    /// by `shardflow replay`.
+    S3(S3SourceConfig),
 }
 
 impl SourceConfig {
@@ -186,8 +209,336 @@ impl SourceConfig {
             SourceConfig::File(_) => "file",
             SourceConfig::Generator(_) => "generator",
             SourceConfig::Kinesis(_) => "kinesis",
+            SourceConfig::S3(_) => "s3",
         }
     }
+
+    /// The first inconsistency in these settings, if any.
+    fn problem(&self) -> Option<String> {
+        match self {
+            SourceConfig::File(f) => {
+                if f.all_paths().is_empty() {
+                    return Some(
+                        "[source] type = \"file\" needs `path` (one file) or `paths` (several)"
+                            .into(),
+                    );
+                }
+                let mut seen = HashSet::new();
+                for p in f.all_paths() {
+                    if !seen.insert(p.clone()) {
+                        return Some(format!("[source] lists the file {} twice", p.display()));
+                    }
+                }
+                None
+            }
+            SourceConfig::Generator(g) => {
+                if !(g.rate >= 0.0 && g.rate.is_finite()) {
+                    return Some(format!("[source] rate must be a number of events per second ≥ 0 (0 = unthrottled), got {}", g.rate));
+                }
+                if g.keys == 0 || g.partitions == 0 {
+                    return Some("[source] keys and partitions must be at least 1".into());
+                }
+                if !(g.skew >= 0.0 && g.skew.is_finite()) {
+                    return Some(format!(
+                        "[source] skew must be ≥ 0 (0 = uniform), got {}",
+                        g.skew
+                    ));
+                }
+                for (name, v) in [
+                    ("late_fraction", g.late_fraction),
+                    ("bad_fraction", g.bad_fraction),
+                ] {
+                    if !(0.0..=1.0).contains(&v) {
+                        return Some(format!("[source] {name} must be between 0 and 1, got {v}"));
+                    }
+                }
+                None
+            }
+            SourceConfig::Kinesis(k) => k
+                .problem()
+                .map(|msg| format!("[source] type = \"kinesis\": {msg}")),
+            SourceConfig::S3(c) => c
+                .problem()
+                .map(|msg| format!("[source] type = \"s3\": {msg}")),
+        }
+    }
+}
+
+/// How archive objects are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// gzip when the object starts with gzip's magic bytes, else plain.
+    #[default]
+    Auto,
+    Gzip,
+    None,
+}
+
+/// How records are laid out in an archive object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveFormat {
+    /// JSON values one after the other, with or without newlines between
+    /// them: NDJSON, and Firehose's concatenated JSON.
+    #[default]
+    Auto,
+    /// One record per line; a bad line is a dead letter and the next line
+    /// is read.
+    Ndjson,
+}
+
+/// `[source] type = "s3"` (or `[replay.source]`): an archive in S3.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3SourceConfig {
+    pub bucket: String,
+    /// Keys start with this (Firehose's convention: usually ends with `/`),
+    /// then `YYYY/MM/DD/HH/`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Only events at or after this time (RFC 3339 or epoch ms); `--from`
+    /// overrides it.
+    #[serde(default)]
+    pub from: Option<toml::Value>,
+    /// Only events before this time; `--to` overrides it.
+    #[serde(default)]
+    pub to: Option<toml::Value>,
+    /// An hour directory is skipped only when it lies this far outside
+    /// `[from, to)`: an object holds records a little older and newer than
+    /// its hour.
+    #[serde(default = "default_prune_slack")]
+    pub prune_slack: Duration,
+    #[serde(default)]
+    pub compression: Compression,
+    #[serde(default)]
+    pub format: ArchiveFormat,
+    /// Objects fetched at once (decoded in order).
+    #[serde(default = "default_s3_concurrency")]
+    pub concurrency: usize,
+    /// Overrides the endpoint (S3-compatible servers); omit (or leave empty) for AWS.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Overrides the region of the AWS chain.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); default: on with
+    /// `endpoint_url`, off for AWS.
+    #[serde(default)]
+    pub force_path_style: Option<bool>,
+    /// Attempts per S3 request (the SDK's standard retry with backoff).
+    #[serde(default = "default_s3_attempts")]
+    pub max_attempts: u32,
+}
+
+/// How the S3 client reaches the service; credentials come from the
+/// standard AWS chain. (The same keys in the source and sink tables.)
+#[derive(Debug, Clone, Default)]
+pub struct S3ClientConfig {
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: Option<bool>,
+    pub max_attempts: u32,
+}
+
+fn default_prune_slack() -> Duration {
+    Duration(3_600_000)
+}
+fn default_s3_concurrency() -> usize {
+    8
+}
+fn default_s3_attempts() -> u32 {
+    5
+}
+
+impl S3ClientConfig {
+    fn problem(&self) -> Option<String> {
+        if self.max_attempts == 0 || self.max_attempts > 20 {
+            return Some(format!(
+                "max_attempts must be between 1 and 20, got {}",
+                self.max_attempts
+            ));
+        }
+        endpoint_problem(self.endpoint_url.as_deref())
+    }
+}
+
+/// A bucket name S3 accepts (3-63 lowercase letters, digits, dots, hyphens).
+fn bucket_problem(bucket: &str) -> Option<String> {
+    let ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+    (!ok).then(|| format!("bucket {bucket:?} is not an S3 bucket name (3-63 lowercase letters, digits, dots and hyphens)"))
+}
+
+impl S3SourceConfig {
+    fn problem(&self) -> Option<String> {
+        if let Some(p) = bucket_problem(&self.bucket) {
+            return Some(p);
+        }
+        if self.prefix.starts_with('/') {
+            return Some(format!(
+                "prefix {:?} must not start with '/' (keys have no leading slash)",
+                self.prefix
+            ));
+        }
+        if !(1..=64).contains(&self.concurrency) {
+            return Some(format!(
+                "concurrency must be between 1 and 64, got {}",
+                self.concurrency
+            ));
+        }
+        let (from, to) = match (self.from_millis(), self.to_millis()) {
+            (Ok(f), Ok(t)) => (f, t),
+            (Err(e), _) | (_, Err(e)) => return Some(e),
+        };
+        if let (Some(f), Some(t)) = (from, to) {
+            if f >= t {
+                return Some("`from` must be before `to`".into());
+            }
+        }
+        self.client().problem()
+    }
+
+    pub fn client(&self) -> S3ClientConfig {
+        S3ClientConfig {
+            endpoint_url: self.endpoint_url.clone(),
+            region: self.region.clone(),
+            force_path_style: self.force_path_style,
+            max_attempts: self.max_attempts,
+        }
+    }
+
+    pub fn from_millis(&self) -> Result<Option<Millis>, String> {
+        self.from.as_ref().map(time_value_millis).transpose()
+    }
+
+    pub fn to_millis(&self) -> Result<Option<Millis>, String> {
+        self.to.as_ref().map(time_value_millis).transpose()
+    }
+}
+
+/// `[[sinks]] type = "s3"`: gzip NDJSON objects under `prefix/YYYY/MM/DD/HH/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3SinkConfig {
+    pub bucket: String,
+    /// Keys start with this, then `YYYY/MM/DD/HH/` (as Firehose's do).
+    #[serde(default)]
+    pub prefix: String,
+    pub kinds: Vec<OutputKind>,
+    /// An object closes once it holds this many (compressed) bytes...
+    #[serde(default = "default_s3_max_bytes")]
+    pub max_bytes: u64,
+    /// ...or at the first checkpoint after it has been open this long.
+    #[serde(default = "default_s3_max_age")]
+    pub max_age: Duration,
+    /// Objects larger than this go up in multipart uploads of parts this big
+    /// (S3's minimum part is 5 MiB). Memory per sink is about one part.
+    #[serde(default = "default_s3_part_bytes")]
+    pub part_bytes: u64,
+    /// gzip level, 0 (none) to 9 (smallest).
+    #[serde(default = "default_gzip_level")]
+    pub gzip_level: u32,
+    /// Overrides the endpoint (S3-compatible servers); omit (or leave empty) for AWS.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Overrides the region of the AWS chain.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); default: on with
+    /// `endpoint_url`, off for AWS.
+    #[serde(default)]
+    pub force_path_style: Option<bool>,
+    /// Attempts per S3 request (the SDK's standard retry with backoff).
+    #[serde(default = "default_s3_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_s3_max_bytes() -> u64 {
+    128 << 20
+}
+fn default_s3_max_age() -> Duration {
+    Duration(300_000)
+}
+fn default_s3_part_bytes() -> u64 {
+    8 << 20
+}
+fn default_gzip_level() -> u32 {
+    6
+}
+
+/// S3's smallest part of a multipart upload (except the last).
+pub const S3_MIN_PART_BYTES: u64 = 5 << 20;
+
+impl S3SinkConfig {
+    fn problem(&self) -> Option<String> {
+        if let Some(p) = bucket_problem(&self.bucket) {
+            return Some(p);
+        }
+        if self.prefix.starts_with('/') {
+            return Some(format!(
+                "prefix {:?} must not start with '/' (keys have no leading slash)",
+                self.prefix
+            ));
+        }
+        if self.max_bytes == 0 {
+            return Some("max_bytes must be greater than 0".into());
+        }
+        if self.max_age.millis() <= 0 {
+            return Some("max_age must be greater than 0".into());
+        }
+        if !(S3_MIN_PART_BYTES..=(5 << 30)).contains(&self.part_bytes) {
+            return Some(format!(
+                "part_bytes must be between 5 MiB and 5 GiB (S3's part sizes), got {}",
+                self.part_bytes
+            ));
+        }
+        if self.gzip_level > 9 {
+            return Some(format!(
+                "gzip_level must be between 0 and 9, got {}",
+                self.gzip_level
+            ));
+        }
+        self.client().problem()
+    }
+
+    pub fn client(&self) -> S3ClientConfig {
+        S3ClientConfig {
+            endpoint_url: self.endpoint_url.clone(),
+            region: self.region.clone(),
+            force_path_style: self.force_path_style,
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+/// An RFC 3339 time or epoch milliseconds from TOML.
+pub fn time_value_millis(value: &toml::Value) -> Result<Millis, String> {
+    match value {
+        toml::Value::Integer(ms) => Ok(*ms),
+        toml::Value::String(s) => parse_time(s),
+        toml::Value::Datetime(d) => chrono::DateTime::parse_from_rfc3339(&d.to_string())
+            .map(|t| t.timestamp_millis())
+            .map_err(|e| format!("time {d} needs a date, a time and an offset: {e}")),
+        other => Err(format!(
+            "a time must be an RFC 3339 string or epoch milliseconds, got {other}"
+        )),
+    }
+}
+
+/// `2024-05-01T10:00:00Z` or epoch milliseconds, as written on the command line.
+pub fn parse_time(text: &str) -> Result<Millis, String> {
+    let text = text.trim();
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("time {text:?} is neither RFC 3339 nor epoch milliseconds: {e}"))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -943,6 +1294,7 @@ pub enum SinkConfig {
     Stdout(StdoutSinkConfig),
     File(FileSinkConfig),
     Kinesis(KinesisSinkConfig),
+    S3(S3SinkConfig),
 }
 
 impl SinkConfig {
@@ -951,6 +1303,7 @@ impl SinkConfig {
             SinkConfig::Stdout(c) => &c.kinds,
             SinkConfig::File(c) => &c.kinds,
             SinkConfig::Kinesis(c) => &c.kinds,
+            SinkConfig::S3(c) => &c.kinds,
         }
     }
     pub fn type_name(&self) -> &'static str {
@@ -958,6 +1311,7 @@ impl SinkConfig {
             SinkConfig::Stdout(_) => "stdout",
             SinkConfig::File(_) => "file",
             SinkConfig::Kinesis(_) => "kinesis",
+            SinkConfig::S3(_) => "s3",
         }
     }
     pub fn kind_set(&self) -> KindSet {
@@ -1046,61 +1400,8 @@ impl Config {
             ));
         }
 
-        match self.source.get_ref() {
-            SourceConfig::File(f) => {
-                if f.all_paths().is_empty() {
-                    return at(
-                        self.source.span(),
-                        "[source] type = \"file\" needs `path` (one file) or `paths` (several)"
-                            .into(),
-                    );
-                }
-                let mut seen = HashSet::new();
-                for p in f.all_paths() {
-                    if !seen.insert(p.clone()) {
-                        return at(
-                            self.source.span(),
-                            format!("[source] lists the file {} twice", p.display()),
-                        );
-                    }
-                }
-            }
-            SourceConfig::Generator(g) => {
-                if !(g.rate >= 0.0 && g.rate.is_finite()) {
-                    return at(self.source.span(), format!("[source] rate must be a number of events per second ≥ 0 (0 = unthrottled), got {}", g.rate));
-                }
-                if g.keys == 0 || g.partitions == 0 {
-                    return at(
-                        self.source.span(),
-                        "[source] keys and partitions must be at least 1".into(),
-                    );
-                }
-                if !(g.skew >= 0.0 && g.skew.is_finite()) {
-                    return at(
-                        self.source.span(),
-                        format!("[source] skew must be ≥ 0 (0 = uniform), got {}", g.skew),
-                    );
-                }
-                for (name, v) in [
-                    ("late_fraction", g.late_fraction),
-                    ("bad_fraction", g.bad_fraction),
-                ] {
-                    if !(0.0..=1.0).contains(&v) {
-                        return at(
-                            self.source.span(),
-                            format!("[source] {name} must be between 0 and 1, got {v}"),
-                        );
-                    }
-                }
-            }
-            SourceConfig::Kinesis(k) => {
-                if let Some(msg) = k.problem() {
-                    return at(
-                        self.source.span(),
-                        format!("[source] type = \"kinesis\": {msg}"),
-                    );
-                }
-            }
+        if let Some(msg) = self.source.get_ref().problem() {
+            return at(self.source.span(), msg);
         }
 
         let s = &self.schema;
@@ -1233,15 +1534,63 @@ impl Config {
         if self.sinks.is_empty() {
             return Err((None, "no [[sinks]]: add at least one, e.g. [[sinks]] type = \"stdout\" kinds = [\"prediction\"]".into()));
         }
+        self.validate_sinks(&self.sinks, "[[sinks]]")?;
+
+        if let Some(replay) = &self.replay {
+            let span = replay.span();
+            let r = replay.get_ref();
+            match &r.source {
+                Some(SourceConfig::S3(c)) => {
+                    if let Some(msg) = c.problem() {
+                        return at(span, format!("[replay.source] type = \"s3\": {msg}"));
+                    }
+                }
+                Some(other) => {
+                    return at(
+                        span,
+                        format!(
+                            "[replay.source] must be type = \"s3\" (an archive), not {:?}",
+                            other.type_name()
+                        ),
+                    );
+                }
+                None if !matches!(self.source(), SourceConfig::S3(_)) => {
+                    return at(
+                        span,
+                        "[replay] needs a `source` (type = \"s3\") unless [source] is the archive"
+                            .into(),
+                    );
+                }
+                None => {}
+            }
+            if r.label.as_deref().is_some_and(|l| l.trim().is_empty()) {
+                return at(
+                    span,
+                    "[replay] label must name a field of the input records".into(),
+                );
+            }
+            self.validate_sinks(&r.sinks, "[[replay.sinks]]")?;
+        }
+        Ok(())
+    }
+
+    /// Checks one list of sinks (`what` names it in messages).
+    fn validate_sinks(
+        &self,
+        sinks: &[Spanned<SinkConfig>],
+        what: &str,
+    ) -> Result<(), (Option<std::ops::Range<usize>>, String)> {
+        let at = |span: std::ops::Range<usize>, msg: String| Err((Some(span), msg));
         let produced = self.produced_kinds();
         let mut files = HashSet::new();
-        for sink in &self.sinks {
+        let mut archives = HashSet::new();
+        for sink in sinks {
             let cfg = sink.get_ref();
             if cfg.kinds().is_empty() {
                 return at(
                     sink.span(),
                     format!(
-                        "[[sinks]] type = {:?} subscribes to no kinds; list some in `kinds`",
+                        "{what} type = {:?} subscribes to no kinds; list some in `kinds`",
                         cfg.type_name()
                     ),
                 );
@@ -1261,7 +1610,7 @@ impl Config {
                     return at(
                         sink.span(),
                         format!(
-                            "[[sinks]] type = {:?} subscribes to {kind:?} records, but {why}",
+                            "{what} type = {:?} subscribes to {kind:?} records, but {why}",
                             cfg.type_name(),
                             kind = kind.as_str()
                         ),
@@ -1272,24 +1621,24 @@ impl Config {
                 if k.stream_name.trim().is_empty() {
                     return at(
                         sink.span(),
-                        "[[sinks]] type = \"kinesis\" needs a `stream_name`".into(),
+                        format!("{what} type = \"kinesis\" needs a `stream_name`"),
                     );
                 }
                 if k.max_attempts == 0 {
                     return at(
                         sink.span(),
-                        "[[sinks]] type = \"kinesis\": max_attempts must be at least 1".into(),
+                        format!("{what} type = \"kinesis\": max_attempts must be at least 1"),
                     );
                 }
                 if let Some(msg) = endpoint_problem(k.endpoint_url.as_deref()) {
-                    return at(sink.span(), format!("[[sinks]] type = \"kinesis\": {msg}"));
+                    return at(sink.span(), format!("{what} type = \"kinesis\": {msg}"));
                 }
             }
             if let SinkConfig::File(f) = cfg {
                 if f.path.as_os_str().is_empty() {
                     return at(
                         sink.span(),
-                        "[[sinks]] type = \"file\" needs a `path`".into(),
+                        format!("{what} type = \"file\" needs a `path`"),
                     );
                 }
                 if !files.insert(f.path.clone()) {
@@ -1300,6 +1649,20 @@ impl Config {
                 }
                 if f.rotate_bytes == Some(0) {
                     return at(sink.span(), "rotate_bytes must be greater than 0".into());
+                }
+            }
+            if let SinkConfig::S3(c) = cfg {
+                if let Some(msg) = c.problem() {
+                    return at(sink.span(), format!("{what} type = \"s3\": {msg}"));
+                }
+                if !archives.insert((c.bucket.clone(), c.prefix.clone())) {
+                    return at(
+                        sink.span(),
+                        format!(
+                            "two s3 sinks write to s3://{}/{}: object names would collide",
+                            c.bucket, c.prefix
+                        ),
+                    );
                 }
             }
         }
@@ -1321,7 +1684,37 @@ impl Config {
         if self.inference.shadow.is_some() {
             kinds.insert(OutputKind::Shadow);
         }
+        kinds.insert(OutputKind::Raw);
         kinds
+    }
+
+    /// The config `shardflow replay` runs: `[replay.source]` for `[source]`
+    /// and `[[replay.sinks]]` (when given) for `[[sinks]]`; everything that
+    /// shapes results (schema, watermarks, features, model) is the same.
+    /// Errors when there is no archive to replay.
+    pub fn for_replay(&self) -> Result<Config, String> {
+        let mut c = self.clone();
+        if let Some(r) = &self.replay {
+            let span = r.span();
+            let r = r.get_ref();
+            if let Some(source) = &r.source {
+                c.source = Spanned::new(span.clone(), source.clone());
+            }
+            if !r.sinks.is_empty() {
+                c.sinks = r.sinks.clone();
+            }
+        }
+        if !matches!(c.source(), SourceConfig::S3(_)) {
+            return Err(
+                "nothing to replay: set [replay.source] (or [source]) to type = \"s3\"".into(),
+            );
+        }
+        Ok(c)
+    }
+
+    /// The `[replay] label` field, if any.
+    pub fn replay_label(&self) -> Option<&str> {
+        self.replay.as_ref()?.get_ref().label.as_deref()
     }
 
     /// The union of the kinds sinks subscribe to.

@@ -389,6 +389,7 @@ mod tests {
                 position: Position::new("p".into(), "1"),
                 arrival: 0,
                 bytes: bytes::Bytes::copy_from_slice(text),
+                replay_watermark: None,
             })
             .map_err(|d| d.reason)
     }

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod inference;
 pub mod pipeline;
 pub mod record;
+pub mod replay;
 pub mod sink;
 pub mod source;
 pub mod state;

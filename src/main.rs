@@ -17,6 +17,8 @@ use shardflow::telemetry::{self, LogFormat};
 Examples:
   shardflow check --config config/local.toml     validate a config and show the pipeline
   shardflow run --config config/local.toml       run it; Ctrl-C drains, checkpoints and exits 0
+  shardflow replay --config config/replay.toml --export out/training.ndjson
+                                                 replay the S3 archive, write training rows
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
 Config values may reference the environment as ${VAR} or ${VAR:-default}.")]
@@ -53,10 +55,33 @@ enum Command {
         #[arg(short, long, env = "SHARDFLOW_CONFIG")]
         config: PathBuf,
     },
-    /// Replay events archived in S3 through the same engine (reserved; not in this build yet).
+    /// Replay events archived in S3 ([replay.source], or an s3 [source])
+    /// through the same engine and config as live, into fresh state; the
+    /// results go to [[replay.sinks]] (or [[sinks]]). Exits 0 when the
+    /// archive was read (bad objects become dead letters).
     Replay {
-        #[arg(short, long)]
+        #[arg(short, long, env = "SHARDFLOW_CONFIG")]
         config: PathBuf,
+        /// Only events at or after this time (RFC 3339 or epoch ms); objects
+        /// filed in hours well before it are not read.
+        #[arg(long, value_parser = parse_time)]
+        from: Option<i64>,
+        /// Only events before this time.
+        #[arg(long, value_parser = parse_time)]
+        to: Option<i64>,
+        /// Write training rows (each event's features as of that event, plus
+        /// [replay] label) to this NDJSON file.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// Keep the replayed state in this directory (default: a temporary one).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Wipe --state-dir first.
+        #[arg(long, requires = "state_dir")]
+        reset_state: bool,
+        /// No progress on stderr.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Serve the config's embedded model with the SageMaker container contract:
     /// GET /ping, POST /invocations and POST /endpoints/{name}/invocations
@@ -105,7 +130,7 @@ fn main() -> ExitCode {
             let options = RunOptions {
                 reset_state,
                 progress: !quiet,
-                aws: None,
+                ..RunOptions::default()
             };
             match runtime.block_on(run(config, options, metrics_addr)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -121,9 +146,86 @@ fn main() -> ExitCode {
             addr,
             variant,
         } => serve_model(&config, &addr, &variant),
-        Command::Replay { .. } => {
-            eprintln!("error: this command is reserved and not available in this build yet");
-            ExitCode::from(2)
+        Command::Replay {
+            config,
+            from,
+            to,
+            export,
+            state_dir,
+            reset_state,
+            quiet,
+        } => replay(
+            &config,
+            shardflow::replay::ReplayArgs {
+                from,
+                to,
+                state_dir,
+                reset_state,
+                export,
+                progress: !quiet,
+            },
+        ),
+    }
+}
+
+fn parse_time(text: &str) -> Result<i64, String> {
+    shardflow::config::parse_time(text)
+}
+
+fn replay(path: &std::path::Path, args: shardflow::replay::ReplayArgs) -> ExitCode {
+    let config = match Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+        shardflow::replay::prepare(&c).map_err(|e| format!("{}: {e:#}", path.display()))
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!(
+                "stop requested: finishing the replay where it is (signal again to exit at once)"
+            );
+            let _ = shutdown_tx.send(true);
+            wait_for_signal().await;
+            std::process::exit(130);
+        });
+        shardflow::replay::run(config, args, shutdown_rx).await
+    });
+    match result {
+        Ok(s) => {
+            eprintln!(
+                "replayed {} objects ({} bytes): {} records, {} events in {:.1}s ({:.0} events/s); dead letters {}, bad objects {}, duplicates skipped {}, outside --from/--to {}",
+                s.objects,
+                s.bytes,
+                s.records,
+                s.events,
+                s.seconds,
+                s.events as f64 / s.seconds.max(1e-3),
+                s.dead_letters,
+                s.bad_objects,
+                s.duplicates,
+                s.out_of_range
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions};
 use crate::inference;
-use crate::record::{DeadLetter, Event, KindSet, Output, OutputKind, Position};
+use crate::record::{DeadLetter, Event, KindSet, Output, OutputKind, Position, RawOutput};
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, SourceContext, SourceMessage};
 use crate::state::{StateDelta, StateStore};
@@ -55,7 +55,12 @@ pub enum Message<T> {
 /// A decoded record, or why it could not be.
 pub enum Decoded {
     Event(Event),
+    /// A record the decoder refused (it is archived as `raw` too).
     Dead(Box<DeadLetter>),
+    /// Input a source could not split into records (no `raw` to archive).
+    Unreadable(Box<DeadLetter>),
+    /// Replay: the live run's watermark before the next record.
+    Advance(crate::record::Millis),
 }
 
 /// Counters for the progress line, readiness and tests.
@@ -64,8 +69,10 @@ pub struct Stats {
     pub records_in: AtomicU64,
     pub events: AtomicU64,
     pub dead_letters: AtomicU64,
-    pub outputs: [AtomicU64; 6],
+    pub outputs: [AtomicU64; 7],
     pub checkpoints: AtomicU64,
+    /// Replay: events outside `--from`/`--to`, skipped.
+    pub out_of_range: AtomicU64,
     pub watermark: AtomicI64,
     pub ready: AtomicBool,
 }
@@ -86,6 +93,14 @@ pub struct RunOptions {
     /// AWS configuration for SageMaker, instead of the standard chain
     /// (programs that embed shardflow, and tests).
     pub aws: Option<aws_config::SdkConfig>,
+    /// Set by `shardflow replay`: the source is an archive, partitions are
+    /// never idle by wall clock, and each archived record brings the
+    /// watermark the live run had (see `Engine::advance_to`).
+    pub replay: bool,
+    /// `--from`, `--to` and progress counters for an S3 source.
+    pub archive: source::ArchiveOptions,
+    /// `--export FILE`: training rows (see `replay::export`).
+    pub export: Option<crate::replay::export::ExportOptions>,
 }
 
 /// How a run ended.
@@ -174,8 +189,32 @@ pub fn describe(config: &Config) -> anyhow::Result<String> {
             crate::config::SinkConfig::Stdout(_) => "stdout".to_string(),
             crate::config::SinkConfig::File(f) => format!("file {}", f.path.display()),
             crate::config::SinkConfig::Kinesis(k) => format!("kinesis stream {}", k.stream_name),
+            crate::config::SinkConfig::S3(c) => format!(
+                "s3 archive s3://{}/{}YYYY/MM/DD/HH/ (objects ≤ {} bytes, ≤ {})",
+                c.bucket, c.prefix, c.max_bytes, c.max_age
+            ),
         };
         out.push_str(&format!("sink:      {target} ← {}\n", kinds.join(", ")));
+    }
+    if config.replay.is_some() || matches!(config.source(), crate::config::SourceConfig::S3(_)) {
+        match crate::replay::prepare(config) {
+            Ok(r) => {
+                let src = source::build(&r)?;
+                out.push_str(&format!("replay:    {}\n", src.describe()));
+                for s in &r.sinks {
+                    let kinds: Vec<_> = s.get_ref().kinds().iter().map(|k| k.as_str()).collect();
+                    out.push_str(&format!(
+                        "replay sink: {} ← {}\n",
+                        s.get_ref().type_name(),
+                        kinds.join(", ")
+                    ));
+                }
+                if let Some(label) = config.replay_label() {
+                    out.push_str(&format!("replay label: {label}\n"));
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
     out.push_str(&format!(
         "state:     {} (checkpoint every {})\n",
@@ -209,11 +248,16 @@ pub async fn run(
         );
     }
 
+    if matches!(config.source(), crate::config::SourceConfig::S3(_)) && !options.replay {
+        anyhow::bail!("an s3 source (an archive) is read by `shardflow replay`, not `run`");
+    }
+    let epoch = store.created_at()?;
+
     let model = inference::build_with(&config, options.aws.clone())?;
     if let Some(m) = &model {
         m.ready().await.context("preparing the model")?;
     }
-    let src = source::build(&config)?;
+    let src = source::build_with(&config, &options.archive)?;
     tracing::info!(source = %src.describe(), "starting");
     let cap = config.pipeline.channel_capacity;
     let engine = Engine::with_options(
@@ -221,17 +265,38 @@ pub async fn run(
         store.clone(),
         EngineOptions {
             cache_capacity: config.pipeline.state_cache_entries,
+            event_time_only: options.replay,
         },
     )
     .context("restoring the window engine")?;
 
     let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
 
+    // A sink that batches across checkpoints (the S3 archive) holds their
+    // acknowledgements; the commit queue must have room for them.
+    let interval_ms = config.pipeline.checkpoint_interval.millis().max(1);
+    let commit_cap = config
+        .sinks
+        .iter()
+        .filter_map(|s| match s.get_ref() {
+            crate::config::SinkConfig::S3(c) => {
+                Some((c.max_age.millis() / interval_ms + 2).clamp(0, 1024) as usize)
+            }
+            _ => None,
+        })
+        .fold(cap, usize::max);
+    let sink_ctx = sink::SinkContext {
+        next_checkpoint: last_checkpoint + 1,
+        epoch,
+        max_open_checkpoints: commit_cap,
+    };
+
     // Sinks first, so that a sink that cannot open fails before any input is read.
     let mut sink_inputs = Vec::new();
+    let mut subscribed = config.subscribed_kinds();
     for (i, sink_config) in config.sinks.iter().enumerate() {
         let sink_config = sink_config.get_ref();
-        let built = sink::build(sink_config)?;
+        let built = sink::build(sink_config, sink_ctx)?;
         let label = format!("{}#{i}", sink_config.type_name());
         tracing::info!(sink = %built.describe(), kinds = ?sink_config.kinds(), "sink ready");
         let (tx, rx) = mpsc::channel(cap);
@@ -239,6 +304,22 @@ pub async fn run(
         tasks.push((
             "sink",
             tokio::spawn(sink::run_sink(built, sink_config.kind_set(), label, rx)),
+        ));
+    }
+    if let Some(export) = &options.export {
+        let built = crate::replay::export::ExportSink::create(export, &config)?;
+        let kinds = built.kinds();
+        for k in OutputKind::ALL {
+            if kinds.contains(k) {
+                subscribed.insert(k);
+            }
+        }
+        tracing::info!(sink = %sink::Sink::describe(&built), "export ready");
+        let (tx, rx) = mpsc::channel(cap);
+        sink_inputs.push(tx);
+        tasks.push((
+            "export",
+            tokio::spawn(sink::run_sink(Box::new(built), kinds, "export".into(), rx)),
         ));
     }
 
@@ -254,6 +335,9 @@ pub async fn run(
     let (decoded_tx, decoded_rx) = mpsc::channel(cap);
     let decoder = Decoder::new(&config.schema);
     let interval = config.pipeline.checkpoint_interval.std();
+    let range = options
+        .replay
+        .then_some((options.archive.from, options.archive.to));
     tasks.push((
         "decode",
         tokio::spawn(decode_stage(
@@ -261,6 +345,7 @@ pub async fn run(
             interval,
             last_checkpoint + 1,
             resume_from,
+            range,
             source_rx,
             decoded_tx,
             stats.clone(),
@@ -273,6 +358,7 @@ pub async fn run(
         "enrich",
         tokio::spawn(enrich_stage(
             engine,
+            subscribed.contains(OutputKind::Raw),
             committed.clone(),
             decoded_rx,
             enriched_tx,
@@ -280,7 +366,6 @@ pub async fn run(
         )),
     ));
 
-    let subscribed = config.subscribed_kinds();
     let fanout_rx = match model {
         Some(model) => {
             let (tx, rx) = mpsc::channel(cap);
@@ -301,7 +386,7 @@ pub async fn run(
         None => enriched_rx,
     };
 
-    let (commit_tx, commit_rx) = mpsc::channel(cap);
+    let (commit_tx, commit_rx) = mpsc::channel(commit_cap);
     tasks.push((
         "fan-out",
         tokio::spawn(fanout_stage(
@@ -356,6 +441,7 @@ async fn decode_stage(
     interval: Duration,
     mut next_barrier: u64,
     resume_from: Vec<Position>,
+    range: Option<(Option<crate::record::Millis>, Option<crate::record::Millis>)>,
     mut input: mpsc::Receiver<SourceMessage>,
     output: mpsc::Sender<Message<Decoded>>,
     stats: Arc<Stats>,
@@ -366,6 +452,7 @@ async fn decode_stage(
         .into_iter()
         .map(|p| (p.partition.clone(), p))
         .collect();
+    let mut replayed_watermark = crate::record::Millis::MIN;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let barrier = |id: u64, positions: &HashMap<Arc<str>, Position>, end: Option<bool>| {
@@ -390,8 +477,23 @@ async fn decode_stage(
                     let mut out = Vec::with_capacity(batch.len());
                     for raw in batch {
                         positions.insert(raw.position.partition.clone(), raw.position.clone());
+                        if let Some(w) = raw.replay_watermark.filter(|_| range.is_some()) {
+                            if w > replayed_watermark {
+                                replayed_watermark = w;
+                                out.push(Decoded::Advance(w));
+                            }
+                        }
                         match decoder.decode(raw) {
-                            Ok(event) => out.push(Decoded::Event(event)),
+                            Ok(event) => {
+                                if let Some((from, to)) = range {
+                                    let t = event.event_time;
+                                    if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
+                                        stats.out_of_range.fetch_add(1, Ordering::Relaxed);
+                                        continue;
+                                    }
+                                }
+                                out.push(Decoded::Event(event))
+                            }
                             Err(d) => {
                                 dead.increment(1);
                                 stats.dead_letters.fetch_add(1, Ordering::Relaxed);
@@ -400,6 +502,13 @@ async fn decode_stage(
                         }
                     }
                     if output.send(Message::Batch(out)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(SourceMessage::Bad(d)) => {
+                    dead.increment(1);
+                    stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    if output.send(Message::Batch(vec![Decoded::Unreadable(Box::new(d))])).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -425,6 +534,7 @@ async fn decode_stage(
 /// plus the state delta each barrier carries to the committer.
 async fn enrich_stage(
     mut engine: Engine,
+    emit_raw: bool,
     committed: Arc<AtomicU64>,
     mut input: mpsc::Receiver<Message<Decoded>>,
     output: mpsc::Sender<Message<Output>>,
@@ -450,9 +560,29 @@ async fn enrich_stage(
                             Decoded::Event(e) => {
                                 events.increment(1);
                                 stats.events.fetch_add(1, Ordering::Relaxed);
+                                if emit_raw {
+                                    out.push(Output::Raw(RawOutput {
+                                        position: e.position.clone(),
+                                        event_time: Some(e.event_time),
+                                        watermark: engine.watermark(),
+                                        data: e.raw.clone(),
+                                    }));
+                                }
                                 engine.process(&e, now, &mut out)?;
                             }
-                            Decoded::Dead(d) => out.push(Output::DeadLetter(*d)),
+                            Decoded::Dead(d) => {
+                                if emit_raw {
+                                    out.push(Output::Raw(RawOutput {
+                                        position: d.position.clone(),
+                                        event_time: None,
+                                        watermark: engine.watermark(),
+                                        data: d.raw.clone(),
+                                    }));
+                                }
+                                out.push(Output::DeadLetter(*d));
+                            }
+                            Decoded::Unreadable(d) => out.push(Output::DeadLetter(*d)),
+                            Decoded::Advance(w) => engine.advance_to(w, &mut out)?,
                         }
                     }
                 }
@@ -538,7 +668,12 @@ async fn fanout_stage(
                 let mut acks = Vec::with_capacity(sinks.len());
                 for s in &sinks {
                     let (tx, rx) = oneshot::channel();
-                    if s.send(SinkMessage::Barrier(tx)).await.is_err() {
+                    let message = SinkMessage::Barrier {
+                        id: b.id,
+                        last: b.last,
+                        ack: tx,
+                    };
+                    if s.send(message).await.is_err() {
                         anyhow::bail!("a sink stopped early");
                     }
                     acks.push(rx);

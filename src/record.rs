@@ -62,6 +62,11 @@ pub struct RawRecord {
     /// Processing time at which the source received the record.
     pub arrival: Millis,
     pub bytes: Bytes,
+    /// Replay only: the pipeline watermark the live run had just before it
+    /// processed this record (from a `raw` archive record). The replay
+    /// advances to it first, so that idleness decisions of the live run,
+    /// which depended on its wall clock, are reproduced exactly.
+    pub replay_watermark: Option<Millis>,
 }
 
 /// A typed value of a schema field.
@@ -217,6 +222,27 @@ pub struct DeadLetter {
     pub raw: Bytes,
 }
 
+/// An input record as it entered the engine, for the archive: replaying
+/// these reproduces the run that wrote them (see `source/s3`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawOutput {
+    pub position: Position,
+    /// The decoded event time; `None` when the record was a dead letter.
+    pub event_time: Option<Millis>,
+    /// The pipeline watermark just before this record was processed.
+    pub watermark: Millis,
+    pub data: Bytes,
+}
+
+impl RawOutput {
+    /// True when `data` is one JSON value with nothing around it, so that
+    /// embedding it verbatim as JSON gives back exactly these bytes.
+    fn data_is_exact_json(&self) -> bool {
+        serde_json::from_slice::<&serde_json::value::RawValue>(&self.data)
+            .is_ok_and(|v| v.get().len() == self.data.len())
+    }
+}
+
 /// The kinds a sink can subscribe to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -228,16 +254,20 @@ pub enum OutputKind {
     DeadLetter,
     /// A shadow model's answer: same shape as a prediction.
     Shadow,
+    /// Every input record with its partition, position and the watermark
+    /// before it: what an archive needs for an exact replay.
+    Raw,
 }
 
 impl OutputKind {
-    pub const ALL: [OutputKind; 6] = [
+    pub const ALL: [OutputKind; 7] = [
         OutputKind::Features,
         OutputKind::Prediction,
         OutputKind::Window,
         OutputKind::Late,
         OutputKind::DeadLetter,
         OutputKind::Shadow,
+        OutputKind::Raw,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -248,6 +278,7 @@ impl OutputKind {
             OutputKind::Late => "late",
             OutputKind::DeadLetter => "dead_letter",
             OutputKind::Shadow => "shadow",
+            OutputKind::Raw => "raw",
         }
     }
 
@@ -299,6 +330,8 @@ pub enum Output {
     DeadLetter(DeadLetter),
     /// Written by the shadow model; never affects `Prediction` records.
     Shadow(PredictionRecord),
+    /// An input record, for archives (only produced when a sink takes it).
+    Raw(RawOutput),
 }
 
 impl Output {
@@ -310,6 +343,20 @@ impl Output {
             Output::Late(_) => OutputKind::Late,
             Output::DeadLetter(_) => OutputKind::DeadLetter,
             Output::Shadow(_) => OutputKind::Shadow,
+            Output::Raw(_) => OutputKind::Raw,
+        }
+    }
+
+    /// The event time the record is about, where it has one: the archive
+    /// sink files an object under the hour of its first record's time.
+    pub fn time(&self) -> Option<Millis> {
+        match self {
+            Output::Features(r) => Some(r.event_time),
+            Output::Prediction(r) | Output::Shadow(r) => Some(r.features.event_time),
+            Output::Window(r) => Some(r.window_start),
+            Output::Late(r) => Some(r.event_time),
+            Output::DeadLetter(_) => None,
+            Output::Raw(r) => r.event_time,
         }
     }
 
@@ -321,6 +368,7 @@ impl Output {
             Output::Window(r) => r.id(),
             Output::Late(r) => r.id.clone(),
             Output::DeadLetter(r) => r.position.to_string(),
+            Output::Raw(r) => r.position.to_string(),
         }
     }
 
@@ -331,7 +379,7 @@ impl Output {
             Output::Prediction(r) | Output::Shadow(r) => Some(&r.features.key),
             Output::Window(r) => Some(&r.key),
             Output::Late(r) => Some(&r.key),
-            Output::DeadLetter(_) => None,
+            Output::DeadLetter(_) | Output::Raw(_) => None,
         }
     }
 
@@ -410,6 +458,28 @@ impl Serialize for Output {
                     &base64::engine::general_purpose::STANDARD.encode(&d.raw),
                 )?;
             }
+            Output::Raw(r) => {
+                map.serialize_entry("id", &r.position.to_string())?;
+                map.serialize_entry("partition", &*r.position.partition)?;
+                map.serialize_entry("sequence", &*r.position.sequence)?;
+                if let Some(sub) = r.position.sub_sequence {
+                    map.serialize_entry("sub_sequence", &sub)?;
+                }
+                if let Some(t) = r.event_time {
+                    map.serialize_entry("event_time", &t)?;
+                }
+                map.serialize_entry("watermark", &r.watermark)?;
+                // JSON records stay readable; anything else (not UTF-8, not
+                // one JSON value, surrounding whitespace) keeps its exact bytes.
+                if r.data_is_exact_json() {
+                    map.serialize_entry("data", &RawJson(&r.data))?;
+                } else {
+                    map.serialize_entry(
+                        "data_base64",
+                        &base64::engine::general_purpose::STANDARD.encode(&r.data),
+                    )?;
+                }
+            }
         }
         map.end()
     }
@@ -461,6 +531,28 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("\"raw_base64\":\"e30=\""), "{line}");
+    }
+
+    #[test]
+    fn raw_records_keep_exact_bytes() {
+        let raw = |data: &'static [u8]| {
+            Output::Raw(RawOutput {
+                position: Position {
+                    sub_sequence: Some(2),
+                    ..Position::new("shardId-1".into(), "49")
+                },
+                event_time: Some(7),
+                watermark: -3,
+                data: Bytes::from_static(data),
+            })
+            .to_ndjson()
+        };
+        assert_eq!(
+            raw(b"{\"a\": 1}"),
+            "{\"kind\":\"raw\",\"id\":\"shardId-1/49:2\",\"partition\":\"shardId-1\",\"sequence\":\"49\",\"sub_sequence\":2,\"event_time\":7,\"watermark\":-3,\"data\":{\"a\": 1}}\n"
+        );
+        assert!(raw(b" {\"a\":1}").contains("\"data_base64\":\"IHsiYSI6MX0=\""));
+        assert!(raw(b"{\"a\":").contains("data_base64"));
     }
 
     #[test]

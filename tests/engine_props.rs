@@ -62,6 +62,7 @@ fn check(steps: &[Step], ooo: i64, idle: i64, lateness: i64, features: &str, cac
         store.clone(),
         EngineOptions {
             cache_capacity: cache,
+            ..EngineOptions::default()
         },
     )
     .expect("engine");

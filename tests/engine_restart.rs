@@ -64,6 +64,7 @@ fn run_with_crashes(steps: &[Step], crashes: &BTreeSet<usize>, lateness: i64, ca
     let config = config(10, 1_000_000_000, lateness, ALL_FEATURES);
     let options = EngineOptions {
         cache_capacity: cache,
+        ..EngineOptions::default()
     };
 
     let dir_a = tempfile::tempdir().unwrap();
@@ -182,6 +183,7 @@ window = { type = "sliding", size = 200, slide = 50 }
         store.clone(),
         EngineOptions {
             cache_capacity: 500,
+            ..EngineOptions::default()
         },
     )
     .unwrap();

@@ -56,12 +56,18 @@ pub struct EngineOptions {
     /// Soft bound on (window spec, key) states kept in memory. Entries are
     /// only evicted once clean with respect to a committed checkpoint.
     pub cache_capacity: usize,
+    /// Replay: no partition is ever idle by processing time. A replay runs
+    /// at its own speed, so its wall clock says nothing about the archived
+    /// stream; the live run's idleness arrives with each record instead
+    /// (see [`Engine::advance_to`]).
+    pub event_time_only: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             cache_capacity: 1_000_000,
+            event_time_only: false,
         }
     }
 }
@@ -147,7 +153,12 @@ impl Engine {
             .map(|f| Arc::from(f.name.get_ref().as_str()))
             .collect();
         let wc = &config.watermark;
-        let mut wm = Watermarks::new(wc.max_out_of_orderness.millis(), wc.idle_timeout.millis());
+        let idle_timeout = if options.event_time_only {
+            Millis::MAX
+        } else {
+            wc.idle_timeout.millis()
+        };
+        let mut wm = Watermarks::new(wc.max_out_of_orderness.millis(), idle_timeout);
         let mut next_seq = 0;
         if let Some(bytes) = store.get(Cf::Meta, rocks_meta_key())? {
             let meta: EngineMeta = serde_json::from_slice(&bytes)
@@ -233,6 +244,18 @@ impl Engine {
     /// back; fires what the watermark now allows.
     pub fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
         let w = self.wm.tick(now);
+        self.op.fire(w, out)
+    }
+
+    /// Replay: the live run's watermark was `w` before the next record (it
+    /// may have moved on because partitions went idle). Moves there, never
+    /// backwards, and fires what that allows, as the live run did between
+    /// the previous record and the next.
+    pub fn advance_to(&mut self, w: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        if w <= self.wm.current() {
+            return Ok(());
+        }
+        let w = self.wm.advance_to(w);
         self.op.fire(w, out)
     }
 

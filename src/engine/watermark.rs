@@ -93,6 +93,12 @@ impl Watermarks {
         self.recompute(now)
     }
 
+    /// Replay: the watermark the archived run had reached (never backwards).
+    pub fn advance_to(&mut self, w: Millis) -> Millis {
+        self.current = self.current.max(w);
+        self.current
+    }
+
     /// End of a bounded input: the watermark becomes +∞.
     pub fn finish(&mut self) -> Millis {
         self.current = Millis::MAX;

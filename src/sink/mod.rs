@@ -7,8 +7,10 @@
 
 pub mod file;
 pub mod kinesis;
+pub mod s3;
 pub mod stdout;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -23,24 +25,64 @@ pub trait Sink: Send {
     fn describe(&self) -> String;
     /// Takes outputs; may buffer them.
     fn write<'a>(&'a mut self, outputs: &'a [&'a Output]) -> BoxFuture<'a, anyhow::Result<()>>;
-    /// Makes everything written so far durable (or delivered). Called at each
-    /// checkpoint barrier and at shutdown.
+    /// Makes everything written so far durable (or delivered). Called at
+    /// shutdown, and at each checkpoint barrier by the default `checkpoint`.
     fn flush(&mut self) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Checkpoint barrier `id` arrived (`last`: nothing follows it). Returns
+    /// the newest checkpoint all of whose outputs are durable: `id` after a
+    /// flush (the default), or an older one for a sink that batches across
+    /// checkpoints (the S3 archive); its later checkpoints are acknowledged
+    /// when a later call reports them durable. At the `last` barrier it
+    /// must return `id`.
+    fn checkpoint(&mut self, id: u64, _last: bool) -> BoxFuture<'_, anyhow::Result<u64>> {
+        Box::pin(async move {
+            self.flush().await?;
+            Ok(id)
+        })
+    }
 }
 
 /// What the fan-out stage sends a sink's task.
 pub enum SinkMessage {
     Batch(Arc<Vec<Output>>),
-    /// Flush, then answer on the channel.
-    Barrier(oneshot::Sender<anyhow::Result<()>>),
+    /// A checkpoint barrier: answer on `ack` once its outputs are durable.
+    Barrier {
+        id: u64,
+        last: bool,
+        ack: oneshot::Sender<anyhow::Result<()>>,
+    },
+}
+
+/// What a sink knows about the run it is part of.
+#[derive(Clone, Copy, Debug)]
+pub struct SinkContext {
+    /// The id the next checkpoint barrier will carry.
+    pub next_checkpoint: u64,
+    /// When the pipeline's state was created (epoch ms): names archive
+    /// objects apart from an earlier state's.
+    pub epoch: u64,
+    /// Most checkpoints a sink may leave unacknowledged: the pipeline's
+    /// commit queue holds no more.
+    pub max_open_checkpoints: usize,
+}
+
+impl Default for SinkContext {
+    fn default() -> Self {
+        SinkContext {
+            next_checkpoint: 1,
+            epoch: 0,
+            max_open_checkpoints: 16,
+        }
+    }
 }
 
 /// Builds the configured sink.
-pub fn build(config: &SinkConfig) -> anyhow::Result<Box<dyn Sink>> {
+pub fn build(config: &SinkConfig, ctx: SinkContext) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match config {
         SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink::new()),
         SinkConfig::File(c) => Box::new(file::FileSink::open(c.clone())?),
         SinkConfig::Kinesis(c) => Box::new(kinesis::KinesisSink::new(c.clone())),
+        SinkConfig::S3(c) => Box::new(s3::S3Sink::new(c.clone(), ctx)),
     })
 }
 
@@ -54,6 +96,8 @@ pub async fn run_sink(
 ) -> anyhow::Result<()> {
     let written = metrics::counter!("shardflow_sink_records_total", "sink" => label.clone());
     let flushes = metrics::counter!("shardflow_sink_flushes_total", "sink" => label.clone());
+    // Acknowledgements a sink has not yet reported durable, oldest first.
+    let mut held: VecDeque<(u64, oneshot::Sender<anyhow::Result<()>>)> = VecDeque::new();
     while let Some(message) = input.recv().await {
         match message {
             SinkMessage::Batch(batch) => {
@@ -64,16 +108,31 @@ pub async fn run_sink(
                     written.increment(mine.len() as u64);
                 }
             }
-            SinkMessage::Barrier(ack) => {
-                let result = sink.flush().await;
+            SinkMessage::Barrier { id, last, ack } => {
+                held.push_back((id, ack));
+                let result = sink.checkpoint(id, last).await;
                 flushes.increment(1);
-                let failed = result.as_ref().err().map(|e| format!("{e:#}"));
-                let _ = ack.send(result);
-                if let Some(e) = failed {
-                    anyhow::bail!("sink {label}: {e}");
+                match result {
+                    Ok(durable) => {
+                        while held.front().is_some_and(|(i, _)| *i <= durable) {
+                            let (_, ack) = held.pop_front().expect("checked");
+                            let _ = ack.send(Ok(()));
+                        }
+                    }
+                    Err(e) => {
+                        let e = format!("{e:#}");
+                        for (_, ack) in held.drain(..) {
+                            let _ = ack.send(Err(anyhow::anyhow!("sink {label}: {e}")));
+                        }
+                        anyhow::bail!("sink {label}: {e}");
+                    }
                 }
             }
         }
     }
-    sink.flush().await
+    sink.flush().await?;
+    // Input closed without a last barrier (the pipeline is failing):
+    // nothing left is acknowledged as durable, the checkpoints stay uncommitted.
+    drop(held);
+    Ok(())
 }

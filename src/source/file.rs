@@ -111,6 +111,7 @@ impl PartitionReader {
                 position,
                 arrival,
                 bytes: Bytes::from(text),
+                replay_watermark: None,
             });
             if self.at_end {
                 break;

@@ -234,6 +234,7 @@ impl Source for GeneratorSource {
                         ),
                         arrival,
                         bytes: Bytes::from(self.event_bytes(i, start_time, &zipf)),
+                        replay_watermark: None,
                     })
                     .collect();
                 index += n;

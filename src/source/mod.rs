@@ -8,6 +8,7 @@
 pub mod file;
 pub mod generator;
 pub mod kinesis;
+pub mod s3;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +16,7 @@ use std::pin::Pin;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::SourceConfig;
-use crate::record::{Position, RawRecord};
+use crate::record::{DeadLetter, Millis, Position, RawRecord};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -23,6 +24,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug)]
 pub enum SourceMessage {
     Batch(Vec<RawRecord>),
+    /// Input the source could not even split into records (a corrupt
+    /// archive object): a dead letter with the reason, no record.
+    Bad(DeadLetter),
     /// The source will send nothing more. `exhausted` is true when a bounded
     /// input was read to its end (so event time may advance to +∞), false
     /// when the source was asked to stop.
@@ -71,9 +75,32 @@ pub trait Source: Send {
     fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, anyhow::Result<()>>;
 }
 
+/// What a replay changes about its (S3) source.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveOptions {
+    /// `--from` / `--to`, overriding the config's range.
+    pub from: Option<Millis>,
+    pub to: Option<Millis>,
+    pub progress: std::sync::Arc<s3::ArchiveProgress>,
+}
+
 /// Builds the configured source.
 pub fn build(config: &crate::config::Config) -> anyhow::Result<Box<dyn Source>> {
+    build_with(config, &ArchiveOptions::default())
+}
+
+/// Builds the configured source; an S3 source takes `archive`.
+pub fn build_with(
+    config: &crate::config::Config,
+    archive: &ArchiveOptions,
+) -> anyhow::Result<Box<dyn Source>> {
     Ok(match config.source() {
+        SourceConfig::S3(c) => Box::new(s3::S3Source::new(
+            c.clone(),
+            archive.from,
+            archive.to,
+            archive.progress.clone(),
+        )),
         SourceConfig::File(c) => Box::new(file::FileSource::new(c.clone())),
         SourceConfig::Generator(c) => {
             Box::new(generator::GeneratorSource::new(c.clone(), &config.schema))

@@ -13,6 +13,9 @@ use super::{Cf, Op, StateDelta, StateError};
 use crate::record::Position;
 
 const META_FINGERPRINT: &[u8] = b"fingerprint";
+/// When this state was created (epoch ms): names a run's archive objects
+/// apart from those of an earlier state (e.g. after `--reset-state`).
+const META_CREATED: &[u8] = b"created_at";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_POSITIONS: &[u8] = b"positions";
 /// The engine's watermarks and arrival counter (see `engine::EngineMeta`).
@@ -94,7 +97,28 @@ impl StateStore {
                 )?;
             }
         }
+        if store.get(Cf::Meta, META_CREATED)?.is_none() {
+            let now = chrono::Utc::now().timestamp_millis().max(0).to_string();
+            let mut w = WriteOptions::default();
+            w.set_sync(true);
+            store
+                .inner
+                .db
+                .put_cf_opt(store.cf(Cf::Meta)?, META_CREATED, now, &w)?;
+        }
         Ok(store)
+    }
+
+    /// When this state was created, in epoch milliseconds.
+    pub fn created_at(&self) -> Result<u64, StateError> {
+        let bytes = self.get(Cf::Meta, META_CREATED)?.unwrap_or_default();
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| StateError::Corrupt {
+                what: "creation time",
+                detail: format!("{:?}", String::from_utf8_lossy(&bytes)),
+            })
     }
 
     pub fn dir(&self) -> &Path {

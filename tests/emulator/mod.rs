@@ -259,9 +259,7 @@ impl Running {
         let task = tokio::spawn(shardflow::pipeline::run(
             config,
             RunOptions {
-                reset_state: false,
-                progress: false,
-                aws: None,
+                ..RunOptions::default()
             },
             rx,
             Arc::new(Stats::default()),

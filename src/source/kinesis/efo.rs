@@ -389,6 +389,7 @@ fn split_record(
                     position: position(None),
                     arrival,
                     bytes: data,
+                    replay_watermark: None,
                 });
             }
         }
@@ -402,6 +403,7 @@ fn split_record(
                     position: position(Some(i)),
                     arrival,
                     bytes,
+                    replay_watermark: None,
                 });
             }
         }
@@ -414,6 +416,7 @@ fn split_record(
                     position: position(None),
                     arrival,
                     bytes: data,
+                    replay_watermark: None,
                 });
             }
         }
