@@ -19,7 +19,12 @@
 //! every partition keeps its own watermark, and with the watermark the live
 //! run had before each of them. Other objects (Firehose) have no positions:
 //! their records form one partition, `s3://bucket/prefix`, in key order,
-//! with sequence `key:n` (the n-th record of the object).
+//! with sequence `YYYY/MM/DD/HH/name:n` (the n-th record of the object), so
+//! ids read `s3://bucket/prefix/YYYY/MM/DD/HH/name:n`.
+//!
+//! gzip verifies its checksum only at the end of an object: records that a
+//! damaged stream yields before the damage is detected go on (as dead
+//! letters when they do not decode, which is what garbage does).
 //!
 //! A bad object (corrupt gzip, truncated or overlong JSON, a bad archive
 //! line) becomes a dead letter naming the object and the offset in its
@@ -220,6 +225,7 @@ struct ReadSettings {
     bucket: String,
     compression: Compression,
     format: ArchiveFormat,
+    prefix: String,
     /// Partition of records without archived positions.
     group: Arc<str>,
     batch_size: usize,
@@ -254,7 +260,12 @@ impl S3Source {
             bucket: c.bucket.clone(),
             compression: c.compression,
             format: c.format,
-            group: Arc::from(format!("s3://{}/{}", c.bucket, c.prefix)),
+            prefix: c.prefix.clone(),
+            group: Arc::from(format!(
+                "s3://{}/{}",
+                c.bucket,
+                c.prefix.trim_end_matches('/')
+            )),
             batch_size: ctx.batch_size,
             attempts: c.max_attempts.max(1),
             progress: self.progress.clone(),
@@ -650,8 +661,9 @@ fn decode_object(
                         Err(reason) => Err(bad(&s.bucket, key, offset, reason, Bytes::copy_from_slice(bytes))),
                     }
                 } else {
+                    let name = key.strip_prefix(&s.prefix).unwrap_or(key).trim_start_matches('/');
                     Ok(RawRecord {
-                        position: Position::new(s.group.clone(), format!("{key}:{index}")),
+                        position: Position::new(s.group.clone(), format!("{name}:{index}")),
                         arrival,
                         bytes: Bytes::copy_from_slice(bytes),
                         replay_watermark: None,
