@@ -550,3 +550,77 @@ async fn bad_objects_are_reported_with_key_and_offset_and_skipped() {
         "object 4 lost only its last bytes: {from_damaged:?}"
     );
 }
+
+/// `config/replay.toml`, run the way the README says: `shardflow run`,
+/// then `shardflow replay --export`, against the embedded server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_replay_toml_works_as_documented() {
+    let server = S3Server::start().await;
+    server.create_bucket("demo-archive").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/replay.toml");
+    let url = server.url();
+    let shardflow = |args: Vec<String>| {
+        let (d, url) = (d.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardflow"))
+                .current_dir(&d)
+                .args(&args)
+                .env("S3_ENDPOINT", &url)
+                .env("ARCHIVE_BUCKET", "demo-archive")
+                .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
+                .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "{args:?}: {stderr}");
+            stderr
+        })
+    };
+    let config = config.to_string_lossy().into_owned();
+    let run = [
+        "run",
+        "--quiet",
+        "--metrics-addr",
+        "off",
+        "--config",
+        &config,
+    ];
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        shardflow(run.iter().map(|s| s.to_string()).collect()),
+    )
+    .await
+    .expect("run ends")
+    .unwrap();
+    assert!(!server.list("demo-archive", "events/").await.is_empty());
+    let replay = [
+        "replay",
+        "--config",
+        &config,
+        "--export",
+        "out/training.ndjson",
+    ];
+    let stderr = tokio::time::timeout(
+        Duration::from_secs(120),
+        shardflow(replay.iter().map(|s| s.to_string()).collect()),
+    )
+    .await
+    .expect("replay ends")
+    .unwrap();
+    assert!(stderr.contains("replayed "), "{stderr}");
+    assert!(stderr.contains(" 50000 records"), "{stderr}");
+    let live = by_kind(&d.join("out/live/windows.ndjson"));
+    let replayed = by_kind(&d.join("out/replay/windows.ndjson"));
+    assert_eq!(live, replayed);
+    let live = by_kind(&d.join("out/live/features.ndjson"));
+    let replayed = by_kind(&d.join("out/replay/features.ndjson"));
+    assert_eq!(live, replayed);
+    let rows = std::fs::read_to_string(d.join("out/training.ndjson")).unwrap();
+    assert_eq!(rows.lines().count(), live["features"].len());
+    assert!(rows.lines().all(|l| l.contains("\"chargeback\":")));
+}
