@@ -370,8 +370,10 @@ impl Dedup {
         }
         match self.last.get_mut(&p.partition) {
             Some((seq, sub)) => {
-                let key = |s: &str, sub: Option<u64>| (s.len(), s.to_owned(), sub.unwrap_or(0));
-                if key(&p.sequence, p.sub_sequence) <= key(seq, *sub) {
+                // Numbers without leading zeros: longer is larger, else by digits.
+                let newer = (p.sequence.len(), &*p.sequence, p.sub_sequence.unwrap_or(0))
+                    > (seq.len(), &**seq, sub.unwrap_or(0));
+                if !newer {
                     return false;
                 }
                 *seq = p.sequence.clone();
@@ -536,10 +538,10 @@ struct ArchiveLine<'a> {
 
 /// Partition names, shared between records.
 #[derive(Default)]
-struct Interner(HashMap<String, Arc<str>>);
+pub struct Interner(HashMap<String, Arc<str>>);
 
 impl Interner {
-    fn get(&mut self, name: &str) -> Arc<str> {
+    pub fn get(&mut self, name: &str) -> Arc<str> {
         if let Some(a) = self.0.get(name) {
             return a.clone();
         }
@@ -549,8 +551,9 @@ impl Interner {
     }
 }
 
-/// A `raw` archive line as the record the live run read.
-fn archived_record(
+/// A `raw` archive line as the record the live run read; `None` for lines
+/// of other kinds.
+pub fn archived_record(
     line: &[u8],
     interner: &mut Interner,
     arrival: Millis,
