@@ -96,7 +96,7 @@ fn raw_line(i: usize, out: &mut Vec<u8>) {
     let key = x % 100_000;
     let t = T0 + (i / 4) as i64 - (x >> 20) as i64 % 5_000;
     let data = format!(
-        "{{\"userId\":\"u{key}\",\"timestamp\":{t},\"amount\":{}.{:02},\"merchant\":\"m{}\",\"country\":\"DE\",\"channel\":\"web\"}}",
+        "{{\"userId\":\"u{key}\",\"timestamp\":{t},\"amount\":{}.{:02},\"merchant\":\"m{}\"}}",
         (x >> 8) % 500,
         (x >> 16) % 100,
         (x >> 24) % 1_000
