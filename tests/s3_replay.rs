@@ -624,3 +624,118 @@ async fn config_replay_toml_works_as_documented() {
     assert_eq!(rows.lines().count(), live["features"].len());
     assert!(rows.lines().all(|l| l.contains("\"chargeback\":")));
 }
+
+/// A live run killed (SIGKILL) in the middle and restarted leaves an archive
+/// that replays to the results of an uninterrupted run: re-uploads after the
+/// restart overwrite (same object names) and nothing counts twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_written_across_a_crash_replays_like_an_uninterrupted_run() {
+    let server = S3Server::start().await;
+    server.create_bucket("archive").await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let input = d.join("events.ndjson");
+    std::fs::write(&input, events(3, 30_000, 0)).unwrap();
+    let text = |name: &str, archive: bool| {
+        let mut t = format!(
+            r#"
+[pipeline]
+state_dir = "{d}/state-{name}"
+checkpoint_interval = "100ms"
+batch_size = 32
+
+[source]
+type = "file"
+path = "{input}"
+
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = {{ amount = "f64" }}
+
+[watermark]
+max_out_of_orderness = "2s"
+allowed_lateness = "30s"
+{FEATURES}
+[[sinks]]
+type = "file"
+path = "{d}/{name}.ndjson"
+kinds = ["features", "window", "late", "dead_letter"]
+
+[replay]
+source = {{ type = "s3", bucket = "archive", prefix = "crash/", endpoint_url = "{url}" }}
+
+[[replay.sinks]]
+type = "file"
+path = "{d}/replayed.ndjson"
+kinds = ["features", "window", "late", "dead_letter"]
+"#,
+            d = d.display(),
+            input = input.display(),
+            url = server.url()
+        );
+        if archive {
+            t.push_str(&format!(
+                "\n[[sinks]]\ntype = \"s3\"\nbucket = \"archive\"\nprefix = \"crash/\"\nkinds = [\"raw\"]\nmax_age = \"250ms\"\nendpoint_url = \"{}\"\n",
+                server.url()
+            ));
+        }
+        t
+    };
+    let config_path = d.join("crash.toml");
+    std::fs::write(&config_path, text("crash", true)).unwrap();
+    let spawn = move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shardflow"))
+            .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+            .arg(&config_path)
+            .env("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // Kill it once a few objects are up (and so a few checkpoints committed).
+    let mut child = spawn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no archive objects appeared"
+        );
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the run ended before it could be killed: {status}");
+        }
+        if server.list("archive", "crash/").await.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let restart = spawn.clone();
+    let status = tokio::task::spawn_blocking(move || restart().wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    // The reference: the same input, uninterrupted, no archive.
+    let clean = load(&d, &text("clean", false));
+    run_live(clean).await;
+
+    let config = load(&d, &text("crash", true));
+    let s = run_replay(&config, ReplayArgs::default()).await;
+    assert_eq!(s.records, 30_000, "{s:?}");
+    let reference = by_kind(&d.join("clean.ndjson"));
+    let replayed = by_kind(&d.join("replayed.ndjson"));
+    assert_eq!(
+        reference.keys().collect::<Vec<_>>(),
+        replayed.keys().collect::<Vec<_>>()
+    );
+    for (kind, lines) in &reference {
+        assert_eq!(lines.len(), replayed[kind].len(), "{kind}: count");
+        assert!(lines == &replayed[kind], "{kind} differs");
+    }
+}
