@@ -12,7 +12,8 @@
 //!   engine over RocksDB, checkpoints), throughput in events.
 //! - `replay/stages`: the same work one stage after another on one thread,
 //!   each timed: download, gunzip, JSON (split + archive line + schema
-//!   decode), engine. Prints the breakdown; its time is their sum.
+//!   decode), engine, checkpoints (state delta committed to RocksDB every
+//!   500 k events). Prints the breakdown; its time is their sum.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +34,9 @@ use std::io::{Read as _, Write as _};
 const T0: i64 = 1_700_000_000_000;
 const PER_OBJECT: usize = 100_000;
 const PARTITIONS: usize = 4;
+/// The stage breakdown commits a checkpoint this often (the pipeline does
+/// every `checkpoint_interval`).
+const CHECKPOINT_EVERY: usize = 500_000;
 
 fn events_from_env() -> usize {
     std::env::var("SHARDFLOW_BENCH_EVENTS")
@@ -222,7 +226,7 @@ fn load(text: &str, dir: &std::path::Path) -> Config {
 }
 
 /// One pass, stage after stage per object, each stage timed.
-fn stages(s: &Setup) -> [Duration; 4] {
+fn stages(s: &Setup) -> [Duration; 5] {
     let dir = tempfile::tempdir().unwrap();
     let config = load(&config_text(&s.url, dir.path()), dir.path());
     let store = StateStore::open(
@@ -233,7 +237,7 @@ fn stages(s: &Setup) -> [Duration; 4] {
     .unwrap();
     let mut engine = Engine::with_options(
         &config,
-        store,
+        store.clone(),
         EngineOptions {
             event_time_only: true,
             ..EngineOptions::default()
@@ -241,7 +245,9 @@ fn stages(s: &Setup) -> [Duration; 4] {
     )
     .unwrap();
     let decoder = Decoder::new(&config.schema);
-    let mut times = [Duration::ZERO; 4];
+    let mut times = [Duration::ZERO; 5];
+    let mut checkpoint = 0;
+    let mut since_checkpoint = 0;
     let client = s.runtime.block_on(client(&s.url));
     let keys: Vec<String> = s.runtime.block_on(async {
         let out = client
@@ -302,6 +308,16 @@ fn stages(s: &Setup) -> [Duration; 4] {
             }
         }
         times[3] += t.elapsed();
+        since_checkpoint += events.len();
+        if since_checkpoint >= CHECKPOINT_EVERY {
+            since_checkpoint = 0;
+            let t = Instant::now();
+            checkpoint += 1;
+            let delta = engine.snapshot(checkpoint).unwrap();
+            store.commit(checkpoint, delta, &[]).unwrap();
+            engine.committed(checkpoint);
+            times[4] += t.elapsed();
+        }
     }
     let t = Instant::now();
     engine.finish(&mut out).unwrap();
@@ -352,6 +368,7 @@ fn bench(c: &mut Criterion) {
                     "gunzip",
                     "JSON (split, archive line, decode)",
                     "engine",
+                    "checkpoints (every 500 k events)",
                 ];
                 eprintln!(
                     "one thread, stage by stage ({:.0} MB gzip → {:.0} MB JSON):",

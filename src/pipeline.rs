@@ -112,6 +112,19 @@ pub struct RunSummary {
     pub last_checkpoint: u64,
 }
 
+/// Where a sink writes, for `check`.
+fn sink_target(s: &crate::config::SinkConfig) -> String {
+    match s {
+        crate::config::SinkConfig::Stdout(_) => "stdout".to_string(),
+        crate::config::SinkConfig::File(f) => format!("file {}", f.path.display()),
+        crate::config::SinkConfig::Kinesis(k) => format!("kinesis stream {}", k.stream_name),
+        crate::config::SinkConfig::S3(c) => format!(
+            "s3 archive s3://{}/{}YYYY/MM/DD/HH/ (objects ≤ {} bytes, ≤ {})",
+            c.bucket, c.prefix, c.max_bytes, c.max_age
+        ),
+    }
+}
+
 /// A human-readable description of the pipeline a config builds, for `check`.
 pub fn describe(config: &Config) -> anyhow::Result<String> {
     let mut out = String::new();
@@ -185,16 +198,11 @@ pub fn describe(config: &Config) -> anyhow::Result<String> {
     for s in &config.sinks {
         let s = s.get_ref();
         let kinds: Vec<_> = s.kinds().iter().map(|k| k.as_str()).collect();
-        let target = match s {
-            crate::config::SinkConfig::Stdout(_) => "stdout".to_string(),
-            crate::config::SinkConfig::File(f) => format!("file {}", f.path.display()),
-            crate::config::SinkConfig::Kinesis(k) => format!("kinesis stream {}", k.stream_name),
-            crate::config::SinkConfig::S3(c) => format!(
-                "s3 archive s3://{}/{}YYYY/MM/DD/HH/ (objects ≤ {} bytes, ≤ {})",
-                c.bucket, c.prefix, c.max_bytes, c.max_age
-            ),
-        };
-        out.push_str(&format!("sink:      {target} ← {}\n", kinds.join(", ")));
+        out.push_str(&format!(
+            "sink:      {} ← {}\n",
+            sink_target(s),
+            kinds.join(", ")
+        ));
     }
     if config.replay.is_some() || matches!(config.source(), crate::config::SourceConfig::S3(_)) {
         match crate::replay::prepare(config) {
@@ -205,7 +213,7 @@ pub fn describe(config: &Config) -> anyhow::Result<String> {
                     let kinds: Vec<_> = s.get_ref().kinds().iter().map(|k| k.as_str()).collect();
                     out.push_str(&format!(
                         "replay sink: {} ← {}\n",
-                        s.get_ref().type_name(),
+                        sink_target(s.get_ref()),
                         kinds.join(", ")
                     ));
                 }
