@@ -248,6 +248,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         resume_from: resume_from.clone(),
         batch_size: config.pipeline.batch_size,
+        state: Some(store.clone()),
     };
     tasks.push(("source", tokio::spawn(src.run(ctx))));
 
