@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use shardflow::config::Config;
 use shardflow::pipeline::{self, RunOptions, Stats};
+use shardflow::sink::stdout::StdoutClosed;
 use shardflow::telemetry::{self, LogFormat};
 
 /// Kinesis (or files, or a generator) in; event-time window features and model
@@ -134,6 +135,7 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(run(config, options, metrics_addr)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("error: {e:#}");

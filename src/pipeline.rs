@@ -29,6 +29,7 @@ use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions};
 use crate::inference;
 use crate::record::{DeadLetter, Event, KindSet, Output, OutputKind, Position, RawOutput};
+use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, SourceContext, SourceMessage};
 use crate::state::{StateDelta, StateStore};
@@ -234,6 +235,11 @@ pub fn describe(config: &Config) -> anyhow::Result<String> {
 
 /// Runs the pipeline until the input ends or `shutdown` becomes true, then
 /// drains, commits a final checkpoint and returns.
+/// A stage's downstream neighbour is gone: it failed (and says why itself).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} stopped early")]
+struct DownstreamGone(&'static str);
+
 pub async fn run(
     config: Config,
     options: RunOptions,
@@ -337,6 +343,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         resume_from: resume_from.clone(),
         batch_size: config.pipeline.batch_size,
+        state: Some(store.clone()),
     };
     tasks.push(("source", tokio::spawn(src.run(ctx))));
 
@@ -423,7 +430,15 @@ pub async fn run(
         match task.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::error!(stage = name, error = %format!("{e:#}"), "stage failed");
+                if e.is::<DownstreamGone>() {
+                    // A consequence of the failure that stopped that stage,
+                    // which is reported on its own.
+                    tracing::debug!(stage = name, error = %e, "stage stopped");
+                } else if e.chain().any(|c| c.is::<StdoutClosed>()) {
+                    tracing::info!(stage = name, "{e}");
+                } else {
+                    tracing::error!(stage = name, error = %format!("{e:#}"), "stage failed");
+                }
                 first_error.get_or_insert(e.context(format!("{name} stage")));
             }
             Err(e) => {
@@ -668,7 +683,7 @@ async fn fanout_stage(
                 let batch = Arc::new(batch);
                 for s in &sinks {
                     if s.send(SinkMessage::Batch(batch.clone())).await.is_err() {
-                        anyhow::bail!("a sink stopped early");
+                        return Err(DownstreamGone("a sink").into());
                     }
                 }
             }
@@ -682,13 +697,13 @@ async fn fanout_stage(
                         ack: tx,
                     };
                     if s.send(message).await.is_err() {
-                        anyhow::bail!("a sink stopped early");
+                        return Err(DownstreamGone("a sink").into());
                     }
                     acks.push(rx);
                 }
                 let last = b.last;
                 if commits.send((b, acks)).await.is_err() {
-                    anyhow::bail!("the committer stopped early");
+                    return Err(DownstreamGone("the committer").into());
                 }
                 if last {
                     break;

@@ -553,3 +553,70 @@ fn followed_file_is_tailed_until_sigterm() {
         .collect();
     assert_eq!(keys, ["u1", "u2", "u3"]);
 }
+
+/// `shardflow run | head -1`: the reader goes away, shardflow stops on its
+/// own, says why in one line and exits 0, as a pipe's writer should.
+#[test]
+fn closed_stdout_stops_the_run_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stdout.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[pipeline]
+state_dir = "{dir}/state"
+
+[source]
+type = "generator"
+rate = 2000
+keys = 10
+
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = {{ amount = "f64" }}
+
+[[features]]
+name = "n_1m"
+agg = "count"
+window = {{ type = "tumbling", size = "1m" }}
+
+[[sinks]]
+type = "stdout"
+kinds = ["features"]
+"#,
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"kind\":\"features\""), "{first}");
+    // The reader is dropped here: the next write fails with EPIPE.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("shardflow kept running after its stdout was closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "exit {status}: {stderr}");
+    assert!(stderr.contains("closed by its reader"), "{stderr}");
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+}

@@ -48,6 +48,7 @@ async fn sixty_four_shards_and_a_stalled_pipeline_stay_bounded() {
         shutdown,
         resume_from: Vec::new(),
         batch_size: 64,
+        state: None,
     }));
 
     // Let every shard subscribe and fill its buffer.

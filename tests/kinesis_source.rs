@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use emulator::*;
 use shardflow::record::Position;
 use shardflow::source::kinesis::deagg::aggregate;
+use shardflow::source::kinesis::CONSUMER_ARN_META;
+use shardflow::state::StateStore;
 
 /// Records per test; `SHARDFLOW_KINESIS_TEST_RECORDS` raises it (the issue's
 /// 100 k runs in about a minute in the dev profile).
@@ -91,6 +93,34 @@ async fn restart_resumes_after_the_last_checkpoint_and_survives_an_emulator_rest
     run.stop().await;
     let first: HashMap<_, _> = id_counts(&lines(&features_path(dir.path())));
 
+    // The consumer ARN is kept in state meta. A stale one (a consumer of
+    // this stream that no longer exists) is replaced by the one found by
+    // name on the next start.
+    let cfg = config(dir.path(), &emu.url(), "events", "");
+    let store = StateStore::open(&cfg.pipeline.state_dir, &cfg.state_fingerprint(), false).unwrap();
+    let kept = store
+        .source_meta(CONSUMER_ARN_META)
+        .unwrap()
+        .expect("consumer ARN in state");
+    let summary = client
+        .describe_stream_summary()
+        .stream_name("events")
+        .send()
+        .await
+        .unwrap();
+    let stream_arn = summary.stream_description_summary.unwrap().stream_arn;
+    let described = client
+        .describe_stream_consumer()
+        .stream_arn(&stream_arn)
+        .consumer_name("tests")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kept, described.consumer_description.unwrap().consumer_arn);
+    let stale = format!("{stream_arn}/consumer/tests:1");
+    store.put_source_meta(CONSUMER_ARN_META, &stale).unwrap();
+    drop(store);
+
     // Second run: more records, and the emulator is killed (connections
     // reset, listener gone) and restarted in the middle.
     put(&client, "events", as_records(&events[1_000..2_000])).await;
@@ -105,6 +135,10 @@ async fn restart_resumes_after_the_last_checkpoint_and_survives_an_emulator_rest
     put(&client, "events", as_records(&events[2_000..])).await;
     let out = wait_for_ids(&features_path(dir.path()), 3_000, 90).await;
     run.stop().await;
+
+    let store = StateStore::open(&cfg.pipeline.state_dir, &cfg.state_fingerprint(), false).unwrap();
+    assert_eq!(store.source_meta(CONSUMER_ARN_META).unwrap(), Some(kept));
+    drop(store);
 
     let all = id_counts(&out);
     assert_eq!(all.len(), 3_000);
@@ -213,6 +247,7 @@ async fn read_source(url: &str, resume_from: Vec<Position>, n: usize) -> Vec<Pos
         shutdown,
         resume_from,
         batch_size: 100,
+        state: None,
     }));
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);

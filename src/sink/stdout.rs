@@ -9,6 +9,21 @@ use super::Sink;
 use crate::record::Output;
 use crate::source::BoxFuture;
 
+/// The reader of standard output went away (`shardflow run | head`). The
+/// run stops without committing what stdout did not take, so a next run
+/// produces it again; `shardflow` exits 0, as a pipe's writer should.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader; stopping (outputs it did not take are produced again on the next run)")]
+pub struct StdoutClosed;
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::anyhow!("writing to stdout: {e}")
+    }
+}
+
 pub struct StdoutSink {
     buf: Vec<u8>,
 }
@@ -39,20 +54,13 @@ impl Sink for StdoutSink {
                 o.write_ndjson(&mut self.buf);
             }
             let mut out = std::io::stdout().lock();
-            match out.write_all(&self.buf).and_then(|_| out.flush()) {
-                Ok(()) => Ok(()),
-                // A closed pipe (`shardflow run | head`) ends the run, not in a panic.
-                Err(e) => Err(anyhow::anyhow!("writing to stdout: {e}")),
-            }
+            out.write_all(&self.buf)
+                .and_then(|_| out.flush())
+                .map_err(stdout_error)
         })
     }
 
     fn flush(&mut self) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(async move {
-            std::io::stdout()
-                .lock()
-                .flush()
-                .map_err(|e| anyhow::anyhow!("flushing stdout: {e}"))
-        })
+        Box::pin(async move { std::io::stdout().lock().flush().map_err(stdout_error) })
     }
 }

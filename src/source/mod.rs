@@ -44,6 +44,10 @@ pub struct SourceContext {
     pub resume_from: Vec<Position>,
     /// Most records per batch.
     pub batch_size: usize,
+    /// Where a source keeps what must outlive a run but is not part of a
+    /// checkpoint (the Kinesis consumer ARN). `None` when running without
+    /// state (tests of a source alone).
+    pub state: Option<crate::state::StateStore>,
 }
 
 impl SourceContext {

@@ -10,8 +10,14 @@
 //! - `slices`:  `(spec, key, slice_start)` → a slice's accumulators
 //! - `windows`: `(spec, key)` → the key's firing cursor, revisions, timer
 //! - `timers`:  `(due window end, spec, key)` → empty, so firing is a range scan
-//! - `pending`: reserved for late/dead-letter deliveries awaiting a sink
-//! - `meta`:    fingerprint, checkpoint id, positions, engine watermarks
+//! - `meta`:    fingerprint, checkpoint id, positions, engine watermarks,
+//!   and what a source keeps between runs (the Kinesis consumer ARN)
+//!
+//! There is no queue of late or dead-letter records awaiting delivery: they
+//! are outputs like any other, delivered before the checkpoint that follows
+//! them commits. After a crash they are produced again from the replayed
+//! input (the watermark they were judged against is restored with the
+//! state), with the same ids, so persisting them would only add a write.
 
 pub mod codec;
 mod rocks;
@@ -57,19 +63,17 @@ pub enum Cf {
     Slices,
     Windows,
     Timers,
-    Pending,
     Meta,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 5] = [Cf::Slices, Cf::Windows, Cf::Timers, Cf::Pending, Cf::Meta];
+    pub const ALL: [Cf; 4] = [Cf::Slices, Cf::Windows, Cf::Timers, Cf::Meta];
 
     pub fn name(self) -> &'static str {
         match self {
             Cf::Slices => "slices",
             Cf::Windows => "windows",
             Cf::Timers => "timers",
-            Cf::Pending => "pending",
             Cf::Meta => "meta",
         }
     }

@@ -18,6 +18,12 @@ const META_FINGERPRINT: &[u8] = b"fingerprint";
 const META_CREATED: &[u8] = b"created_at";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_POSITIONS: &[u8] = b"positions";
+const META_SOURCE_PREFIX: &[u8] = b"source/";
+
+fn source_meta_key(name: &str) -> Vec<u8> {
+    [META_SOURCE_PREFIX, name.as_bytes()].concat()
+}
+
 /// The engine's watermarks and arrival counter (see `engine::EngineMeta`).
 pub(crate) const META_ENGINE: &[u8] = b"engine";
 
@@ -67,9 +73,19 @@ impl StateStore {
             DB::destroy(&opts, dir)?;
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let cfs = Cf::ALL
+        // Column families that an earlier version created (`pending`) are
+        // opened too: RocksDB refuses to open a DB without all of them.
+        let existing = DB::list_cf(&opts, dir).unwrap_or_default();
+        let names: Vec<String> = Cf::ALL
             .iter()
-            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options()));
+            .map(|cf| cf.name().to_owned())
+            .chain(existing.into_iter().filter(|n| {
+                n != rocksdb::DEFAULT_COLUMN_FAMILY_NAME && Cf::ALL.iter().all(|cf| cf.name() != n)
+            }))
+            .collect();
+        let cfs = names
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let store = StateStore {
             inner: Arc::new(Inner {
@@ -161,6 +177,24 @@ impl StateStore {
                 detail: e.to_string(),
             }),
         }
+    }
+
+    /// A value the source keeps between runs under `name` (outside
+    /// checkpoints: it is not part of the exactly-once state).
+    pub fn source_meta(&self, name: &str) -> Result<Option<String>, StateError> {
+        Ok(self
+            .get(Cf::Meta, &source_meta_key(name))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Stores (synced) a value for [`source_meta`](Self::source_meta).
+    pub fn put_source_meta(&self, name: &str, value: &str) -> Result<(), StateError> {
+        let mut w = WriteOptions::default();
+        w.set_sync(true);
+        self.inner
+            .db
+            .put_cf_opt(self.cf(Cf::Meta)?, source_meta_key(name), value, &w)?;
+        Ok(())
     }
 
     /// Atomically writes, in one `WriteBatch` (synced), the engine's delta,

@@ -34,6 +34,7 @@ use self::efo::{Backoff, Outcome, ShardTask, Start};
 use self::shards::ShardGraph;
 use super::{BoxFuture, Source, SourceContext};
 use crate::config::{KinesisSourceConfig, StartingPosition};
+use crate::state::StateStore;
 
 /// How the AWS client is built. Everything else (credentials, retries,
 /// profiles) comes from the standard AWS chain.
@@ -127,6 +128,62 @@ impl Source for KinesisSource {
             result
         })
     }
+}
+
+/// Where the consumer ARN is kept in state meta.
+pub const CONSUMER_ARN_META: &str = "kinesis/consumer_arn";
+
+/// The consumer ARN for this run: the one kept in state meta when it still
+/// names an ACTIVE consumer of this stream with this name (one
+/// `DescribeStreamConsumer` by ARN, which also notices a stream that was
+/// deleted and re-created under the same name), else the consumer found or
+/// registered by name, which is then kept for the next run.
+async fn resolve_consumer(
+    client: &Client,
+    stream_arn: &str,
+    name: &str,
+    state: Option<&StateStore>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<String>> {
+    let stored = match state {
+        Some(store) => store.source_meta(CONSUMER_ARN_META)?,
+        None => None,
+    };
+    if let Some(arn) = &stored {
+        if !arn.starts_with(&format!("{stream_arn}/consumer/{name}:")) {
+            tracing::warn!(stored = %arn, stream = stream_arn, consumer = name,
+                "the consumer ARN in state belongs to another stream or consumer name; looking the consumer up by name");
+        } else {
+            match client
+                .describe_stream_consumer()
+                .consumer_arn(arn)
+                .send()
+                .await
+            {
+                Ok(out)
+                    if out
+                        .consumer_description
+                        .as_ref()
+                        .is_some_and(|d| d.consumer_status == ConsumerStatus::Active) =>
+                {
+                    tracing::info!(consumer = name, arn = %arn, "reusing the enhanced fan-out consumer kept in state");
+                    return Ok(Some(arn.clone()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(arn = %arn, error = %error_text(&e),
+                        "the consumer kept in state is not usable; looking it up by name")
+                }
+            }
+        }
+    }
+    let found = ensure_consumer(client, stream_arn, name, shutdown).await?;
+    if let (Some(store), Some(arn)) = (state, &found) {
+        if stored.as_ref() != Some(arn) {
+            store.put_source_meta(CONSUMER_ARN_META, arn)?;
+        }
+    }
+    Ok(found)
 }
 
 /// Finds the consumer or registers it, then waits until it is ACTIVE.
@@ -276,8 +333,14 @@ async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result
         .stream_description_summary
         .map(|s| s.stream_arn)
         .context("DescribeStreamSummary answered without the stream")?;
-    let Some(consumer_arn) =
-        ensure_consumer(&client, &stream_arn, &config.consumer_name, &mut shutdown).await?
+    let Some(consumer_arn) = resolve_consumer(
+        &client,
+        &stream_arn,
+        &config.consumer_name,
+        ctx.state.as_ref(),
+        &mut shutdown,
+    )
+    .await?
     else {
         return Ok(());
     };
