@@ -110,8 +110,11 @@ pub async fn client_for(url: &str) -> Client {
     .unwrap()
 }
 
-/// HTTP/1.1 and h2c; connections die with the task.
+/// HTTP/1.1 and h2c; connections die with the task. Request bodies up to
+/// 8 MiB, as the ferrokinesis binary allows (axum's default is 2 MiB, less
+/// than a PutRecords of several 1 MiB records).
 async fn serve(listener: TcpListener, app: axum::Router) {
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(8 << 20));
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
