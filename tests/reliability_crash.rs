@@ -212,22 +212,6 @@ fn outputs(dir: &Path) -> Outputs {
     }
 }
 
-/// What the known sequence implies, independently of either run: each
-/// record's `count_10s`, and every (key, window end)'s count.
-fn expected_counts(n: u64) -> (HashMap<(String, i64), i64>, Vec<(String, i64)>) {
-    let mut windows: HashMap<(String, i64), i64> = HashMap::new();
-    let mut per_record = Vec::new();
-    for i in (0..n).filter(|&i| is_good(i)) {
-        let t = T0 + i as i64 * STEP_MS;
-        let end = t.div_euclid(COUNT_WINDOW_MS) * COUNT_WINDOW_MS + COUNT_WINDOW_MS;
-        let key = format!("u{}", i % KEYS);
-        let c = windows.entry((key.clone(), end)).or_insert(0);
-        *c += 1;
-        per_record.push((key, *c));
-    }
-    (windows, per_record)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_changes_no_result() {
     let kills = knob("SHARDFLOW_CRASH_KILLS", 3);
@@ -329,9 +313,13 @@ async fn sigkill_at_random_moments_changes_no_result() {
     );
 
     // Independently of the reference: counts are what the sequence implies.
-    let (windows, per_record) = expected_counts(n);
+    let events: Vec<(String, i64)> = (0..n)
+        .filter(|&i| is_good(i))
+        .map(|i| (format!("u{}", i % KEYS), T0 + i as i64 * STEP_MS))
+        .collect();
+    let (per_record, windows) = harness::tumbling_counts(events.clone(), COUNT_WINDOW_MS);
     let mut by_key_order: HashMap<String, Vec<i64>> = HashMap::new();
-    for (key, c) in per_record {
+    for ((key, _), c) in events.into_iter().zip(per_record) {
         by_key_order.entry(key).or_default().push(c);
     }
     let mut seen: HashMap<String, Vec<(String, i64)>> = HashMap::new();

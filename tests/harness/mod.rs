@@ -5,7 +5,7 @@
 //! run the same tests longer than `make test`.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -309,6 +309,24 @@ pub fn assert_same(
         extra.len(),
         extra.iter().take(5).collect::<Vec<_>>(),
     );
+}
+
+/// For a known sequence of `(key, event time)`: each event's tumbling-window
+/// count including itself (what its `count` feature must be with
+/// exactly-once state), and every `(key, window end)`'s final count.
+pub fn tumbling_counts(
+    events: impl IntoIterator<Item = (String, i64)>,
+    size: i64,
+) -> (Vec<i64>, HashMap<(String, i64), i64>) {
+    let mut windows: HashMap<(String, i64), i64> = HashMap::new();
+    let mut per_event = Vec::new();
+    for (key, t) in events {
+        let end = t.div_euclid(size) * size + size;
+        let c = windows.entry((key, end)).or_insert(0);
+        *c += 1;
+        per_event.push(*c);
+    }
+    (per_event, windows)
 }
 
 /// A small tmpfs mounted on a fresh directory for disk-fault tests; unmounted
