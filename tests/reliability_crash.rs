@@ -95,15 +95,8 @@ starting_position = "trim_horizon"
 endpoint_url = "{url}"
 stall_timeout = "5s"
 
-[schema]
-key = "userId"
-timestamp = "timestamp"
-fields = {{ amount = "f64", merchant = "string" }}
-
-[watermark]
-max_out_of_orderness = "2s"
-idle_timeout = "1h"
-allowed_lateness = "0s"
+{schema}
+{watermark}
 
 [[features]]
 name = "count_10s"
@@ -133,22 +126,16 @@ backend = "embedded"
 model = "model.toml"
 max_batch = 32
 max_wait = "5ms"
-
-[[sinks]]
-type = "file"
-path = "out/predictions.ndjson"
-kinds = ["prediction"]
-
-[[sinks]]
-type = "file"
-path = "out/windows.ndjson"
-kinds = ["window"]
-
-[[sinks]]
-type = "file"
-path = "out/dead.ndjson"
-kinds = ["dead_letter", "late"]
-"#
+{sinks}
+"#,
+        schema = harness::SCHEMA,
+        watermark = harness::watermark("2s"),
+        sinks = [
+            harness::file_sink("out/predictions.ndjson", &["prediction"]),
+            harness::file_sink("out/windows.ndjson", &["window"]),
+            harness::file_sink("out/dead.ndjson", &["dead_letter", "late"]),
+        ]
+        .concat()
     );
     std::fs::write(dir.join("config.toml"), config).unwrap();
     dir

@@ -37,11 +37,7 @@ partitions = 2
 start_time = 1700000000000
 bad_fraction = 0.01
 
-[schema]
-key = "userId"
-timestamp = "timestamp"
-fields = {{ amount = "f64", merchant = "string" }}
-
+{schema}
 {features}
 
 [inference]
@@ -58,18 +54,15 @@ breaker_min_requests = 5
 breaker_cooldown = "300ms"
 fallback = "constant"
 fallback_score = 0.5
-
-[[sinks]]
-type = "file"
-path = "out/predictions.ndjson"
-kinds = ["prediction"]
-
-[[sinks]]
-type = "file"
-path = "out/dead.ndjson"
-kinds = ["dead_letter"]
+{sinks}
 "#,
-        features = inference_support::FEATURES
+        schema = harness::SCHEMA,
+        features = inference_support::FEATURES,
+        sinks = [
+            harness::file_sink("out/predictions.ndjson", &["prediction"]),
+            harness::file_sink("out/dead.ndjson", &["dead_letter"]),
+        ]
+        .concat()
     );
     std::fs::write(dir.join("config.toml"), text).unwrap();
 }

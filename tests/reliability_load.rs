@@ -45,16 +45,8 @@ partitions = 4
 start_time = 1700000000000
 bad_fraction = 0.001
 
-[schema]
-key = "userId"
-timestamp = "timestamp"
-fields = {{ amount = "f64", merchant = "string" }}
-
-[watermark]
-max_out_of_orderness = "2s"
-idle_timeout = "1h"
-allowed_lateness = "0s"
-
+{schema}
+{watermark}
 {features}
 
 [inference]
@@ -72,6 +64,8 @@ path = "out/windows.ndjson"
 kinds = ["window"]
 rotate_bytes = 104857600
 "#,
+        schema = harness::SCHEMA,
+        watermark = harness::watermark("2s"),
         features = inference_support::FEATURES
     )
 }

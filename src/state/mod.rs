@@ -28,10 +28,8 @@ use std::path::PathBuf;
 /// What can go wrong with state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// Not `#[from]`/`#[source]`: the message already carries RocksDB's
-    /// text, and a source would print it twice in `{:#}` error chains.
     #[error("state store error: {0}")]
-    Rocks(rocksdb::Error),
+    Rocks(#[from] rocksdb::Error),
     #[error("cannot prepare the state directory {}: {source}", dir.display())]
     Io {
         dir: PathBuf,
@@ -51,12 +49,6 @@ pub enum StateError {
     CheckpointOrder { id: u64, committed: u64 },
     #[error("corrupt state in {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
-}
-
-impl From<rocksdb::Error> for StateError {
-    fn from(e: rocksdb::Error) -> Self {
-        StateError::Rocks(e)
-    }
 }
 
 /// A column family.

@@ -46,6 +46,28 @@ pub fn report(line: &str) {
     }
 }
 
+/// `[schema]` of the events the reliability tests produce: the generator's
+/// shape (key `userId`, `timestamp`, `amount`, `merchant`).
+pub const SCHEMA: &str = r#"
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = { amount = "f64", merchant = "string" }
+"#;
+
+/// `[watermark]` with idleness off (1 h) and no allowed lateness, so that
+/// processing time (restarts, stalls, a loaded machine) changes no result.
+pub fn watermark(out_of_orderness: &str) -> String {
+    format!(
+        "\n[watermark]\nmax_out_of_orderness = \"{out_of_orderness}\"\nidle_timeout = \"1h\"\nallowed_lateness = \"0s\"\n"
+    )
+}
+
+/// A `[[sinks]]` table for an NDJSON file.
+pub fn file_sink(path: &str, kinds: &[&str]) -> String {
+    format!("\n[[sinks]]\ntype = \"file\"\npath = \"{path}\"\nkinds = {kinds:?}\n")
+}
+
 /// A `shardflow run` child process. Its stderr goes to `log` so a test can
 /// show it when something fails and check the error a user would read.
 pub struct Proc {
