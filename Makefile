@@ -8,7 +8,7 @@ PROFILE ?= dev
 PROFILE_DIR := $(if $(filter dev,$(PROFILE)),debug,$(PROFILE))
 CONFIG ?= config/local.toml
 
-.PHONY: all setup build run check test bench lint fmt clean-state
+.PHONY: all setup build run check test soak bench lint fmt clean-state
 
 all: build
 
@@ -29,6 +29,12 @@ check: build
 ## The whole test suite (unit, property and integration tests), dev profile only.
 test: setup
 	$(CARGO) test --no-fail-fast
+
+## The reliability tests of `make test`, longer: 20+ SIGKILLs, 30 min of load,
+## 50k fuzz cases per property; report, load.csv and rss.png in soak/<time>/.
+## SOAK_LOAD_SECS, SOAK_KILLS, SOAK_FUZZ_CASES, SOAK_DIR shorten or lengthen it.
+soak: setup
+	PROFILE=$(PROFILE) ./scripts/soak.sh
 
 ## Criterion benchmarks (release profile).
 bench: setup

@@ -4,9 +4,16 @@
 //! Rotation renames nothing: the sink writes `path`, then `path.1`,
 //! `path.2`, ... so a reader tailing one file never sees it move. On start
 //! the sink appends to the highest-numbered existing file.
+//!
+//! A process killed between checkpoints (SIGKILL, power loss) can leave the
+//! file ending in half a line: the write buffer is flushed whenever it fills,
+//! not at line boundaries. Every checkpoint flushes whole lines, so such a
+//! torn tail was written after the last checkpoint and the restarted run
+//! produces that record again; on open the sink cuts the tail back to the
+//! last complete line, so appending never glues a new line onto a broken one.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write as _};
+use std::io::{BufWriter, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -46,6 +53,47 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("opening output file {}", path.display()))
 }
 
+/// Truncates `path` after its last newline if it ends in a partial line (see
+/// the module doc) and returns the resulting length.
+fn cut_torn_tail(path: &Path) -> anyhow::Result<u64> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening output file {}", path.display()))?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(0);
+    }
+    // Scan backwards in blocks for the last newline.
+    let mut end = len;
+    let mut block = vec![0u8; 64 << 10];
+    let keep = loop {
+        let start = end.saturating_sub(block.len() as u64);
+        let buf = &mut block[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(buf)?;
+        if let Some(i) = buf.iter().rposition(|&b| b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        if start == 0 {
+            break 0;
+        }
+        end = start;
+    };
+    if keep < len {
+        tracing::warn!(
+            file = %path.display(),
+            dropped_bytes = len - keep,
+            "output file ends in a partial line (the previous run was killed); cutting it back to the last complete line"
+        );
+        file.set_len(keep)
+            .and_then(|_| file.sync_data())
+            .with_context(|| format!("truncating the partial last line of {}", path.display()))?;
+    }
+    Ok(keep)
+}
+
 impl FileSink {
     pub fn open(config: FileSinkConfig) -> anyhow::Result<Self> {
         let mut index = 0;
@@ -56,7 +104,7 @@ impl FileSink {
         }
         let path = numbered(&config.path, index);
         let file = open_append(&path)?;
-        let bytes_in_file = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let bytes_in_file = cut_torn_tail(&path)?;
         Ok(FileSink {
             config,
             writer: BufWriter::with_capacity(256 << 10, file),
@@ -164,5 +212,42 @@ mod tests {
         assert_eq!(sink.index, files - 1);
         sink.write(&refs[..1]).await.unwrap();
         sink.flush().await.unwrap();
+    }
+
+    /// Regression (reliability harness, SIGKILL): a run killed while its
+    /// buffer was half flushed left `…"reason":"r","posi` at the end of the
+    /// file, and the next run appended its first line to it, a corrupt line
+    /// for every reader.
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.ndjson");
+        let outputs: Vec<Output> = (0..3).map(dead).collect();
+        let whole = format!("{}{}", outputs[0].to_ndjson(), outputs[1].to_ndjson());
+        let torn = &outputs[2].to_ndjson()[..20];
+        std::fs::write(&path, format!("{whole}{torn}")).unwrap();
+        let config = FileSinkConfig {
+            path: path.clone(),
+            kinds: vec![],
+            rotate_bytes: None,
+        };
+        let mut sink = FileSink::open(config.clone()).unwrap();
+        assert_eq!(sink.bytes_in_file, whole.len() as u64);
+        sink.write(&[&outputs[2]]).await.unwrap();
+        sink.flush().await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, format!("{whole}{}", outputs[2].to_ndjson()));
+        for line in text.lines() {
+            serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        // A file that is one partial line becomes empty; a clean one is kept.
+        std::fs::write(&path, torn).unwrap();
+        assert_eq!(FileSink::open(config.clone()).unwrap().bytes_in_file, 0);
+        std::fs::write(&path, &whole).unwrap();
+        assert_eq!(
+            FileSink::open(config).unwrap().bytes_in_file,
+            whole.len() as u64
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
     }
 }

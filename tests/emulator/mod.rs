@@ -2,6 +2,8 @@
 //! what the tests do with it: streams, producers, pipelines, outputs.
 #![allow(dead_code)]
 
+pub mod chaos;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,11 +56,22 @@ pub struct Emulator {
     pub addr: SocketAddr,
     pub store: Store,
     server: tokio::task::JoinHandle<()>,
+    throttle: Option<Arc<chaos::Throttle>>,
 }
 
 impl Emulator {
     pub async fn start(options: StoreOptions) -> Emulator {
+        Self::start_with(options, None).await
+    }
+
+    /// An emulator whose answers pass through `throttle` (injected
+    /// throttling and ResourceInUse errors), kept across restarts.
+    pub async fn start_with(
+        options: StoreOptions,
+        throttle: Option<Arc<chaos::Throttle>>,
+    ) -> Emulator {
         let (app, store) = ferrokinesis::create_app(options);
+        let app = chaos::wrap(app, throttle.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, app));
@@ -66,6 +79,7 @@ impl Emulator {
             addr,
             store,
             server,
+            throttle,
         }
     }
 
@@ -74,7 +88,10 @@ impl Emulator {
     pub async fn restart(&mut self) {
         self.server.abort();
         let _ = (&mut self.server).await;
-        let app = ferrokinesis::create_router(self.store.clone());
+        let app = chaos::wrap(
+            ferrokinesis::create_router(self.store.clone()),
+            self.throttle.clone(),
+        );
         let listener = loop {
             match TcpListener::bind(self.addr).await {
                 Ok(l) => break l,
@@ -110,8 +127,11 @@ pub async fn client_for(url: &str) -> Client {
     .unwrap()
 }
 
-/// HTTP/1.1 and h2c; connections die with the task.
+/// HTTP/1.1 and h2c; connections die with the task. Request bodies up to
+/// 8 MiB, as the ferrokinesis binary allows (axum's default is 2 MiB, less
+/// than a PutRecords of several 1 MiB records).
 async fn serve(listener: TcpListener, app: axum::Router) {
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(8 << 20));
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
