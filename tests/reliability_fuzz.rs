@@ -114,6 +114,7 @@ fn check_decode(d: &Decoder, bytes: &[u8]) -> Result<(), String> {
         position: Position::new(Arc::from("fuzz"), "1"),
         arrival: 0,
         bytes: Bytes::copy_from_slice(bytes),
+        replay_watermark: None,
     };
     let (result, peak) = peak_alloc(|| d.decode(raw));
     assert!(
