@@ -684,7 +684,19 @@ kinds = ["features", "window", "late", "dead_letter"]
     };
     let config_path = d.join("crash.toml");
     std::fs::write(&config_path, text("crash", true)).unwrap();
-    let spawn = move || {
+    // The killed run follows the file, so it cannot end before the kill
+    // however fast it reads; the restart reads to the end and exits.
+    let following_path = d.join("crash-following.toml");
+    std::fs::write(
+        &following_path,
+        text("crash", true).replacen(
+            "[source]\ntype = \"file\"\n",
+            "[source]\ntype = \"file\"\nfollow = true\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let spawn_with = move |config_path: std::path::PathBuf| {
         std::process::Command::new(env!("CARGO_BIN_EXE_shardflow"))
             .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
             .arg(&config_path)
@@ -697,8 +709,12 @@ kinds = ["features", "window", "late", "dead_letter"]
             .spawn()
             .unwrap()
     };
+    let spawn = {
+        let spawn_with = spawn_with.clone();
+        move || spawn_with(config_path.clone())
+    };
     // Kill it once a few objects are up (and so a few checkpoints committed).
-    let mut child = spawn();
+    let mut child = spawn_with(following_path);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         assert!(
