@@ -357,10 +357,12 @@ pub async fn run(
         "decode",
         tokio::spawn(decode_stage(
             decoder,
-            interval,
-            last_checkpoint + 1,
-            resume_from,
-            range,
+            DecodeSettings {
+                interval,
+                first_barrier: last_checkpoint + 1,
+                resume_from,
+                range,
+            },
             source_rx,
             decoded_tx,
             stats.clone(),
@@ -458,17 +460,32 @@ pub async fn run(
     })
 }
 
+/// How the decode stage places barriers and which events it lets through.
+struct DecodeSettings {
+    /// Time between checkpoint barriers.
+    interval: Duration,
+    /// Id of the next barrier (the last committed checkpoint + 1).
+    first_barrier: u64,
+    /// Positions of the last committed checkpoint.
+    resume_from: Vec<Position>,
+    /// Replay only: `--from`/`--to` on event time.
+    range: Option<(Option<crate::record::Millis>, Option<crate::record::Millis>)>,
+}
+
 /// Decodes records and injects barriers.
 async fn decode_stage(
     decoder: Decoder,
-    interval: Duration,
-    mut next_barrier: u64,
-    resume_from: Vec<Position>,
-    range: Option<(Option<crate::record::Millis>, Option<crate::record::Millis>)>,
+    settings: DecodeSettings,
     mut input: mpsc::Receiver<SourceMessage>,
     output: mpsc::Sender<Message<Decoded>>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
+    let DecodeSettings {
+        interval,
+        first_barrier: mut next_barrier,
+        resume_from,
+        range,
+    } = settings;
     let records_in = metrics::counter!("shardflow_records_in_total");
     let dead = metrics::counter!("shardflow_dead_letters_total", "stage" => "decode");
     let mut positions: HashMap<Arc<str>, Position> = resume_from

@@ -709,10 +709,7 @@ kinds = ["features", "window", "late", "dead_letter"]
             .spawn()
             .unwrap()
     };
-    let spawn = {
-        let spawn_with = spawn_with.clone();
-        move || spawn_with(config_path.clone())
-    };
+    let spawn = move || spawn_with(config_path.clone());
     // Kill it once a few objects are up (and so a few checkpoints committed).
     let mut child = spawn_with(following_path);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

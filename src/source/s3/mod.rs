@@ -55,6 +55,14 @@ use super::{now_millis, BoxFuture, Source, SourceContext, SourceMessage};
 use crate::config::{ArchiveFormat, Compression, S3SourceConfig};
 use crate::record::{DeadLetter, Millis, Position, RawRecord};
 
+/// An object being read ahead: its reference, the channel its reader
+/// fills, and the reader's task.
+type InFlight = (
+    ObjectRef,
+    mpsc::Receiver<ObjectMsg>,
+    JoinHandle<anyhow::Result<()>>,
+);
+
 /// Counters a progress display reads while the archive is replayed.
 #[derive(Debug, Default)]
 pub struct ArchiveProgress {
@@ -271,11 +279,7 @@ impl S3Source {
             progress: self.progress.clone(),
         };
         let mut pending = objects.into_iter();
-        let mut ahead: VecDeque<(
-            ObjectRef,
-            mpsc::Receiver<ObjectMsg>,
-            JoinHandle<anyhow::Result<()>>,
-        )> = VecDeque::new();
+        let mut ahead: VecDeque<InFlight> = VecDeque::new();
         let spawn = |o: ObjectRef| {
             let (tx, rx) = mpsc::channel(4);
             let handle = tokio::spawn(read_object(settings.clone(), o.clone(), tx));
@@ -286,11 +290,7 @@ impl S3Source {
         }
         let mut dedup = Dedup::default();
         let mut shutdown = ctx.shutdown.clone();
-        let abort_all = |ahead: &VecDeque<(
-            ObjectRef,
-            mpsc::Receiver<ObjectMsg>,
-            JoinHandle<anyhow::Result<()>>,
-        )>| {
+        let abort_all = |ahead: &VecDeque<InFlight>| {
             for (_, _, h) in ahead {
                 h.abort();
             }
