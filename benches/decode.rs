@@ -1,5 +1,9 @@
 //! Decoder throughput: generator events through `[schema]` decoding.
 
+/// As in the binary (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 
 use bytes::Bytes;

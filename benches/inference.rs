@@ -11,6 +11,10 @@
 //! Run: `make bench` or
 //! `cargo bench --bench inference` (release profile).
 
+/// As in the binary (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/inference_support/mod.rs"]
 mod support;
 

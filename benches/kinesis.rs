@@ -24,6 +24,10 @@
 //! SHARDFLOW_BENCH_RECORDS=200000 SHARDFLOW_BENCH_RATE=5000 SHARDFLOW_BENCH_SECS=30 cargo bench --bench kinesis
 //! ```
 
+/// As in the binary (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/emulator/mod.rs"]
 mod emulator;
 

@@ -15,6 +15,10 @@
 //!   decode), engine, checkpoints (state delta committed to RocksDB every
 //!   500 k events). Prints the breakdown; its time is their sum.
 
+/// As in the binary (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -10,14 +10,21 @@
 //!   (throughput in window results).
 //! - `end_to_end/*`: one partition, the watermark follows the events, windows
 //!   fire as it passes them.
+//! - Then a table of where ingest time goes (engine work per event,
+//!   snapshot encoding, RocksDB commit), since the pipeline runs the commit
+//!   on another thread than the engine.
+
+/// As in the binary (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
+use criterion::{criterion_group, BatchSize, Criterion, SamplingMode, Throughput};
 use shardflow::config::Config;
 use shardflow::engine::Engine;
 use shardflow::record::{
@@ -317,5 +324,65 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// Where ingest time goes, per window spec, in one run: the engine's own
+/// work per event (`process`), encoding the state changes at each
+/// checkpoint (`snapshot`, also on the engine's task in the pipeline) and
+/// writing them to RocksDB (`commit`, on the pipeline's committer thread).
+fn breakdown() {
+    let n = events_from_env();
+    let evs = events(n);
+    println!("\ningest breakdown, {n} events, checkpoint every {CHECKPOINT_EVERY}:");
+    println!(
+        "{:>14} {:>10} {:>10} {:>10} {:>10} {:>12} {:>14}",
+        "window", "process", "snapshot", "commit", "total", "ops", "engine ev/s"
+    );
+    for (name, window) in windows() {
+        let cfg = config(window);
+        let mut run = fresh(&cfg, true);
+        let mut out = Vec::with_capacity(4096);
+        let (mut process, mut snapshot, mut commit) =
+            (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let mut ops = 0;
+        for chunk in evs.chunks(CHECKPOINT_EVERY) {
+            let started = Instant::now();
+            for e in chunk {
+                run.engine.process(e, 0, &mut out).expect("process");
+                if out.len() >= 4096 {
+                    out.clear();
+                }
+            }
+            process += started.elapsed();
+            run.checkpoint += 1;
+            let started = Instant::now();
+            let delta = run.engine.snapshot(run.checkpoint).expect("snapshot");
+            snapshot += started.elapsed();
+            ops += delta.len();
+            let started = Instant::now();
+            let last = chunk.last().map(|e| e.position.clone());
+            run.store
+                .commit(run.checkpoint, delta, last.as_slice())
+                .expect("commit");
+            run.engine.committed(run.checkpoint);
+            commit += started.elapsed();
+        }
+        let engine = process + snapshot;
+        println!(
+            "{name:>14} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {ops:>12} {:>14.0}",
+            process.as_secs_f64() * 1e3,
+            snapshot.as_secs_f64() * 1e3,
+            commit.as_secs_f64() * 1e3,
+            (engine + commit).as_secs_f64() * 1e3,
+            n as f64 / engine.as_secs_f64()
+        );
+    }
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    if std::env::args().all(|a| a != "--list") {
+        breakdown();
+    }
+    Criterion::default().configure_from_args().final_summary();
+}

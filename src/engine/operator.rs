@@ -19,8 +19,11 @@
 //! `capacity` is therefore a soft bound: state changed since the last commit
 //! always stays in memory.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+
+use smol_str::SmolStr;
 
 use crate::record::Event;
 use crate::record::{Output, Value, WindowResult};
@@ -167,9 +170,27 @@ impl KeyState {
     }
 }
 
+/// The stored state of `(spec, key)`, when the store may have one.
+fn load_stored(
+    store: &StateStore,
+    store_may_have: bool,
+    plan: &SpecPlan,
+    key: &str,
+) -> Result<Option<KeyState>, EngineError> {
+    if !store_may_have {
+        return Ok(None);
+    }
+    match store.load_key(plan.id, key)? {
+        Some((meta, slices)) => Ok(Some(KeyState::decode(plan, &meta, slices)?)),
+        None => Ok(None),
+    }
+}
+
 /// foldhash: per-process seeded and several times faster than SipHash on
-/// short keys; this map is hit for every event and every firing.
-type States = HashMap<Arc<str>, KeyState, foldhash::fast::RandomState>;
+/// short keys; this map is hit for every event and every firing. Keys up to
+/// 23 bytes are stored inline ([`SmolStr`]), so comparing the probed entry's
+/// key does not chase a pointer to another cache line.
+type States = HashMap<SmolStr, KeyState, foldhash::fast::RandomState>;
 
 pub struct Operator {
     pub specs: Vec<SpecPlan>,
@@ -285,30 +306,20 @@ impl Operator {
         })
     }
 
-    /// Makes sure `(spec, key)` is in the cache; `create` makes an empty
-    /// state when neither the cache nor the store has one.
-    fn load(&mut self, si: usize, key: &Arc<str>, create: bool) -> Result<bool, EngineError> {
+    /// Makes sure `(spec, key)` is in the cache if the cache or the store
+    /// has it; returns whether it is.
+    fn load(&mut self, si: usize, key: &Arc<str>) -> Result<bool, EngineError> {
         if self.states[si].contains_key(&**key) {
             return Ok(true);
         }
-        let plan = &self.specs[si];
-        let loaded = if self.store_may_have {
-            match self.store.load_key(plan.id, key)? {
-                Some((meta, slices)) => Some(KeyState::decode(plan, &meta, slices)?),
-                None => None,
-            }
-        } else {
-            None
-        };
-        let st = match loaded {
+        let st = match load_stored(&self.store, self.store_may_have, &self.specs[si], key)? {
             Some(st) => {
                 self.stats.cache_loads += 1;
                 st
             }
-            None if create => KeyState::new(),
             None => return Ok(false),
         };
-        self.states[si].insert(key.clone(), st);
+        self.states[si].insert(SmolStr::new(&**key), st);
         Ok(true)
     }
 
@@ -328,7 +339,6 @@ impl Operator {
             if geo.is_late(t, w_before, self.lateness) {
                 continue;
             }
-            self.load(si, &event.key, true)?;
             let Operator {
                 specs,
                 states,
@@ -338,11 +348,25 @@ impl Operator {
                 refire,
                 stats,
                 lateness,
+                store,
+                store_may_have,
                 ..
             } = self;
             let plan = &specs[si];
-            let Some(st) = states[si].get_mut(&*event.key) else {
-                continue;
+            // One hash lookup per event: the map is the engine's largest
+            // structure and its probe is usually a cache miss.
+            let st = match states[si].entry(SmolStr::new(&*event.key)) {
+                Entry::Occupied(o) => o.into_mut(),
+                Entry::Vacant(v) => {
+                    let st = match load_stored(store, *store_may_have, plan, &event.key)? {
+                        Some(st) => {
+                            stats.cache_loads += 1;
+                            st
+                        }
+                        None => KeyState::new(),
+                    };
+                    v.insert(st)
+                }
             };
             let live = geo.first_live_window(w_before, *lateness);
             // Windows before `live` are purged, so all were handled when the
@@ -427,7 +451,7 @@ impl Operator {
         w: i64,
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
-        if !self.load(si, key, false)? {
+        if !self.load(si, key)? {
             return Ok(());
         }
         let Operator {

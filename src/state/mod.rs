@@ -58,7 +58,7 @@ pub enum StateError {
 }
 
 /// A column family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Cf {
     Slices,
     Windows,

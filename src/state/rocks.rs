@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options,
-    WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, Options, WriteBatch, WriteBufferManager, WriteOptions, DB,
 };
 
 use super::codec::{self, key_prefix};
@@ -50,9 +50,101 @@ pub struct KeyCounts {
     pub timers: usize,
 }
 
-fn cf_options() -> Options {
+/// The ops of a delta sorted by column family and key, the last op on a key
+/// winning (as it would in the batch). A memtable insert that follows the
+/// previous one in key order reuses its skip-list position; in the engine's
+/// order (hash order of dirty keys) every insert searches from the top,
+/// which made commits twice as slow. The sort compares a 16-byte key
+/// prefix held inline first, so most comparisons touch no key bytes.
+fn in_key_order(ops: Vec<Op>) -> Vec<Op> {
+    fn cf_and_key(op: &Op) -> (Cf, &[u8]) {
+        match op {
+            Op::Put(cf, k, _) | Op::Delete(cf, k) => (*cf, k),
+        }
+    }
+    fn head(key: &[u8]) -> u128 {
+        let mut b = [0u8; 16];
+        let n = key.len().min(16);
+        b[..n].copy_from_slice(&key[..n]);
+        u128::from_be_bytes(b)
+    }
+    let mut order: Vec<(Cf, u128, u32)> = ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let (cf, key) = cf_and_key(op);
+            (cf, head(key), i as u32)
+        })
+        .collect();
+    order.sort_unstable_by(|a, b| {
+        (a.0, a.1)
+            .cmp(&(b.0, b.1))
+            .then_with(|| {
+                cf_and_key(&ops[a.2 as usize])
+                    .1
+                    .cmp(cf_and_key(&ops[b.2 as usize]).1)
+            })
+            .then(a.2.cmp(&b.2))
+    });
+    let mut slots: Vec<Option<Op>> = ops.into_iter().map(Some).collect();
+    let mut out: Vec<Op> = Vec::with_capacity(slots.len());
+    for (_, _, i) in order {
+        let Some(op) = slots[i as usize].take() else {
+            continue;
+        };
+        if let Some(prev) = out.last_mut() {
+            if cf_and_key(prev) == cf_and_key(&op) {
+                *prev = op;
+                continue;
+            }
+        }
+        out.push(op);
+    }
+    out
+}
+
+/// RocksDB's memory, all of it charged to one LRU cache: block cache plus
+/// memtables. Defaults (64 MiB memtables per column family, two of them,
+/// and a separate cache) let the resident set climb by a few hundred MiB
+/// over the first minutes of a long run before levelling off; with one
+/// budget it is bounded from the start.
+const ROCKSDB_MEMORY: usize = 96 << 20;
+/// Memtables take at most this much of [`ROCKSDB_MEMORY`]; a column family
+/// flushes at [`MEMTABLE_SIZE`] (small memtables also keep inserts into
+/// them cheap: a skip list's depth grows with its size).
+const MEMTABLE_BUDGET: usize = 48 << 20;
+const MEMTABLE_SIZE: usize = 16 << 20;
+
+/// What the column families share.
+struct Memory {
+    cache: Cache,
+    memtables: WriteBufferManager,
+}
+
+impl Memory {
+    fn new() -> Memory {
+        let cache = Cache::new_lru_cache(ROCKSDB_MEMORY);
+        let memtables = WriteBufferManager::new_write_buffer_manager_with_cache(
+            MEMTABLE_BUDGET,
+            false,
+            cache.clone(),
+        );
+        Memory { cache, memtables }
+    }
+
+    fn apply(&self, opts: &mut Options) {
+        opts.set_write_buffer_manager(&self.memtables);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&self.cache);
+        opts.set_block_based_table_factory(&table);
+    }
+}
+
+fn cf_options(memory: &Memory) -> Options {
     let mut opts = Options::default();
     opts.set_compression_type(DBCompressionType::Lz4);
+    opts.set_write_buffer_size(MEMTABLE_SIZE);
+    memory.apply(&mut opts);
     opts
 }
 
@@ -66,9 +158,11 @@ impl StateStore {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
+        let memory = Memory::new();
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
+        memory.apply(&mut opts);
         if reset {
             DB::destroy(&opts, dir)?;
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -85,7 +179,7 @@ impl StateStore {
             .collect();
         let cfs = names
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options(&memory)));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let store = StateStore {
             inner: Arc::new(Inner {
@@ -213,7 +307,7 @@ impl StateStore {
             });
         }
         let mut batch = WriteBatch::default();
-        for op in delta.ops {
+        for op in in_key_order(delta.ops) {
             match op {
                 Op::Put(cf, k, v) => batch.put_cf(self.cf(cf)?, k, v),
                 Op::Delete(cf, k) => batch.delete_cf(self.cf(cf)?, k),
