@@ -68,6 +68,8 @@ impl Duration {
         }
         let n: i64 = digits.parse().map_err(|_| bad())?;
         let scale = match unit.trim() {
+            // Zero needs no unit: `"0"` reads as what it says.
+            "" if n == 0 => 1,
             "ms" => 1,
             "s" => 1_000,
             "m" => 60_000,
@@ -1863,6 +1865,7 @@ kinds = ["features", "window"]
         assert_eq!(Duration::parse("5s").unwrap().millis(), 5_000);
         assert_eq!(Duration::parse("1h").unwrap().millis(), 3_600_000);
         assert!(Duration::parse("5").is_err());
+        assert_eq!(Duration::parse("0").unwrap().millis(), 0);
         assert!(Duration::parse("s").is_err());
         assert!(Duration::parse("1.5s").is_err());
         assert_eq!(Duration(90_000).to_string(), "90s");
