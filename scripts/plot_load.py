@@ -40,7 +40,9 @@ def main(src: str, dst: str) -> None:
     right.plot(t, cp, color="tab:red", alpha=0.6, label="longest checkpoint (s)")
     right.set_ylabel("longest checkpoint (s)")
     right.set_ylim(bottom=0)
-    fig.legend(loc="lower right")
+    # One legend for both y axes, inside the plot so it never covers the axis labels.
+    lines = bottom.get_lines() + right.get_lines()
+    bottom.legend(lines, [line.get_label() for line in lines], loc="upper left", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
     print(f"wrote {dst}")
