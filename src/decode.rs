@@ -408,6 +408,10 @@ mod tests {
         assert_eq!(&*e.key, "7");
         assert_eq!(e.fields[1], Some(FieldValue::Str("m\"1".into())));
         assert_eq!(e.fields[2], Some(FieldValue::I64(3)));
+        // A number beyond f64 in a field the schema does not use is valid
+        // JSON that is never read (the same number in `amount` is refused).
+        let e = decode(br#"{"userId":"u","ts":1,"amount":2,"extra":-1e999}"#).unwrap();
+        assert_eq!(e.fields[0], Some(FieldValue::F64(2.0)));
     }
 
     #[test]

@@ -278,7 +278,7 @@ impl Engine {
         };
         let bytes = serde_json::to_vec(&meta)
             .map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;
-        delta.put(Cf::Meta, rocks_meta_key().to_vec(), bytes);
+        delta.put(Cf::Meta, rocks_meta_key(), &bytes);
         let s = self.op.stats;
         metrics::counter!("shardflow_engine_events_total").absolute(s.events);
         metrics::counter!("shardflow_engine_late_events_total").absolute(s.late);

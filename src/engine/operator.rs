@@ -27,7 +27,7 @@ use smol_str::SmolStr;
 
 use crate::record::Event;
 use crate::record::{Output, Value, WindowResult};
-use crate::state::codec::{key_prefix, slice_key, timer_key, Reader, Writer};
+use crate::state::codec::{write_key_prefix, write_slice_key, write_timer_key, Reader, Writer};
 use crate::state::{Cf, StateDelta, StateStore};
 
 use super::aggregate::{Acc, FeatureSlot};
@@ -61,6 +61,10 @@ struct KeyState {
     timer: Option<i64>,
     /// The timer as of the last snapshot (what the store has, or will have).
     persisted_timer: Option<i64>,
+    /// `fired` as of the last snapshot.
+    persisted_fired: i64,
+    /// `revisions` changed since the last snapshot.
+    revisions_changed: bool,
     dirty: bool,
     snapshot_id: u64,
     /// The `windows` entry exists in the store (or in a handed-out delta).
@@ -75,6 +79,8 @@ impl KeyState {
             revisions: VecDeque::new(),
             timer: None,
             persisted_timer: None,
+            persisted_fired: i64::MIN,
+            revisions_changed: false,
             dirty: false,
             snapshot_id: 0,
             stored: false,
@@ -104,6 +110,7 @@ impl KeyState {
 
     /// Takes the next revision of window `j`.
     fn next_revision(&mut self, j: i64) -> u32 {
+        self.revisions_changed = true;
         match self.revisions.binary_search_by_key(&j, |r| r.0) {
             Ok(p) => {
                 let r = self.revisions[p].1;
@@ -117,8 +124,7 @@ impl KeyState {
         }
     }
 
-    fn encode_meta(&self) -> Vec<u8> {
-        let mut w = Writer::default();
+    fn encode_meta(&self, w: &mut Writer) {
         w.i64(self.fired);
         match self.timer {
             Some(t) => {
@@ -132,7 +138,6 @@ impl KeyState {
             w.i64(*j);
             w.u32(*r);
         }
-        w.buf
     }
 
     fn decode(
@@ -163,6 +168,8 @@ impl KeyState {
             revisions,
             timer,
             persisted_timer: timer,
+            persisted_fired: fired,
+            revisions_changed: false,
             dirty: false,
             snapshot_id: 0,
             stored: true,
@@ -270,6 +277,66 @@ fn emit(
             }));
         },
     );
+}
+
+/// Encodes the changes of one dirty `(spec, key)` state into `delta`.
+fn snapshot_key(plan: &SpecPlan, key: &str, st: &mut KeyState, id: u64, delta: &mut StateDelta) {
+    let spec = plan.id;
+    st.dirty = false;
+    st.snapshot_id = id;
+    // Most keys change only a slice between checkpoints; rewriting their
+    // metadata too would double the batch.
+    let meta_changed = !st.stored
+        || st.fired != st.persisted_fired
+        || st.timer != st.persisted_timer
+        || st.revisions_changed;
+    if st.persisted_timer != st.timer || st.is_empty() {
+        if let Some(t) = st.persisted_timer.take() {
+            delta.delete_with(Cf::Timers, |b| write_timer_key(b, t, spec, key));
+        }
+    }
+    if st.is_empty() {
+        if st.stored {
+            delta.delete_with(Cf::Windows, |b| write_key_prefix(b, spec, key));
+            st.stored = false;
+        }
+        return;
+    }
+    for slice in st.windows.slices.iter_mut().filter(|s| s.dirty) {
+        let start = slice.idx.saturating_mul(plan.geo.slide);
+        delta.put_with(
+            Cf::Slices,
+            |b| write_slice_key(b, spec, key, start),
+            |b| encode_into(b, |w| slice.acc.encode(w)),
+        );
+        slice.dirty = false;
+        slice.stored = true;
+    }
+    if st.persisted_timer != st.timer {
+        if let Some(t) = st.timer {
+            delta.put_with(Cf::Timers, |b| write_timer_key(b, t, spec, key), |_| {});
+        }
+        st.persisted_timer = st.timer;
+    }
+    if meta_changed {
+        delta.put_with(
+            Cf::Windows,
+            |b| write_key_prefix(b, spec, key),
+            |b| encode_into(b, |w| st.encode_meta(w)),
+        );
+        st.persisted_fired = st.fired;
+        st.revisions_changed = false;
+    }
+    st.stored = true;
+}
+
+/// Runs a [`Writer`] over the end of `buf`.
+fn encode_into(buf: &mut Vec<u8>, encode: impl FnOnce(&mut Writer)) {
+    let mut w = Writer {
+        buf: std::mem::take(buf),
+    };
+    encode(&mut w);
+    *buf = w.buf;
 }
 
 impl Operator {
@@ -481,21 +548,22 @@ impl Operator {
             emit(plan, key, st, &mut scratch[si], j, false, stats, out);
             if geo.purge_due_of_window(j, *lateness).saturating_sub(1) > w {
                 st.revisions.push_back((j, 1));
+                st.revisions_changed = true;
             }
             st.fired = j;
         }
         st.fired = st.fired.max(last_due);
         st.windows.purge(&geo, w, *lateness, |idx| {
-            pending.delete(
-                Cf::Slices,
-                slice_key(plan.id, key, idx.saturating_mul(geo.slide)),
-            );
+            pending.delete_with(Cf::Slices, |b| {
+                write_slice_key(b, plan.id, key, idx.saturating_mul(geo.slide))
+            });
         });
         while let Some((j, _)) = st.revisions.front() {
             if geo.purge_due_of_window(*j, *lateness).saturating_sub(1) > w {
                 break;
             }
             st.revisions.pop_front();
+            st.revisions_changed = true;
         }
         touch(dirty, plan.id, key, st);
         reschedule(timers, plan, *lateness, key, st);
@@ -504,49 +572,26 @@ impl Operator {
 
     /// Encodes every change since the previous snapshot.
     pub fn snapshot(&mut self, id: u64) -> StateDelta {
+        let dirty = std::mem::take(&mut self.dirty);
         let mut delta = std::mem::take(&mut self.pending);
-        for (spec, key) in std::mem::take(&mut self.dirty) {
-            let si = usize::from(spec);
-            let plan = &self.specs[si];
-            let Some(st) = self.states[si].get_mut(&*key) else {
-                continue;
-            };
-            if !st.dirty {
-                continue;
-            }
-            st.dirty = false;
-            st.snapshot_id = id;
-            if st.persisted_timer != st.timer || st.is_empty() {
-                if let Some(t) = st.persisted_timer.take() {
-                    delta.delete(Cf::Timers, timer_key(t, spec, &key));
+        // About one slice per dirty key, with its key and value.
+        delta.reserve(dirty.len(), 64);
+        // When most cached states changed (the usual case between two
+        // checkpoints of a busy stream), one pass over the maps in memory
+        // order beats a hash lookup, usually a cache miss, per dirty key.
+        if dirty.len().saturating_mul(2) >= self.cached_states() {
+            for (plan, states) in self.specs.iter().zip(&mut self.states) {
+                for (key, st) in states.iter_mut().filter(|(_, st)| st.dirty) {
+                    snapshot_key(plan, key, st, id, &mut delta);
                 }
             }
-            if st.is_empty() {
-                if st.stored {
-                    delta.delete(Cf::Windows, key_prefix(spec, &key));
-                    st.stored = false;
+        } else {
+            for (spec, key) in dirty {
+                let si = usize::from(spec);
+                if let Some(st) = self.states[si].get_mut(&*key).filter(|st| st.dirty) {
+                    snapshot_key(&self.specs[si], &key, st, id, &mut delta);
                 }
-                continue;
             }
-            for slice in st.windows.slices.iter_mut().filter(|s| s.dirty) {
-                let mut w = Writer::default();
-                slice.acc.encode(&mut w);
-                delta.put(
-                    Cf::Slices,
-                    slice_key(spec, &key, slice.idx.saturating_mul(plan.geo.slide)),
-                    w.buf,
-                );
-                slice.dirty = false;
-                slice.stored = true;
-            }
-            if st.persisted_timer != st.timer {
-                if let Some(t) = st.timer {
-                    delta.put(Cf::Timers, timer_key(t, spec, &key), Vec::new());
-                }
-                st.persisted_timer = st.timer;
-            }
-            delta.put(Cf::Windows, key_prefix(spec, &key), st.encode_meta());
-            st.stored = true;
         }
         delta
     }

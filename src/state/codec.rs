@@ -157,26 +157,42 @@ impl Writer {
 /// `(spec, key)`: the prefix of a key's slices and its window metadata.
 pub fn key_prefix(spec: u16, key: &str) -> Vec<u8> {
     let mut buf = Vec::with_capacity(key.len() + 12);
-    put_u16_ordered(&mut buf, spec);
-    put_str_ordered(&mut buf, key);
+    write_key_prefix(&mut buf, spec, key);
     buf
+}
+
+/// Appends [`key_prefix`] to `buf`.
+pub fn write_key_prefix(buf: &mut Vec<u8>, spec: u16, key: &str) {
+    put_u16_ordered(buf, spec);
+    put_str_ordered(buf, key);
 }
 
 /// `(spec, key, slice_start)` in the slices column family.
 pub fn slice_key(spec: u16, key: &str, slice_start: i64) -> Vec<u8> {
-    let mut buf = key_prefix(spec, key);
-    put_i64_ordered(&mut buf, slice_start);
+    let mut buf = Vec::with_capacity(key.len() + 20);
+    write_slice_key(&mut buf, spec, key, slice_start);
     buf
+}
+
+/// Appends [`slice_key`] to `buf`.
+pub fn write_slice_key(buf: &mut Vec<u8>, spec: u16, key: &str, slice_start: i64) {
+    write_key_prefix(buf, spec, key);
+    put_i64_ordered(buf, slice_start);
 }
 
 /// `(due_window_end, spec, key)` in the timers column family, so that firing
 /// is a range scan from the smallest end.
 pub fn timer_key(due: i64, spec: u16, key: &str) -> Vec<u8> {
     let mut buf = Vec::with_capacity(key.len() + 20);
-    put_i64_ordered(&mut buf, due);
-    put_u16_ordered(&mut buf, spec);
-    put_str_ordered(&mut buf, key);
+    write_timer_key(&mut buf, due, spec, key);
     buf
+}
+
+/// Appends [`timer_key`] to `buf`.
+pub fn write_timer_key(buf: &mut Vec<u8>, due: i64, spec: u16, key: &str) {
+    put_i64_ordered(buf, due);
+    put_u16_ordered(buf, spec);
+    put_str_ordered(buf, key);
 }
 
 /// Inverse of [`timer_key`].

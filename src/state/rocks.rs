@@ -56,44 +56,31 @@ pub struct KeyCounts {
 /// order (hash order of dirty keys) every insert searches from the top,
 /// which made commits more than twice as slow. The sort compares a 16-byte key
 /// prefix held inline first, so most comparisons touch no key bytes.
-fn in_key_order(ops: Vec<Op>) -> Vec<Op> {
-    fn cf_and_key(op: &Op) -> (Cf, &[u8]) {
-        match op {
-            Op::Put(cf, k, _) | Op::Delete(cf, k) => (*cf, k),
-        }
-    }
+fn in_key_order(delta: &StateDelta) -> Vec<Op> {
     fn head(key: &[u8]) -> u128 {
         let mut b = [0u8; 16];
         let n = key.len().min(16);
         b[..n].copy_from_slice(&key[..n]);
         u128::from_be_bytes(b)
     }
-    let mut order: Vec<(Cf, u128, u32)> = ops
+    let mut order: Vec<(Cf, u128, u32)> = delta
+        .ops
         .iter()
         .enumerate()
-        .map(|(i, op)| {
-            let (cf, key) = cf_and_key(op);
-            (cf, head(key), i as u32)
-        })
+        .map(|(i, op)| (op.cf, head(delta.key(op)), i as u32))
         .collect();
+    let key_of = |i: u32| delta.key(&delta.ops[i as usize]);
     order.sort_unstable_by(|a, b| {
         (a.0, a.1)
             .cmp(&(b.0, b.1))
-            .then_with(|| {
-                cf_and_key(&ops[a.2 as usize])
-                    .1
-                    .cmp(cf_and_key(&ops[b.2 as usize]).1)
-            })
+            .then_with(|| key_of(a.2).cmp(key_of(b.2)))
             .then(a.2.cmp(&b.2))
     });
-    let mut slots: Vec<Option<Op>> = ops.into_iter().map(Some).collect();
-    let mut out: Vec<Op> = Vec::with_capacity(slots.len());
+    let mut out: Vec<Op> = Vec::with_capacity(order.len());
     for (_, _, i) in order {
-        let Some(op) = slots[i as usize].take() else {
-            continue;
-        };
+        let op = delta.ops[i as usize];
         if let Some(prev) = out.last_mut() {
-            if cf_and_key(prev) == cf_and_key(&op) {
+            if prev.cf == op.cf && delta.key(prev) == delta.key(&op) {
                 *prev = op;
                 continue;
             }
@@ -305,11 +292,22 @@ impl StateStore {
                 committed,
             });
         }
-        let mut batch = WriteBatch::default();
-        for op in in_key_order(delta.ops) {
-            match op {
-                Op::Put(cf, k, v) => batch.put_cf(self.cf(cf)?, k, v),
-                Op::Delete(cf, k) => batch.delete_cf(self.cf(cf)?, k),
+        // Looked up once: a handle lookup compares column family names.
+        let handles = [
+            self.cf(Cf::Slices)?,
+            self.cf(Cf::Windows)?,
+            self.cf(Cf::Timers)?,
+            self.cf(Cf::Meta)?,
+        ];
+        // Sized up front: growing a batch of many MiB by doubling copies it
+        // and faults in fresh pages each time.
+        let mut batch = WriteBatch::with_capacity_bytes(delta.bytes() + delta.len() * 8 + 4096);
+        for op in in_key_order(&delta) {
+            let cf = handles[op.cf as usize];
+            if op.delete {
+                batch.delete_cf(cf, delta.key(&op));
+            } else {
+                batch.put_cf(cf, delta.key(&op), delta.value(&op));
             }
         }
         let positions = serde_json::to_vec(positions).map_err(|e| StateError::Corrupt {
@@ -399,16 +397,16 @@ impl StateStore {
 mod tests {
     use super::*;
 
-    fn describe(ops: &[Op]) -> Vec<String> {
+    fn describe(delta: &StateDelta, ops: &[Op]) -> Vec<String> {
         ops.iter()
-            .map(|op| match op {
-                Op::Put(cf, k, v) => format!(
-                    "put {} {} {}",
-                    cf.name(),
-                    String::from_utf8_lossy(k),
-                    String::from_utf8_lossy(v)
-                ),
-                Op::Delete(cf, k) => format!("del {} {}", cf.name(), String::from_utf8_lossy(k)),
+            .map(|op| {
+                let key = String::from_utf8_lossy(delta.key(op));
+                if op.delete {
+                    format!("del {} {key}", op.cf.name())
+                } else {
+                    let value = String::from_utf8_lossy(delta.value(op));
+                    format!("put {} {key} {value}", op.cf.name())
+                }
             })
             .collect()
     }
@@ -418,21 +416,20 @@ mod tests {
     /// does inside a `WriteBatch`.
     #[test]
     fn ops_come_out_in_key_order_with_the_last_write_winning() {
-        let put = |cf, k: &str, v: &str| Op::Put(cf, k.into(), v.into());
-        let del = |cf, k: &str| Op::Delete(cf, k.into());
         let long = "0123456789abcdef";
-        let ops = vec![
-            put(Cf::Windows, "b", "1"),
-            put(Cf::Slices, &format!("{long}z"), "1"),
-            del(Cf::Slices, "a"),
-            put(Cf::Windows, "a", "1"),
-            put(Cf::Slices, &format!("{long}y"), "1"),
-            put(Cf::Windows, "b", "2"),
-            put(Cf::Slices, "a", "again"),
-            del(Cf::Windows, "a"),
-        ];
+        let mut delta = StateDelta::empty();
+        delta.put(Cf::Windows, b"b", b"1");
+        delta.put(Cf::Slices, format!("{long}z").as_bytes(), b"1");
+        delta.delete_with(Cf::Slices, |b| b.extend_from_slice(b"a"));
+        delta.put(Cf::Windows, b"a", b"1");
+        let mut later = StateDelta::empty();
+        later.put(Cf::Slices, format!("{long}y").as_bytes(), b"1");
+        later.put(Cf::Windows, b"b", b"2");
+        later.put(Cf::Slices, b"a", b"again");
+        later.delete_with(Cf::Windows, |b| b.extend_from_slice(b"a"));
+        delta.append(later);
         assert_eq!(
-            describe(&in_key_order(ops)),
+            describe(&delta, &in_key_order(&delta)),
             vec![
                 format!("put slices {long}y 1"),
                 format!("put slices {long}z 1"),
