@@ -124,6 +124,36 @@ window = { type = "sliding", size = 60, slide = 5 }
 "#;
         check(&steps(&raws), 5, 1_000_000, lateness, features, 1_000);
     }
+
+    /// Windows long enough to hold more than `DIRECT_MERGE_MAX` (8) slices
+    /// of one key, so reads go through the block caches rather than the
+    /// slice-by-slice merge that covers sparse keys.
+    #[test]
+    fn matches_reference_dense_sliding(
+        raws in proptest::collection::vec(raw(), 1..90),
+        lateness in prop_oneof![Just(0i64), Just(320)],
+    ) {
+        let features = r#"
+[[features]]
+name = "sum_s300"
+agg = "sum"
+field = "amount"
+window = { type = "sliding", size = 300, slide = 10 }
+
+[[features]]
+name = "first_s300"
+agg = "first"
+field = "amount"
+window = { type = "sliding", size = 300, slide = 10 }
+
+[[features]]
+name = "stddev_s300"
+agg = "stddev"
+field = "amount"
+window = { type = "sliding", size = 300, slide = 10 }
+"#;
+        check(&steps(&raws), 5, 1_000_000, lateness, features, 1_000);
+    }
 }
 
 #[test]

@@ -21,6 +21,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::config::AggKind;
 use crate::record::{Event, FieldValue, Value};
 use crate::state::codec::{CodecError, Reader, Writer};
@@ -195,12 +197,19 @@ impl Lane {
     }
 }
 
+/// Lanes held inline in an [`Acc`]; a window spec with more features
+/// spills to the heap.
+const INLINE_LANES: usize = 3;
+
 /// The accumulators of one slice (or of a merge of slices).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Acc {
     /// Events in the slice; every event counts, with or without fields.
     pub count: u64,
-    pub lanes: Box<[Lane]>,
+    /// Inline: a sparse key creates a slice for most of its events, and
+    /// a heap block per slice cost an allocation per event and a cache
+    /// miss per update.
+    pub lanes: SmallVec<[Lane; INLINE_LANES]>,
 }
 
 /// Result of adding one event to an accumulator.
@@ -385,7 +394,7 @@ impl Acc {
 
     pub fn decode(slots: &[FeatureSlot], r: &mut Reader<'_>) -> Result<Acc, CodecError> {
         let count = r.u64()?;
-        let mut lanes = Vec::with_capacity(slots.len());
+        let mut lanes = SmallVec::with_capacity(slots.len());
         for slot in slots {
             let lane = match slot.agg {
                 AggKind::Count => Lane::Count,
@@ -451,10 +460,7 @@ impl Acc {
             };
             lanes.push(lane);
         }
-        Ok(Acc {
-            count,
-            lanes: lanes.into(),
-        })
+        Ok(Acc { count, lanes })
     }
 }
 

@@ -572,7 +572,9 @@ impl Operator {
 
     /// Encodes every change since the previous snapshot.
     pub fn snapshot(&mut self, id: u64) -> StateDelta {
-        let dirty = std::mem::take(&mut self.dirty);
+        // Drained, not taken: the list regrows to the same length by the
+        // next checkpoint, and growing it again would copy it each time.
+        let mut dirty = std::mem::take(&mut self.dirty);
         let mut delta = std::mem::take(&mut self.pending);
         // About one slice per dirty key, with its key and value.
         delta.reserve(dirty.len(), 64);
@@ -586,13 +588,15 @@ impl Operator {
                 }
             }
         } else {
-            for (spec, key) in dirty {
+            for (spec, key) in dirty.drain(..) {
                 let si = usize::from(spec);
                 if let Some(st) = self.states[si].get_mut(&*key).filter(|st| st.dirty) {
                     snapshot_key(&self.specs[si], &key, st, id, &mut delta);
                 }
             }
         }
+        dirty.clear();
+        self.dirty = dirty;
         delta
     }
 
