@@ -373,23 +373,6 @@ impl Operator {
         })
     }
 
-    /// Makes sure `(spec, key)` is in the cache if the cache or the store
-    /// has it; returns whether it is.
-    fn load(&mut self, si: usize, key: &Arc<str>) -> Result<bool, EngineError> {
-        if self.states[si].contains_key(&**key) {
-            return Ok(true);
-        }
-        let st = match load_stored(&self.store, self.store_may_have, &self.specs[si], key)? {
-            Some(st) => {
-                self.stats.cache_loads += 1;
-                st
-            }
-            None => return Ok(false),
-        };
-        self.states[si].insert(SmolStr::new(&**key), st);
-        Ok(true)
-    }
-
     /// Steps 2 and 3 for an event that is not late: adds it to its slice in
     /// every spec where one of its windows is live, and writes the feature
     /// values of the earliest-ending live window into `values`.
@@ -518,9 +501,6 @@ impl Operator {
         w: i64,
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
-        if !self.load(si, key)? {
-            return Ok(());
-        }
         let Operator {
             specs,
             states,
@@ -530,12 +510,22 @@ impl Operator {
             stats,
             lateness,
             pending,
+            store,
+            store_may_have,
             ..
         } = self;
         let plan = &specs[si];
         let geo = plan.geo;
-        let Some(st) = states[si].get_mut(&**key) else {
-            return Ok(());
+        // One hash lookup: every firing visits a key, usually a cache miss.
+        let st = match states[si].entry(SmolStr::new(&**key)) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => match load_stored(store, *store_may_have, plan, key)? {
+                Some(st) => {
+                    stats.cache_loads += 1;
+                    v.insert(st)
+                }
+                None => return Ok(()),
+            },
         };
         if st.timer != Some(due) {
             return Ok(()); // a stale entry: the key's timer moved

@@ -405,7 +405,12 @@ impl KeyWindows {
     /// The first window after `j_after` that holds an event.
     pub fn first_data_window_after(&self, geo: &Geometry, j_after: i64) -> Option<i64> {
         let lo = j_after.saturating_sub(geo.n - 2);
-        let p = self.slices.partition_point(|s| s.idx < lo);
+        // Usually the oldest slice (purging drops the ones before it): a
+        // binary search over slices of a few cache lines each costs more.
+        let p = match self.slices.front() {
+            Some(front) if front.idx >= lo => 0,
+            _ => self.slices.partition_point(|s| s.idx < lo),
+        };
         self.slices
             .get(p)
             .map(|s| s.idx.max(j_after.saturating_add(1)))
@@ -420,6 +425,7 @@ impl KeyWindows {
         lateness: i64,
         mut on_removed: impl FnMut(i64),
     ) {
+        let before = self.slices.len();
         while let Some(front) = self.slices.front() {
             if geo
                 .purge_due_of_slice(front.idx, lateness)
@@ -432,6 +438,9 @@ impl KeyWindows {
                 on_removed(front.idx);
             }
             self.slices.pop_front();
+        }
+        if self.slices.len() == before {
+            return;
         }
         match self.slices.front() {
             Some(front) => {
