@@ -202,8 +202,11 @@ impl KeyWindows {
         let slice = &mut self.slices[pos];
         slice.dirty = true;
         let outcome = slice.acc.add(slots, event, seq);
-        if geo.n > 1 {
-            let mark = self.mark(geo, idx.div_euclid(geo.n));
+        // Only a block whose caches were built has a mark; a block without
+        // one has nothing valid to invalidate (a mark made later starts
+        // empty), so sparse keys never allocate marks at all.
+        let block = idx.div_euclid(geo.n);
+        if let Some(mark) = self.marks.iter_mut().find(|m| m.block == block) {
             mark.prefix_upto = mark.prefix_upto.min(idx - 1);
             mark.suffix_from = mark.suffix_from.max(idx + 1);
         }
