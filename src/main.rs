@@ -26,6 +26,7 @@ Examples:
   shardflow run --config config/local.toml       run it; Ctrl-C drains, checkpoints and exits 0
   shardflow replay --config config/replay.toml --export out/training.ndjson
                                                  replay the S3 archive, write training rows
+                                                 (Parquet when FILE ends in .parquet)
 
 Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
 Config values may reference the environment as ${VAR} or ${VAR:-default}.")]
@@ -77,7 +78,8 @@ enum Command {
         #[arg(long, value_parser = parse_time)]
         to: Option<i64>,
         /// Write training rows (each event's features as of that event, plus
-        /// [replay] label) to this NDJSON file.
+        /// [replay] label) to this file: Parquet if it ends in .parquet,
+        /// NDJSON otherwise.
         #[arg(long)]
         export: Option<PathBuf>,
         /// Keep the replayed state in this directory (default: a temporary one).

@@ -286,10 +286,29 @@ async fn replaying_a_live_runs_archive_reproduces_it_exactly() {
         )
         .replace("replay.ndjson", "replay_big.ndjson");
     let big_config = load(d, &big_text);
-    run_replay(&big_config, ReplayArgs::default()).await;
+    run_replay(
+        &big_config,
+        ReplayArgs {
+            export: Some(d.join("training.parquet")),
+            ..ReplayArgs::default()
+        },
+    )
+    .await;
     let replayed_big = by_kind(&d.join("replay_big.ndjson"));
     for kind in ["features", "window", "late", "dead_letter"] {
         assert_eq!(live_out[kind], replayed_big[kind], "{kind} from big/");
+    }
+
+    // The Parquet export holds the NDJSON export's rows, typed.
+    let parquet_rows = shardflow::replay::parquet::read_rows(&d.join("training.parquet")).unwrap();
+    assert!(!d.join("training.parquet.partial").exists());
+    let ndjson_rows: Vec<serde_json::Value> = rows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(parquet_rows.len(), ndjson_rows.len());
+    for (p, n) in parquet_rows.into_iter().zip(&ndjson_rows) {
+        assert_eq!(&serde_json::Value::Object(p), n);
     }
 }
 

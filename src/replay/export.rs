@@ -10,7 +10,9 @@
 //! {"id":"shardId-0/49…","key":"u1","event_time":1700000000000,"txn_count_1m":3,"amount_sum_1m":12.5,"is_fraud":false}
 //! ```
 //!
-//! Late events have no feature vector and give no row. The label reaches
+//! A `FILE` ending in `.parquet` gets the same rows as Parquet, with typed
+//! columns (see `parquet.rs`). Late events have no feature vector and give
+//! no row. The label reaches
 //! the row through the event's `raw` record, which the pipeline emits just
 //! before its features; a label waits at most until its event's features
 //! arrive (or it turns out late), so the map of waiting labels stays small.
@@ -23,7 +25,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use serde::ser::{SerializeMap as _, Serializer as _};
 
-use crate::config::Config;
+use super::parquet::ParquetRows;
+use crate::config::{AggKind, Config};
 use crate::record::{KindSet, Output, OutputKind};
 use crate::sink::Sink;
 use crate::source::BoxFuture;
@@ -37,14 +40,22 @@ pub struct ExportOptions {
 /// Column names a feature may not take.
 const RESERVED: [&str; 3] = ["id", "key", "event_time"];
 
+/// Where the rows go.
+enum Rows {
+    Ndjson {
+        writer: BufWriter<File>,
+        line: Vec<u8>,
+        rows: u64,
+    },
+    Parquet(Box<ParquetRows>),
+}
+
 pub struct ExportSink {
     path: PathBuf,
-    writer: BufWriter<File>,
+    rows: Rows,
     label: Option<String>,
     /// Labels of events whose features have not arrived yet, by id.
     waiting: HashMap<String, serde_json::Value>,
-    rows: u64,
-    line: Vec<u8>,
 }
 
 impl ExportSink {
@@ -61,16 +72,42 @@ impl ExportSink {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating directory {}", dir.display()))?;
         }
-        let file = File::create(&path)
-            .with_context(|| format!("creating the export file {}", path.display()))?;
+        let rows = if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+        {
+            let features: Vec<(String, AggKind)> = config
+                .features
+                .iter()
+                .map(|f| (f.name.get_ref().clone(), f.agg))
+                .collect();
+            Rows::Parquet(Box::new(ParquetRows::create(
+                &path,
+                &features,
+                label.clone(),
+            )?))
+        } else {
+            let file = File::create(&path)
+                .with_context(|| format!("creating the export file {}", path.display()))?;
+            Rows::Ndjson {
+                writer: BufWriter::with_capacity(1 << 20, file),
+                line: Vec::with_capacity(512),
+                rows: 0,
+            }
+        };
         Ok(ExportSink {
             path,
-            writer: BufWriter::with_capacity(1 << 20, file),
+            rows,
             label,
             waiting: HashMap::new(),
-            rows: 0,
-            line: Vec::with_capacity(512),
         })
+    }
+
+    fn rows(&self) -> u64 {
+        match &self.rows {
+            Rows::Ndjson { rows, .. } => *rows,
+            Rows::Parquet(p) => p.rows(),
+        }
     }
 
     /// Features, plus (for labels) the raw records and late events.
@@ -102,8 +139,12 @@ impl ExportSink {
             ),
             None => None,
         };
-        self.line.clear();
-        let mut ser = serde_json::Serializer::new(&mut self.line);
+        let (writer, line, rows) = match &mut self.rows {
+            Rows::Parquet(p) => return p.push(r, label),
+            Rows::Ndjson { writer, line, rows } => (writer, line, rows),
+        };
+        line.clear();
+        let mut ser = serde_json::Serializer::new(&mut *line);
         let mut map = ser.serialize_map(None)?;
         map.serialize_entry("id", &r.id)?;
         map.serialize_entry("key", &*r.key)?;
@@ -115,11 +156,11 @@ impl ExportSink {
             map.serialize_entry(name, &value)?;
         }
         map.end()?;
-        self.line.push(b'\n');
-        self.writer
-            .write_all(&self.line)
+        line.push(b'\n');
+        writer
+            .write_all(line)
             .with_context(|| format!("writing {}", self.path.display()))?;
-        self.rows += 1;
+        *rows += 1;
         Ok(())
     }
 }
@@ -127,8 +168,12 @@ impl ExportSink {
 impl Sink for ExportSink {
     fn describe(&self) -> String {
         format!(
-            "training rows to {} (NDJSON{})",
+            "training rows to {} ({}{})",
             self.path.display(),
+            match self.rows {
+                Rows::Ndjson { .. } => "NDJSON",
+                Rows::Parquet(_) => "Parquet",
+            },
             self.label
                 .as_deref()
                 .map(|l| format!(", label {l:?}"))
@@ -157,12 +202,41 @@ impl Sink for ExportSink {
 
     fn flush(&mut self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
-            self.writer
-                .flush()
-                .and_then(|()| self.writer.get_ref().sync_data())
-                .with_context(|| format!("writing {}", self.path.display()))?;
-            tracing::debug!(rows = self.rows, "export flushed");
+            match &mut self.rows {
+                Rows::Ndjson { writer, .. } => writer
+                    .flush()
+                    .and_then(|()| writer.get_ref().sync_data())
+                    .with_context(|| format!("writing {}", self.path.display()))?,
+                // Only the last barrier completes a Parquet file; flushing
+                // without one means the replay stopped short.
+                Rows::Parquet(p) => {
+                    p.close()?;
+                    if !p.is_finished() {
+                        tracing::warn!(
+                            rows = p.rows(),
+                            file = %p.partial_path().display(),
+                            "the replay did not complete: the Parquet export keeps the rows so far under its .partial name"
+                        );
+                    }
+                }
+            }
+            tracing::debug!(rows = self.rows(), "export flushed");
             Ok(())
+        })
+    }
+
+    fn checkpoint(&mut self, id: u64, last: bool) -> BoxFuture<'_, anyhow::Result<u64>> {
+        Box::pin(async move {
+            match &mut self.rows {
+                Rows::Parquet(p) if last => {
+                    p.finish()?;
+                    tracing::info!(rows = p.rows(), file = %self.path.display(), "Parquet export written");
+                }
+                // Row groups are written as they fill; a footer only at the end.
+                Rows::Parquet(_) => {}
+                Rows::Ndjson { .. } => self.flush().await?,
+            }
+            Ok(id)
         })
     }
 }

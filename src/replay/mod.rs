@@ -8,9 +8,11 @@
 //! from the replayed state), which must not hold a checkpoint yet.
 //!
 //! - `export.rs`: `--export FILE` training rows.
+//! - `parquet.rs`: the same rows as a Parquet file.
 //! - `progress.rs`: the progress bar (or plain line).
 
 pub mod export;
+pub mod parquet;
 pub mod progress;
 
 use std::path::PathBuf;
