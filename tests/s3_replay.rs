@@ -642,6 +642,32 @@ async fn config_replay_toml_works_as_documented() {
     let rows = std::fs::read_to_string(d.join("out/training.ndjson")).unwrap();
     assert_eq!(rows.lines().count(), live["features"].len());
     assert!(rows.lines().all(|l| l.contains("\"chargeback\":")));
+
+    // The README's Parquet variant of the same command.
+    let replay = [
+        "replay",
+        "--quiet",
+        "--config",
+        &config,
+        "--export",
+        "out/training.parquet",
+    ];
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        shardflow(replay.iter().map(|s| s.to_string()).collect()),
+    )
+    .await
+    .expect("replay ends")
+    .unwrap();
+    let parquet = shardflow::replay::parquet::read_rows(&d.join("out/training.parquet")).unwrap();
+    let ndjson: Vec<serde_json::Value> = rows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(parquet.len(), ndjson.len());
+    for (p, n) in parquet.into_iter().zip(&ndjson) {
+        assert_eq!(&serde_json::Value::Object(p), n);
+    }
 }
 
 /// A live run killed (SIGKILL) in the middle and restarted leaves an archive
