@@ -300,16 +300,8 @@ async fn replaying_a_live_runs_archive_reproduces_it_exactly() {
     }
 
     // The Parquet export holds the NDJSON export's rows, typed.
-    let parquet_rows = shardflow::replay::parquet::read_rows(&d.join("training.parquet")).unwrap();
+    assert_parquet_rows_are(&d.join("training.parquet"), &rows);
     assert!(!d.join("training.parquet.partial").exists());
-    let ndjson_rows: Vec<serde_json::Value> = rows
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(parquet_rows.len(), ndjson_rows.len());
-    for (p, n) in parquet_rows.into_iter().zip(&ndjson_rows) {
-        assert_eq!(&serde_json::Value::Object(p), n);
-    }
 }
 
 /// Firehose's layout: `prefix/YYYY/MM/DD/HH/stream-1-YYYY-MM-DD-HH-MM-SS-uuid`,
@@ -659,8 +651,13 @@ async fn config_replay_toml_works_as_documented() {
     .await
     .expect("replay ends")
     .unwrap();
-    let parquet = shardflow::replay::parquet::read_rows(&d.join("out/training.parquet")).unwrap();
-    let ndjson: Vec<serde_json::Value> = rows
+    assert_parquet_rows_are(&d.join("out/training.parquet"), &rows);
+}
+
+/// The Parquet export at `path` holds the NDJSON export's rows, in order.
+fn assert_parquet_rows_are(path: &Path, ndjson: &str) {
+    let parquet = shardflow::replay::parquet::read_rows(path).unwrap();
+    let ndjson: Vec<serde_json::Value> = ndjson
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
