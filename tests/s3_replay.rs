@@ -752,7 +752,10 @@ kinds = ["features", "window", "late", "dead_letter"]
             .unwrap()
     };
     let spawn = move || spawn_with(config_path.clone());
-    // Kill it once a few objects are up (and so a few checkpoints committed).
+    // Kill it once an object is up (so a checkpoint committed). Not more:
+    // objects close only while records arrive, and a fast run may read all
+    // 30 k records into its first two objects; waiting for a third then
+    // never ends (a flake seen in CI).
     let mut child = spawn_with(following_path);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -763,7 +766,7 @@ kinds = ["features", "window", "late", "dead_letter"]
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the run ended before it could be killed: {status}");
         }
-        if server.list("archive", "crash/").await.len() >= 3 {
+        if !server.list("archive", "crash/").await.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
