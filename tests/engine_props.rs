@@ -103,25 +103,7 @@ proptest! {
         raws in proptest::collection::vec(raw(), 1..70),
         lateness in prop_oneof![Just(0i64), Just(45)],
     ) {
-        let features = r#"
-[[features]]
-name = "sum_s60"
-agg = "sum"
-field = "amount"
-window = { type = "sliding", size = 60, slide = 5 }
-
-[[features]]
-name = "max_s60"
-agg = "max"
-field = "amount"
-window = { type = "sliding", size = 60, slide = 5 }
-
-[[features]]
-name = "last_s60"
-agg = "last"
-field = "amount"
-window = { type = "sliding", size = 60, slide = 5 }
-"#;
+        let features = &sliding_amount_features(60, 5, &["sum", "max", "last"]);
         check(&steps(&raws), 5, 1_000_000, lateness, features, 1_000);
     }
 
@@ -133,27 +115,20 @@ window = { type = "sliding", size = 60, slide = 5 }
         raws in proptest::collection::vec(raw(), 1..90),
         lateness in prop_oneof![Just(0i64), Just(320)],
     ) {
-        let features = r#"
-[[features]]
-name = "sum_s300"
-agg = "sum"
-field = "amount"
-window = { type = "sliding", size = 300, slide = 10 }
-
-[[features]]
-name = "first_s300"
-agg = "first"
-field = "amount"
-window = { type = "sliding", size = 300, slide = 10 }
-
-[[features]]
-name = "stddev_s300"
-agg = "stddev"
-field = "amount"
-window = { type = "sliding", size = 300, slide = 10 }
-"#;
+        let features = &sliding_amount_features(300, 10, &["sum", "first", "stddev"]);
         check(&steps(&raws), 5, 1_000_000, lateness, features, 1_000);
     }
+}
+
+/// One sliding feature per aggregate over `amount`, named `{agg}_s{size}`.
+fn sliding_amount_features(size: i64, slide: i64, aggs: &[&str]) -> String {
+    aggs.iter()
+        .map(|agg| {
+            format!(
+                "\n[[features]]\nname = \"{agg}_s{size}\"\nagg = \"{agg}\"\nfield = \"amount\"\nwindow = {{ type = \"sliding\", size = {size}, slide = {slide} }}\n"
+            )
+        })
+        .collect()
 }
 
 #[test]

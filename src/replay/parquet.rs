@@ -42,13 +42,6 @@ use crate::record::{FeatureRecord, Value};
 /// to pay off, small enough to keep the buffer to tens of MiB.
 pub const ROW_GROUP_ROWS: usize = 131_072;
 
-/// How a feature's values are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FeatureColumn {
-    Int,
-    Float,
-}
-
 /// The label column's type, fixed when the first row group is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LabelColumn {
@@ -129,7 +122,6 @@ pub struct ParquetRows {
     path: PathBuf,
     partial: PathBuf,
     feature_names: Vec<String>,
-    kinds: Vec<FeatureColumn>,
     label_name: Option<String>,
     /// Created with the first row group, when the label's type is known.
     writer: Option<SerializedFileWriter<File>>,
@@ -162,25 +154,19 @@ impl ParquetRows {
         // Fail now, not after an hour of replay, if the file cannot be made.
         File::create(&partial)
             .with_context(|| format!("creating the export file {}", partial.display()))?;
-        let kinds: Vec<FeatureColumn> = features
-            .iter()
-            .map(|(_, agg)| match agg {
-                AggKind::Count | AggKind::DistinctCount => FeatureColumn::Int,
-                _ => FeatureColumn::Float,
-            })
-            .collect();
         Ok(ParquetRows {
             path: path.to_owned(),
             partial,
             feature_names: features.iter().map(|(n, _)| n.clone()).collect(),
-            features: kinds
+            features: features
                 .iter()
-                .map(|k| match k {
-                    FeatureColumn::Int => FeatureBuffer::Int(Optional::default()),
-                    FeatureColumn::Float => FeatureBuffer::Float(Optional::default()),
+                .map(|(_, agg)| match agg {
+                    AggKind::Count | AggKind::DistinctCount => {
+                        FeatureBuffer::Int(Optional::default())
+                    }
+                    _ => FeatureBuffer::Float(Optional::default()),
                 })
                 .collect(),
-            kinds,
             label_name: label,
             writer: None,
             label_kind: None,
@@ -223,13 +209,13 @@ impl ParquetRows {
         }
         // Everything is checked before anything is buffered: a refused row
         // must not leave the columns with different lengths.
-        for ((kind, value), name) in self
-            .kinds
+        for ((buffer, value), name) in self
+            .features
             .iter()
             .zip(&r.features.values)
             .zip(&self.feature_names)
         {
-            if let (FeatureColumn::Int, Some(Value::Float(v))) = (kind, value) {
+            if let (FeatureBuffer::Int(_), Some(Value::Float(v))) = (buffer, value) {
                 anyhow::bail!(
                     "event {}: feature {name:?} has the non-integer value {v} in an INT64 column",
                     r.id
@@ -310,10 +296,10 @@ impl ParquetRows {
                     .build()?,
             ),
         ];
-        for (name, kind) in self.feature_names.iter().zip(&self.kinds) {
-            let physical = match kind {
-                FeatureColumn::Int => PhysicalType::INT64,
-                FeatureColumn::Float => PhysicalType::DOUBLE,
+        for (name, buffer) in self.feature_names.iter().zip(&self.features) {
+            let physical = match buffer {
+                FeatureBuffer::Int(_) => PhysicalType::INT64,
+                FeatureBuffer::Float(_) => PhysicalType::DOUBLE,
             };
             fields.push(Arc::new(
                 Type::primitive_type_builder(name, physical)
