@@ -274,16 +274,6 @@ pub async fn run(
     let src = source::build_with(&config, &options.archive)?;
     tracing::info!(source = %src.describe(), "starting");
     let cap = config.pipeline.channel_capacity;
-    let engine = Engine::with_options(
-        &config,
-        store.clone(),
-        EngineOptions {
-            cache_capacity: config.pipeline.state_cache_entries,
-            event_time_only: options.replay,
-        },
-    )
-    .context("restoring the window engine")?;
-
     let mut tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
 
     // A sink that batches across checkpoints (the S3 archive) holds their
@@ -336,6 +326,17 @@ pub async fn run(
             tokio::spawn(sink::run_sink(Box::new(built), kinds, "export".into(), rx)),
         ));
     }
+
+    let engine = Engine::with_options(
+        &config,
+        store.clone(),
+        EngineOptions {
+            cache_capacity: config.pipeline.state_cache_entries,
+            event_time_only: options.replay,
+            window_results: subscribed.contains(OutputKind::Window),
+        },
+    )
+    .context("restoring the window engine")?;
 
     let (source_tx, source_rx) = mpsc::channel(cap);
     let ctx = SourceContext {

@@ -117,8 +117,86 @@ fn run_with_crashes(steps: &[Step], crashes: &BTreeSet<usize>, lateness: i64, ca
     assert_same(&got, &expected);
 }
 
+/// A sink subscribing to window results appears (`first_on` false) or goes
+/// away (`first_on` true) at a restart after step `restart_at`. Per-event
+/// vectors and late events are those of an uninterrupted run with results
+/// on. Every window result produced equals that run's. After results come
+/// on at restored watermark `w0`, every window due later (end − 1 > w0)
+/// gets exactly that run's results and revisions; those due earlier came
+/// due while nobody subscribed.
+fn run_with_results_switched(steps: &[Step], restart_at: usize, lateness: i64, first_on: bool) {
+    let config = config(10, 1_000_000_000, lateness, ALL_FEATURES);
+    let options = |window_results| EngineOptions {
+        cache_capacity: 1,
+        window_results,
+        ..EngineOptions::default()
+    };
+
+    let dir_a = tempfile::tempdir().unwrap();
+    let store = open(dir_a.path(), &config);
+    let engine = Engine::with_options(&config, store.clone(), options(true)).unwrap();
+    let mut a = Driver::new(engine, store, 0);
+    let mut expected = Vec::new();
+    for s in steps {
+        a.step(s, &mut expected);
+    }
+    a.engine.finish(&mut expected).unwrap();
+
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut outputs: Vec<Output> = Vec::new();
+    let store = open(dir_b.path(), &config);
+    let engine = Engine::with_options(&config, store.clone(), options(first_on)).unwrap();
+    let mut b = Driver::new(engine, store, 0);
+    for s in &steps[..restart_at.min(steps.len())] {
+        b.step(s, &mut outputs);
+    }
+    drop(b);
+    let store = open(dir_b.path(), &config);
+    let i = resume_index(steps, &store.committed_positions().unwrap());
+    let engine = Engine::with_options(&config, store.clone(), options(!first_on)).unwrap();
+    let w0 = engine.watermark();
+    let mut b = Driver::new(engine, store, 0);
+    for s in &steps[i..] {
+        b.step(s, &mut outputs);
+    }
+    b.engine.finish(&mut outputs).unwrap();
+
+    let mut expected = by_id(&expected);
+    let got = by_id(&outputs);
+    for (id, seen) in &got {
+        if let Seen::Window(..) = seen {
+            let e = expected.get(id);
+            assert!(
+                e.is_some_and(|e| e.approx_eq(seen)) || (!first_on && window_due_by(seen, w0)),
+                "{id}: {seen:?}, uninterrupted {e:?}"
+            );
+        }
+    }
+    expected.retain(|_, seen| match seen {
+        Seen::Window(..) => !first_on && !window_due_by(seen, w0),
+        _ => true,
+    });
+    let mut got = got;
+    got.retain(|id, seen| !matches!(seen, Seen::Window(..)) || expected.contains_key(id));
+    assert_same(&got, &expected);
+}
+
+fn window_due_by(seen: &Seen, w: i64) -> bool {
+    matches!(seen, Seen::Window(_, end, _) if end - 1 <= w)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn window_results_can_be_switched_at_a_restart(
+        raws in proptest::collection::vec(raw(), 1..60),
+        restart_at in 0usize..90,
+        lateness in prop_oneof![Just(0i64), Just(30)],
+        first_on in any::<bool>(),
+    ) {
+        run_with_results_switched(&steps(&raws), restart_at, lateness, first_on);
+    }
 
     #[test]
     fn restarts_are_invisible_after_deduplication(

@@ -61,6 +61,11 @@ pub struct EngineOptions {
     /// stream; the live run's idleness arrives with each record instead
     /// (see [`Engine::advance_to`]).
     pub event_time_only: bool,
+    /// Whether window results are produced: true when a sink subscribes to
+    /// `window`. Without them, per-event vectors, purging and the late side
+    /// output are the same, and firing costs one visit per purged slice
+    /// instead of one per window with data.
+    pub window_results: bool,
 }
 
 impl Default for EngineOptions {
@@ -68,6 +73,7 @@ impl Default for EngineOptions {
         EngineOptions {
             cache_capacity: 1_000_000,
             event_time_only: false,
+            window_results: true,
         }
     }
 }
@@ -78,6 +84,14 @@ struct EngineMeta {
     watermark: Millis,
     next_seq: u64,
     partitions: Vec<PartitionMark>,
+    /// Whether the state was written with window results on; absent in
+    /// state written before they could be off.
+    #[serde(default = "on")]
+    window_results: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 pub struct Engine {
@@ -88,6 +102,7 @@ pub struct Engine {
     /// Arrival order, for first/last ties; checkpointed so a replay after a
     /// restore numbers events as the original run did.
     next_seq: u64,
+    window_results: bool,
 }
 
 /// Groups features by window geometry (features sharing one share slices).
@@ -160,20 +175,33 @@ impl Engine {
         };
         let mut wm = Watermarks::new(wc.max_out_of_orderness.millis(), idle_timeout);
         let mut next_seq = 0;
+        let mut stored_results = options.window_results;
         if let Some(bytes) = store.get(Cf::Meta, rocks_meta_key())? {
             let meta: EngineMeta = serde_json::from_slice(&bytes)
                 .map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;
             wm.restore(meta.watermark, meta.partitions);
             next_seq = meta.next_seq;
+            stored_results = meta.window_results;
         }
         let lateness = wc.allowed_lateness.millis();
-        let op = Operator::new(specs, lateness, store, options.cache_capacity)?;
+        let mut op = Operator::new(
+            specs,
+            lateness,
+            options.window_results,
+            store,
+            options.cache_capacity,
+        )?;
+        if options.window_results && !stored_results {
+            tracing::info!("a sink now subscribes to window results: scheduling every stored key");
+            op.start_window_results(wm.current())?;
+        }
         Ok(Engine {
             op,
             wm,
             names,
             lateness,
             next_seq,
+            window_results: options.window_results,
         })
     }
 
@@ -275,6 +303,7 @@ impl Engine {
             watermark: self.wm.current(),
             next_seq: self.next_seq,
             partitions: self.wm.partitions().to_vec(),
+            window_results: self.window_results,
         };
         let bytes = serde_json::to_vec(&meta)
             .map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;

@@ -91,11 +91,16 @@ impl KeyState {
         self.windows.is_empty() && self.revisions.is_empty()
     }
 
-    fn next_due(&self, geo: &Geometry, lateness: i64) -> Option<i64> {
-        let fire = self
-            .windows
-            .first_data_window_after(geo, self.fired)
-            .map(|j| geo.end_of(j));
+    /// Without window results (`results` false) nothing happens to a key
+    /// between its purges, so its timer waits for the next one.
+    fn next_due(&self, geo: &Geometry, lateness: i64, results: bool) -> Option<i64> {
+        let fire = if results {
+            self.windows
+                .first_data_window_after(geo, self.fired)
+                .map(|j| geo.end_of(j))
+        } else {
+            None
+        };
         let slice = self
             .windows
             .slices
@@ -202,6 +207,11 @@ type States = HashMap<SmolStr, KeyState, foldhash::fast::RandomState>;
 pub struct Operator {
     pub specs: Vec<SpecPlan>,
     lateness: i64,
+    /// Whether window results are produced (some sink subscribes to them).
+    /// Without them the per-event vectors, purging and the late side output
+    /// are unchanged, and a key is visited once per purge instead of once
+    /// per window with data.
+    results: bool,
     states: Vec<States>,
     timers: BTreeMap<(i64, u16), Vec<Arc<str>>>,
     dirty: Vec<(u16, Arc<str>)>,
@@ -228,11 +238,11 @@ fn touch(dirty: &mut Vec<(u16, Arc<str>)>, spec: u16, key: &Arc<str>, st: &mut K
 fn reschedule(
     timers: &mut BTreeMap<(i64, u16), Vec<Arc<str>>>,
     plan: &SpecPlan,
-    lateness: i64,
+    (lateness, results): (i64, bool),
     key: &Arc<str>,
     st: &mut KeyState,
 ) {
-    let due = st.next_due(&plan.geo, lateness);
+    let due = st.next_due(&plan.geo, lateness, results);
     if due != st.timer {
         st.timer = due;
         if let Some(d) = due {
@@ -343,6 +353,7 @@ impl Operator {
     pub fn new(
         specs: Vec<SpecPlan>,
         lateness: i64,
+        results: bool,
         store: StateStore,
         capacity: usize,
     ) -> Result<Operator, EngineError> {
@@ -361,6 +372,7 @@ impl Operator {
             scratch: specs.iter().map(|s| Acc::empty(&s.slots)).collect(),
             specs,
             lateness,
+            results,
             timers,
             dirty: Vec::new(),
             pending: StateDelta::empty(),
@@ -398,6 +410,7 @@ impl Operator {
                 refire,
                 stats,
                 lateness,
+                results,
                 store,
                 store_may_have,
                 ..
@@ -443,10 +456,10 @@ impl Operator {
                     }
                 });
             let hi = s.saturating_add(geo.n - 1).min(st.fired);
-            if j <= hi {
+            if *results && j <= hi {
                 refire.push((plan.id, event.key.clone(), j, hi));
             }
-            reschedule(timers, plan, *lateness, &event.key, st);
+            reschedule(timers, plan, (*lateness, *results), &event.key, st);
         }
         Ok(())
     }
@@ -462,6 +475,7 @@ impl Operator {
             refire,
             stats,
             lateness,
+            results,
             ..
         } = self;
         for (spec, key, lo, hi) in refire.drain(..) {
@@ -474,7 +488,7 @@ impl Operator {
                 emit(plan, &key, st, &mut scratch[si], j, true, stats, out);
             }
             touch(dirty, spec, &key, st);
-            reschedule(timers, plan, *lateness, &key, st);
+            reschedule(timers, plan, (*lateness, *results), &key, st);
         }
     }
 
@@ -509,6 +523,7 @@ impl Operator {
             scratch,
             stats,
             lateness,
+            results,
             pending,
             store,
             store_may_have,
@@ -531,7 +546,10 @@ impl Operator {
             return Ok(()); // a stale entry: the key's timer moved
         }
         let last_due = geo.last_due_window(w);
-        while let Some(j) = st.windows.first_data_window_after(&geo, st.fired) {
+        while *results {
+            let Some(j) = st.windows.first_data_window_after(&geo, st.fired) else {
+                break;
+            };
             if j > last_due {
                 break;
             }
@@ -556,7 +574,47 @@ impl Operator {
             st.revisions_changed = true;
         }
         touch(dirty, plan.id, key, st);
-        reschedule(timers, plan, *lateness, key, st);
+        reschedule(timers, plan, (*lateness, *results), key, st);
+        Ok(())
+    }
+
+    /// Window results were off when the restored state was written and are
+    /// on now. Timers then only waited for purges: every stored key gets
+    /// the timer of its next window with data. Windows that came due while
+    /// results were off count as handled; results start with the windows
+    /// that come due from now on.
+    pub fn start_window_results(&mut self, w: i64) -> Result<(), EngineError> {
+        let keys: Vec<(u16, Arc<str>)> = self
+            .timers
+            .values()
+            .zip(self.timers.keys())
+            .flat_map(|(keys, (_, spec))| keys.iter().map(|k| (*spec, k.clone())))
+            .collect();
+        for (spec, key) in keys {
+            let si = usize::from(spec);
+            let plan = &self.specs[si];
+            let st = match self.states[si].entry(SmolStr::new(&*key)) {
+                Entry::Occupied(o) => o.into_mut(),
+                Entry::Vacant(v) => {
+                    match load_stored(&self.store, self.store_may_have, plan, &key)? {
+                        Some(st) => {
+                            self.stats.cache_loads += 1;
+                            v.insert(st)
+                        }
+                        None => continue,
+                    }
+                }
+            };
+            st.fired = st.fired.max(plan.geo.last_due_window(w));
+            touch(&mut self.dirty, spec, &key, st);
+            reschedule(
+                &mut self.timers,
+                plan,
+                (self.lateness, self.results),
+                &key,
+                st,
+            );
+        }
         Ok(())
     }
 
