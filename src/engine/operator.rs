@@ -9,7 +9,10 @@
 //! is purged). Timers live in a `BTreeMap` ordered by that end, so firing is
 //! a range scan from the smallest end; a key whose timer moves leaves a
 //! stale entry behind that is skipped when reached (lazy deletion). The same
-//! timers are persisted as `(end, spec, key)` for restore.
+//! timers are persisted as `(end, spec, key)` for restore. Without window
+//! results (no sink takes them) a key's timer is only its next purge: the
+//! per-event vectors never depended on firing, so the one visit per purged
+//! slice is all the state needs.
 //!
 //! The cache holds every state touched since the last committed checkpoint.
 //! An entry is evicted only when it is clean with respect to a *committed*
