@@ -549,19 +549,19 @@ impl Operator {
             return Ok(()); // a stale entry: the key's timer moved
         }
         let last_due = geo.last_due_window(w);
-        while *results {
-            let Some(j) = st.windows.first_data_window_after(&geo, st.fired) else {
-                break;
-            };
-            if j > last_due {
-                break;
+        if *results {
+            while let Some(j) = st
+                .windows
+                .first_data_window_after(&geo, st.fired)
+                .filter(|&j| j <= last_due)
+            {
+                emit(plan, key, st, &mut scratch[si], j, false, stats, out);
+                if geo.purge_due_of_window(j, *lateness).saturating_sub(1) > w {
+                    st.revisions.push_back((j, 1));
+                    st.revisions_changed = true;
+                }
+                st.fired = j;
             }
-            emit(plan, key, st, &mut scratch[si], j, false, stats, out);
-            if geo.purge_due_of_window(j, *lateness).saturating_sub(1) > w {
-                st.revisions.push_back((j, 1));
-                st.revisions_changed = true;
-            }
-            st.fired = j;
         }
         st.fired = st.fired.max(last_due);
         st.windows.purge(&geo, w, *lateness, |idx| {
