@@ -327,13 +327,17 @@ pub async fn run(
         ));
     }
 
+    let window_results = subscribed.contains(OutputKind::Window);
+    if !window_results && !config.features.is_empty() {
+        tracing::info!("no sink takes window results: windows only feed feature vectors");
+    }
     let engine = Engine::with_options(
         &config,
         store.clone(),
         EngineOptions {
             cache_capacity: config.pipeline.state_cache_entries,
             event_time_only: options.replay,
-            window_results: subscribed.contains(OutputKind::Window),
+            window_results,
         },
     )
     .context("restoring the window engine")?;
