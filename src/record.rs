@@ -42,6 +42,22 @@ impl Position {
             resume_offset: None,
         }
     }
+
+    /// `partition/sequence[:sub]` (the [`Display`](fmt::Display) form), built
+    /// in one allocation: every per-event output carries one.
+    pub fn id(&self) -> String {
+        // ":" and at most 20 digits of a u64.
+        let sub = if self.sub_sequence.is_some() { 21 } else { 0 };
+        let mut id = String::with_capacity(self.partition.len() + 1 + self.sequence.len() + sub);
+        id.push_str(&self.partition);
+        id.push('/');
+        id.push_str(&self.sequence);
+        if let Some(sub) = self.sub_sequence {
+            use std::fmt::Write as _;
+            let _ = write!(id, ":{sub}");
+        }
+        id
+    }
 }
 
 /// `partition/sequence[:sub]`, the id of every per-event output.
@@ -367,8 +383,8 @@ impl Output {
             Output::Prediction(r) | Output::Shadow(r) => r.features.id.clone(),
             Output::Window(r) => r.id(),
             Output::Late(r) => r.id.clone(),
-            Output::DeadLetter(r) => r.position.to_string(),
-            Output::Raw(r) => r.position.to_string(),
+            Output::DeadLetter(r) => r.position.id(),
+            Output::Raw(r) => r.position.id(),
         }
     }
 
@@ -450,16 +466,16 @@ impl Serialize for Output {
                 map.serialize_entry("raw", &RawJson(&l.raw))?;
             }
             Output::DeadLetter(d) => {
-                map.serialize_entry("id", &d.position.to_string())?;
+                map.serialize_entry("id", &d.position.id())?;
                 map.serialize_entry("reason", &d.reason)?;
-                map.serialize_entry("position", &d.position.to_string())?;
+                map.serialize_entry("position", &d.position.id())?;
                 map.serialize_entry(
                     "raw_base64",
                     &base64::engine::general_purpose::STANDARD.encode(&d.raw),
                 )?;
             }
             Output::Raw(r) => {
-                map.serialize_entry("id", &r.position.to_string())?;
+                map.serialize_entry("id", &r.position.id())?;
                 map.serialize_entry("partition", &*r.position.partition)?;
                 map.serialize_entry("sequence", &*r.position.sequence)?;
                 if let Some(sub) = r.position.sub_sequence {
@@ -491,6 +507,19 @@ mod tests {
 
     fn names() -> FeatureNames {
         vec![Arc::from("event_count_5m"), Arc::from("metric_sum_1h")].into()
+    }
+
+    #[test]
+    fn position_id_is_its_display_form() {
+        let mut p = Position::new(Arc::from("shardId-000000000001"), "4963000000000000001");
+        assert_eq!(p.id(), "shardId-000000000001/4963000000000000001");
+        assert_eq!(p.id(), p.to_string());
+        p.sub_sequence = Some(u64::MAX);
+        assert_eq!(
+            p.id(),
+            "shardId-000000000001/4963000000000000001:18446744073709551615"
+        );
+        assert_eq!(p.id(), p.to_string());
     }
 
     #[test]

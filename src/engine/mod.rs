@@ -244,7 +244,7 @@ impl Engine {
         if late {
             self.op.stats.late += 1;
             out.push(Output::Late(LateRecord {
-                id: event.position.to_string(),
+                id: event.position.id(),
                 key: event.key.clone(),
                 event_time: t,
                 watermark: w_before,
@@ -254,7 +254,7 @@ impl Engine {
             let mut values = vec![None; self.names.len()];
             self.op.add_event(event, seq, w_before, &mut values)?;
             out.push(Output::Features(FeatureRecord {
-                id: event.position.to_string(),
+                id: event.position.id(),
                 key: event.key.clone(),
                 event_time: t,
                 features: FeatureVector {

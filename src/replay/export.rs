@@ -187,7 +187,7 @@ impl Sink for ExportSink {
                 match o {
                     Output::Raw(r) if r.event_time.is_some() => {
                         let label = self.label_of(&r.data);
-                        self.waiting.insert(r.position.to_string(), label);
+                        self.waiting.insert(r.position.id(), label);
                     }
                     Output::Late(l) => {
                         self.waiting.remove(&l.id);
