@@ -4,7 +4,8 @@
 //! 127.0.0.1), and where the time goes.
 //!
 //! Default 5 M events (about 1 GB of JSON lines, gzip);
-//! `SHARDFLOW_BENCH_EVENTS` scales it. The archive is written once, before
+//! `SHARDFLOW_BENCH_EVENTS` scales it. `SHARDFLOW_BENCH_CHECKPOINT` sets the
+//! replay's `checkpoint_interval` (default `2s`). The archive is written once, before
 //! anything is measured.
 //!
 //! - `replay/end_to_end`: the real thing, `replay::run` (list, 8 objects
@@ -56,7 +57,7 @@ fn config_text(url: &str, dir: &std::path::Path) -> String {
     format!(
         r#"
 [pipeline]
-checkpoint_interval = "2s"
+checkpoint_interval = "{checkpoint}"
 batch_size = 1024
 
 [source]
@@ -96,7 +97,8 @@ type = "file"
 path = "{dir}/dead.ndjson"
 kinds = ["dead_letter"]
 "#,
-        dir = dir.display()
+        dir = dir.display(),
+        checkpoint = std::env::var("SHARDFLOW_BENCH_CHECKPOINT").unwrap_or_else(|_| "2s".into()),
     )
 }
 
