@@ -43,19 +43,15 @@ impl Position {
         }
     }
 
-    /// `partition/sequence[:sub]` (the [`Display`](fmt::Display) form), built
-    /// in one allocation: every per-event output carries one.
+    /// The [`Display`](fmt::Display) form in one allocation, sized up front:
+    /// every per-event output carries one, and `to_string` grows its
+    /// buffer from empty.
     pub fn id(&self) -> String {
+        use std::fmt::Write as _;
         // ":" and at most 20 digits of a u64.
         let sub = if self.sub_sequence.is_some() { 21 } else { 0 };
         let mut id = String::with_capacity(self.partition.len() + 1 + self.sequence.len() + sub);
-        id.push_str(&self.partition);
-        id.push('/');
-        id.push_str(&self.sequence);
-        if let Some(sub) = self.sub_sequence {
-            use std::fmt::Write as _;
-            let _ = write!(id, ":{sub}");
-        }
+        let _ = write!(id, "{self}");
         id
     }
 }

@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use common::*;
 use proptest::prelude::*;
+use shardflow::config::Config;
 use shardflow::engine::{Engine, EngineOptions, Geometry};
 use shardflow::record::Output;
 
@@ -60,6 +61,20 @@ fn resume_index(steps: &[Step], positions: &[shardflow::record::Position]) -> us
         .map_or(0, |i| i + 1)
 }
 
+/// The outputs of all `steps` in one run, finished, on fresh state.
+fn uninterrupted(config: &Config, options: EngineOptions, steps: &[Step]) -> Vec<Output> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), config);
+    let engine = Engine::with_options(config, store.clone(), options).unwrap();
+    let mut run = Driver::new(engine, store, 0);
+    let mut out = Vec::new();
+    for s in steps {
+        run.step(s, &mut out);
+    }
+    run.engine.finish(&mut out).unwrap();
+    out
+}
+
 fn run_with_crashes(steps: &[Step], crashes: &BTreeSet<usize>, lateness: i64, cache: usize) {
     let config = config(10, 1_000_000_000, lateness, ALL_FEATURES);
     let options = EngineOptions {
@@ -67,18 +82,7 @@ fn run_with_crashes(steps: &[Step], crashes: &BTreeSet<usize>, lateness: i64, ca
         ..EngineOptions::default()
     };
 
-    let dir_a = tempfile::tempdir().unwrap();
-    let store = open(dir_a.path(), &config);
-    let mut a = Driver::new(
-        Engine::with_options(&config, store.clone(), options).unwrap(),
-        store,
-        0,
-    );
-    let mut expected = Vec::new();
-    for s in steps {
-        a.step(s, &mut expected);
-    }
-    a.engine.finish(&mut expected).unwrap();
+    let expected = uninterrupted(&config, options, steps);
 
     let dir_b = tempfile::tempdir().unwrap();
     let mut outputs: Vec<Output> = Vec::new();
@@ -132,15 +136,7 @@ fn run_with_results_switched(steps: &[Step], restart_at: usize, lateness: i64, f
         ..EngineOptions::default()
     };
 
-    let dir_a = tempfile::tempdir().unwrap();
-    let store = open(dir_a.path(), &config);
-    let engine = Engine::with_options(&config, store.clone(), options(true)).unwrap();
-    let mut a = Driver::new(engine, store, 0);
-    let mut expected = Vec::new();
-    for s in steps {
-        a.step(s, &mut expected);
-    }
-    a.engine.finish(&mut expected).unwrap();
+    let expected = uninterrupted(&config, options(true), steps);
 
     let dir_b = tempfile::tempdir().unwrap();
     let mut outputs: Vec<Output> = Vec::new();

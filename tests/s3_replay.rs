@@ -572,9 +572,11 @@ async fn config_replay_toml_works_as_documented() {
     let d = dir.path().to_owned();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/replay.toml");
     let url = server.url();
-    let shardflow = |args: Vec<String>| {
+    // Runs the binary to success within two minutes; gives its stderr.
+    let shardflow = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let (d, url) = (d.clone(), url.clone());
-        tokio::task::spawn_blocking(move || {
+        let run = tokio::task::spawn_blocking(move || {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardflow"))
                 .current_dir(&d)
                 .args(&args)
@@ -590,7 +592,13 @@ async fn config_replay_toml_works_as_documented() {
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             assert!(out.status.success(), "{args:?}: {stderr}");
             stderr
-        })
+        });
+        async move {
+            tokio::time::timeout(Duration::from_secs(120), run)
+                .await
+                .expect("shardflow ends")
+                .unwrap()
+        }
     };
     let config = config.to_string_lossy().into_owned();
     let run = [
@@ -601,13 +609,7 @@ async fn config_replay_toml_works_as_documented() {
         "--config",
         &config,
     ];
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        shardflow(run.iter().map(|s| s.to_string()).collect()),
-    )
-    .await
-    .expect("run ends")
-    .unwrap();
+    shardflow(&run).await;
     assert!(!server.list("demo-archive", "events/").await.is_empty());
     let replay = [
         "replay",
@@ -616,13 +618,7 @@ async fn config_replay_toml_works_as_documented() {
         "--export",
         "out/training.ndjson",
     ];
-    let stderr = tokio::time::timeout(
-        Duration::from_secs(120),
-        shardflow(replay.iter().map(|s| s.to_string()).collect()),
-    )
-    .await
-    .expect("replay ends")
-    .unwrap();
+    let stderr = shardflow(&replay).await;
     assert!(stderr.contains("replayed "), "{stderr}");
     assert!(stderr.contains(" 50000 records"), "{stderr}");
     let live = by_kind(&d.join("out/live/windows.ndjson"));
@@ -644,13 +640,7 @@ async fn config_replay_toml_works_as_documented() {
         "--export",
         "out/training.parquet",
     ];
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        shardflow(replay.iter().map(|s| s.to_string()).collect()),
-    )
-    .await
-    .expect("replay ends")
-    .unwrap();
+    shardflow(&replay).await;
     assert_parquet_rows_are(&d.join("out/training.parquet"), &rows);
 }
 

@@ -102,7 +102,6 @@ pub struct Engine {
     /// Arrival order, for first/last ties; checkpointed so a replay after a
     /// restore numbers events as the original run did.
     next_seq: u64,
-    window_results: bool,
 }
 
 /// Groups features by window geometry (features sharing one share slices).
@@ -201,7 +200,6 @@ impl Engine {
             names,
             lateness,
             next_seq,
-            window_results: options.window_results,
         })
     }
 
@@ -303,7 +301,7 @@ impl Engine {
             watermark: self.wm.current(),
             next_seq: self.next_seq,
             partitions: self.wm.partitions().to_vec(),
-            window_results: self.window_results,
+            window_results: self.op.window_results(),
         };
         let bytes = serde_json::to_vec(&meta)
             .map_err(|e| EngineError::Corrupt(format!("engine meta: {e}")))?;

@@ -201,6 +201,28 @@ fn load_stored(
     }
 }
 
+/// The state of `(spec, key)` in one probe of the map: the cached one, else
+/// the stored one (read into the cache), else `missing()` if that gives one.
+fn cached_state<'a>(
+    states: &'a mut States,
+    (store, store_may_have): (&StateStore, bool),
+    plan: &SpecPlan,
+    key: &str,
+    stats: &mut EngineStats,
+    missing: impl FnOnce() -> Option<KeyState>,
+) -> Result<Option<&'a mut KeyState>, EngineError> {
+    Ok(match states.entry(SmolStr::new(key)) {
+        Entry::Occupied(o) => Some(o.into_mut()),
+        Entry::Vacant(v) => match load_stored(store, store_may_have, plan, key)? {
+            Some(st) => {
+                stats.cache_loads += 1;
+                Some(v.insert(st))
+            }
+            None => missing().map(|st| v.insert(st)),
+        },
+    })
+}
+
 /// foldhash: per-process seeded and several times faster than SipHash on
 /// short keys; this map is hit for every event and every firing. Keys up to
 /// 23 bytes are stored inline ([`SmolStr`]), so comparing the probed entry's
@@ -421,18 +443,16 @@ impl Operator {
             let plan = &specs[si];
             // One hash lookup per event: the map is the engine's largest
             // structure and its probe is usually a cache miss.
-            let st = match states[si].entry(SmolStr::new(&*event.key)) {
-                Entry::Occupied(o) => o.into_mut(),
-                Entry::Vacant(v) => {
-                    let st = match load_stored(store, *store_may_have, plan, &event.key)? {
-                        Some(st) => {
-                            stats.cache_loads += 1;
-                            st
-                        }
-                        None => KeyState::new(),
-                    };
-                    v.insert(st)
-                }
+            let Some(st) = cached_state(
+                &mut states[si],
+                (store, *store_may_have),
+                plan,
+                &event.key,
+                stats,
+                || Some(KeyState::new()),
+            )?
+            else {
+                continue; // never: a missing state is created
             };
             let live = geo.first_live_window(w_before, *lateness);
             // Windows before `live` are purged, so all were handled when the
@@ -535,15 +555,16 @@ impl Operator {
         let plan = &specs[si];
         let geo = plan.geo;
         // One hash lookup: every firing visits a key, usually a cache miss.
-        let st = match states[si].entry(SmolStr::new(&**key)) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) => match load_stored(store, *store_may_have, plan, key)? {
-                Some(st) => {
-                    stats.cache_loads += 1;
-                    v.insert(st)
-                }
-                None => return Ok(()),
-            },
+        let Some(st) = cached_state(
+            &mut states[si],
+            (store, *store_may_have),
+            plan,
+            key,
+            stats,
+            || None,
+        )?
+        else {
+            return Ok(());
         };
         if st.timer != Some(due) {
             return Ok(()); // a stale entry: the key's timer moved
@@ -589,24 +610,22 @@ impl Operator {
     pub fn start_window_results(&mut self, w: i64) -> Result<(), EngineError> {
         let keys: Vec<(u16, Arc<str>)> = self
             .timers
-            .values()
-            .zip(self.timers.keys())
-            .flat_map(|(keys, (_, spec))| keys.iter().map(|k| (*spec, k.clone())))
+            .iter()
+            .flat_map(|(&(_, spec), keys)| keys.iter().map(move |k| (spec, k.clone())))
             .collect();
         for (spec, key) in keys {
             let si = usize::from(spec);
             let plan = &self.specs[si];
-            let st = match self.states[si].entry(SmolStr::new(&*key)) {
-                Entry::Occupied(o) => o.into_mut(),
-                Entry::Vacant(v) => {
-                    match load_stored(&self.store, self.store_may_have, plan, &key)? {
-                        Some(st) => {
-                            self.stats.cache_loads += 1;
-                            v.insert(st)
-                        }
-                        None => continue,
-                    }
-                }
+            let Some(st) = cached_state(
+                &mut self.states[si],
+                (&self.store, self.store_may_have),
+                plan,
+                &key,
+                &mut self.stats,
+                || None,
+            )?
+            else {
+                continue;
             };
             st.fired = st.fired.max(plan.geo.last_due_window(w));
             touch(&mut self.dirty, spec, &key, st);
@@ -680,6 +699,11 @@ impl Operator {
             self.stats.cache_evictions += (before - len) as u64;
             self.store_may_have = true;
         }
+    }
+
+    /// Whether window results are produced.
+    pub fn window_results(&self) -> bool {
+        self.results
     }
 
     /// Number of (spec, key) states in memory.

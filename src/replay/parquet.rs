@@ -525,11 +525,17 @@ mod tests {
         vec![("n".into(), AggKind::Count), ("total".into(), AggKind::Sum)]
     }
 
-    #[test]
-    fn rows_round_trip_with_typed_columns_and_nulls() {
+    /// A writer of `columns()` to `t.parquet` in a fresh directory.
+    fn writer(label: Option<&str>) -> (tempfile::TempDir, PathBuf, ParquetRows) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.parquet");
-        let mut w = ParquetRows::create(&path, &columns(), Some("y".into())).unwrap();
+        let w = ParquetRows::create(&path, &columns(), label.map(str::to_owned)).unwrap();
+        (dir, path, w)
+    }
+
+    #[test]
+    fn rows_round_trip_with_typed_columns_and_nulls() {
+        let (_dir, path, mut w) = writer(Some("y"));
         w.row_group_rows = 3;
         let labels = [
             json!(null),
@@ -595,9 +601,7 @@ mod tests {
 
     #[test]
     fn a_label_the_column_cannot_hold_fails_and_leaves_a_readable_partial_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.parquet");
-        let mut w = ParquetRows::create(&path, &columns(), Some("fraud".into())).unwrap();
+        let (_dir, path, mut w) = writer(Some("fraud"));
         w.row_group_rows = 2;
         for (i, label) in [json!(true), json!(false), json!(null)]
             .into_iter()
@@ -624,9 +628,7 @@ mod tests {
 
     #[test]
     fn an_empty_export_is_a_valid_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.parquet");
-        let mut w = ParquetRows::create(&path, &columns(), None).unwrap();
+        let (_dir, path, mut w) = writer(None);
         w.finish().unwrap();
         assert!(read_rows(&path).unwrap().is_empty());
     }
