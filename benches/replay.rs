@@ -369,6 +369,11 @@ fn stages(s: &Setup) -> [Duration; 7] {
     let t = Instant::now();
     with_results.engine.finish(&mut out).unwrap();
     times[5] += t.elapsed();
+    eprintln!(
+        "timer visits per event: {:.2} (window results on: {:.2})",
+        replayed.engine.stats().timer_visits as f64 / s.events as f64,
+        with_results.engine.stats().timer_visits as f64 / s.events as f64
+    );
     times
 }
 

@@ -226,8 +226,22 @@ fn fingerprint_mismatch_is_refused_unless_reset() {
 /// all once the input ends.
 #[test]
 fn purged_windows_leave_no_state() {
+    purged_state_is_bounded(true);
+}
+
+/// Without window results a key is visited when its whole state expires,
+/// and slices that expire before are dropped by its next event or that
+/// visit: a key with no live slice is still gone at once, and an expired
+/// slice lingers at most one horizon (out-of-orderness + size + slide).
+#[test]
+fn purged_windows_leave_no_state_without_window_results() {
+    purged_state_is_bounded(false);
+}
+
+fn purged_state_is_bounded(window_results: bool) {
+    let ooo = 50;
     let config = config(
-        50,
+        ooo,
         1_000_000_000,
         0,
         r#"
@@ -257,6 +271,7 @@ window = { type = "sliding", size = 200, slide = 50 }
         store.clone(),
         EngineOptions {
             cache_capacity: 500,
+            window_results,
             ..EngineOptions::default()
         },
     )
@@ -298,6 +313,8 @@ window = { type = "sliding", size = 200, slide = 50 }
             let w = d.engine.watermark();
             let mut live_slices = HashSet::new();
             let mut live_keys = HashSet::new();
+            // Slices that may still linger without window results.
+            let mut recent_slices = HashSet::new();
             for &(t, k) in &accepted {
                 for (spec, g) in geos.iter().enumerate() {
                     let s = g.slice_of(t);
@@ -305,14 +322,41 @@ window = { type = "sliding", size = 200, slide = 50 }
                         live_slices.insert((spec, k, s));
                         live_keys.insert((spec, k));
                     }
+                    if !g.is_late(t, w - (ooo + g.size + g.slide), 0) {
+                        recent_slices.insert((spec, k, s));
+                    }
                 }
             }
             let counts = store.key_counts().unwrap();
-            assert_eq!(
-                counts.slices,
-                live_slices.len(),
-                "slices after {i} events (W = {w})"
-            );
+            if window_results {
+                assert_eq!(
+                    counts.slices,
+                    live_slices.len(),
+                    "slices after {i} events (W = {w})"
+                );
+            } else {
+                let stored: HashSet<(usize, u32, i64)> = store
+                    .stored_slices()
+                    .unwrap()
+                    .into_iter()
+                    .map(|(spec, key, start)| {
+                        let spec = usize::from(spec);
+                        (spec, key[1..].parse().unwrap(), geos[spec].slice_of(start))
+                    })
+                    .collect();
+                assert!(
+                    live_slices.iter().all(|s| stored.contains(s)),
+                    "a live slice is missing after {i} events (W = {w})"
+                );
+                let stale: Vec<_> = stored
+                    .iter()
+                    .filter(|s| !recent_slices.contains(s) || !live_keys.contains(&(s.0, s.1)))
+                    .collect();
+                assert!(
+                    stale.is_empty(),
+                    "expired slices kept too long after {i} events (W = {w}): {stale:?}"
+                );
+            }
             assert_eq!(
                 counts.windows,
                 live_keys.len(),

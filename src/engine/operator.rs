@@ -6,13 +6,16 @@
 //! empty, or purged), the next revision of each fired-but-not-purged window,
 //! and one timer: the earliest window end at which something happens to it
 //! (its next window with data becomes due, or its oldest slice or revision
-//! is purged). Timers live in a `BTreeMap` ordered by that end, so firing is
-//! a range scan from the smallest end; a key whose timer moves leaves a
-//! stale entry behind that is skipped when reached (lazy deletion). The same
-//! timers are persisted as `(end, spec, key)` for restore. Without window
-//! results (no sink takes them) a key's timer is only its next purge: the
-//! per-event vectors never depended on firing, so the one visit per purged
-//! slice is all the state needs.
+//! is purged), or an earlier one: a timer moving later keeps its earlier
+//! visit, which reschedules it. Timers live in a `BTreeMap` ordered by that
+//! end, so firing is a range scan from the smallest end; a key whose timer
+//! moves earlier leaves a stale entry behind that is skipped when reached
+//! (lazy deletion). The same timers are persisted as `(end, spec, key)` for
+//! restore. Without window results (no sink takes them) a key's timer is
+//! when its whole state expires: the per-event vectors never depended on
+//! firing, and the slices that expire before that are dropped by the key's
+//! next event or that visit, so a busy key is visited once per expiry
+//! horizon rather than once per slice.
 //!
 //! The cache holds every state touched since the last committed checkpoint.
 //! An entry is evicted only when it is clean with respect to a *committed*
@@ -54,6 +57,8 @@ pub struct EngineStats {
     pub distinct_overflows: u64,
     pub cache_loads: u64,
     pub cache_evictions: u64,
+    /// Keys visited at their timer (firing, purging).
+    pub timer_visits: u64,
 }
 
 struct KeyState {
@@ -94,21 +99,24 @@ impl KeyState {
         self.windows.is_empty() && self.revisions.is_empty()
     }
 
-    /// Without window results (`results` false) nothing happens to a key
-    /// between its purges, so its timer waits for the next one.
+    /// The earliest window end at which something must happen to the key.
+    ///
+    /// Without window results (`results` false) nothing needs to happen
+    /// until the whole state expires, when its newest slice is purged:
+    /// older slices are dropped on the way, by the key's next event or that
+    /// visit. One visit per expiry instead of one per slice; a key that
+    /// goes quiet is still purged on time.
     fn next_due(&self, geo: &Geometry, lateness: i64, results: bool) -> Option<i64> {
-        let fire = if results {
-            self.windows
+        let (fire, slice) = if results {
+            let fire = self
+                .windows
                 .first_data_window_after(geo, self.fired)
-                .map(|j| geo.end_of(j))
+                .map(|j| geo.end_of(j));
+            (fire, self.windows.slices.front())
         } else {
-            None
+            (None, self.windows.slices.back())
         };
-        let slice = self
-            .windows
-            .slices
-            .front()
-            .map(|s| geo.purge_due_of_slice(s.idx, lateness));
+        let slice = slice.map(|s| geo.purge_due_of_slice(s.idx, lateness));
         let rev = self
             .revisions
             .front()
@@ -260,6 +268,10 @@ fn touch(dirty: &mut Vec<(u16, Arc<str>)>, spec: u16, key: &Arc<str>, st: &mut K
     }
 }
 
+/// Makes sure the key is visited by its next due time. A pending visit
+/// that comes earlier is kept (the visit reschedules): a busy key moves its
+/// due time on with every event, and an entry per move would cost a timer
+/// entry, and later a visit to skip it, per event.
 fn reschedule(
     timers: &mut BTreeMap<(i64, u16), Vec<Arc<str>>>,
     plan: &SpecPlan,
@@ -268,10 +280,13 @@ fn reschedule(
     st: &mut KeyState,
 ) {
     let due = st.next_due(&plan.geo, lateness, results);
-    if due != st.timer {
-        st.timer = due;
-        if let Some(d) = due {
-            timers.entry((d, plan.id)).or_default().push(key.clone());
+    match (st.timer, due) {
+        (Some(pending), Some(d)) if pending <= d => {}
+        (_, due) => {
+            st.timer = due;
+            if let Some(d) = due {
+                timers.entry((d, plan.id)).or_default().push(key.clone());
+            }
         }
     }
 }
@@ -436,6 +451,7 @@ impl Operator {
                 stats,
                 lateness,
                 results,
+                pending,
                 store,
                 store_may_have,
                 ..
@@ -458,6 +474,14 @@ impl Operator {
             // Windows before `live` are purged, so all were handled when the
             // watermark passed them (firing always precedes purging).
             st.fired = st.fired.max(live.saturating_sub(1));
+            // Without window results the key's timer waits for its whole
+            // state to expire; older slices go here. (With them, every
+            // purge was due at a timer already visited: nothing to do.)
+            st.windows.purge(&geo, w_before, *lateness, |idx| {
+                pending.delete_with(Cf::Slices, |b| {
+                    write_slice_key(b, plan.id, &event.key, idx.saturating_mul(geo.slide))
+                });
+            });
             let s = geo.slice_of(t);
             let outcome = st.windows.add(&geo, &plan.slots, s, event, seq);
             if outcome.distinct_overflowed {
@@ -569,6 +593,8 @@ impl Operator {
         if st.timer != Some(due) {
             return Ok(()); // a stale entry: the key's timer moved
         }
+        st.timer = None; // this visit is spent
+        stats.timer_visits += 1;
         let last_due = geo.last_due_window(w);
         if *results {
             while let Some(j) = st

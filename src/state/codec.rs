@@ -204,6 +204,15 @@ pub fn parse_timer_key(bytes: &[u8]) -> Result<(i64, u16, String), CodecError> {
     Ok((due, spec, key))
 }
 
+/// Inverse of [`slice_key`].
+pub fn parse_slice_key(bytes: &[u8]) -> Result<(u16, String, i64), CodecError> {
+    let mut r = Reader::new(bytes);
+    let spec = r.u16_ordered()?;
+    let key = r.str_ordered()?;
+    let start = r.i64_ordered()?;
+    Ok((spec, key, start))
+}
+
 /// The slice start stored after a [`key_prefix`].
 pub fn parse_slice_start(bytes: &[u8], prefix_len: usize) -> Result<i64, CodecError> {
     let rest = bytes
@@ -240,7 +249,12 @@ mod tests {
                 parse_slice_start(&slice_key(3, key, 99), p.len()).unwrap(),
                 99
             );
+            assert_eq!(
+                parse_slice_key(&slice_key(3, key, -99)).unwrap(),
+                (3, key.to_string(), -99)
+            );
         }
         assert!(parse_timer_key(&[1, 2, 3]).is_err());
+        assert!(parse_slice_key(&[0, 1]).is_err());
     }
 }

@@ -375,6 +375,24 @@ impl StateStore {
         Ok(iter.next().transpose()?.is_some())
     }
 
+    /// Every stored slice as `(spec, key, slice_start)` (a full scan; tests
+    /// and diagnostics).
+    pub fn stored_slices(&self) -> Result<Vec<(u16, String, i64)>, StateError> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(Cf::Slices)?, IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            out.push(codec::parse_slice_key(&k).map_err(|e| StateError::Corrupt {
+                what: "slices",
+                detail: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
     /// Counts entries per column family (a full scan; tests and diagnostics).
     pub fn key_counts(&self) -> Result<KeyCounts, StateError> {
         let count = |cf: Cf| -> Result<usize, StateError> {
