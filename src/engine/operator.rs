@@ -25,10 +25,10 @@
 //! `capacity` is therefore a soft bound: state changed since the last commit
 //! always stays in memory.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use smol_str::SmolStr;
 
 use crate::record::Event;
@@ -209,33 +209,46 @@ fn load_stored(
     }
 }
 
-/// The state of `(spec, key)` in one probe of the map: the cached one, else
-/// the stored one (read into the cache), else `missing()` if that gives one.
-fn cached_state<'a>(
-    states: &'a mut States,
+/// The cached state of `(spec, key)` in its slot, else the stored one (read
+/// into the slot), else `missing()` if that gives one.
+fn slot_state<'a>(
+    slot: &'a mut Option<KeyState>,
     (store, store_may_have): (&StateStore, bool),
     plan: &SpecPlan,
     key: &str,
     stats: &mut EngineStats,
     missing: impl FnOnce() -> Option<KeyState>,
 ) -> Result<Option<&'a mut KeyState>, EngineError> {
-    Ok(match states.entry(SmolStr::new(key)) {
-        Entry::Occupied(o) => Some(o.into_mut()),
-        Entry::Vacant(v) => match load_stored(store, store_may_have, plan, key)? {
+    if slot.is_none() {
+        *slot = match load_stored(store, store_may_have, plan, key)? {
             Some(st) => {
                 stats.cache_loads += 1;
-                Some(v.insert(st))
+                Some(st)
             }
-            None => missing().map(|st| v.insert(st)),
-        },
-    })
+            None => missing(),
+        };
+    }
+    Ok(slot.as_mut())
 }
+
+/// A key's states, one slot per window spec (indexed by spec id). `None`:
+/// not in memory, because it never existed, was purged and dropped, or was
+/// evicted (then the store has it). Held inline, so an event reaches the
+/// states of all its specs with one probe and no further pointer chase.
+type KeyStates = SmallVec<[Option<KeyState>; 2]>;
 
 /// foldhash: per-process seeded and several times faster than SipHash on
 /// short keys; this map is hit for every event and every firing. Keys up to
 /// 23 bytes are stored inline ([`SmolStr`]), so comparing the probed entry's
 /// key does not chase a pointer to another cache line.
-type States = HashMap<SmolStr, KeyState, foldhash::fast::RandomState>;
+type States = HashMap<SmolStr, KeyStates, foldhash::fast::RandomState>;
+
+/// The slots of `key`, made (all empty) if it has none in memory.
+fn key_states<'a>(states: &'a mut States, key: &str, specs: usize) -> &'a mut KeyStates {
+    states
+        .entry(SmolStr::new(key))
+        .or_insert_with(|| (0..specs).map(|_| None).collect())
+}
 
 pub struct Operator {
     pub specs: Vec<SpecPlan>,
@@ -245,7 +258,7 @@ pub struct Operator {
     /// are unchanged, and a key is visited once per purge instead of once
     /// per window with data.
     results: bool,
-    states: Vec<States>,
+    states: States,
     timers: BTreeMap<(i64, u16), Vec<Arc<str>>>,
     dirty: Vec<(u16, Arc<str>)>,
     /// Deletes of purged slices since the last snapshot.
@@ -408,7 +421,7 @@ impl Operator {
         }
         let store_may_have = store.has_key_state()?;
         Ok(Operator {
-            states: specs.iter().map(|_| States::default()).collect(),
+            states: States::default(),
             scratch: specs.iter().map(|s| Acc::empty(&s.slots)).collect(),
             specs,
             lateness,
@@ -436,31 +449,31 @@ impl Operator {
         values: &mut [Option<Value>],
     ) -> Result<(), EngineError> {
         let t = event.event_time;
-        for si in 0..self.specs.len() {
-            let geo = self.specs[si].geo;
-            if geo.is_late(t, w_before, self.lateness) {
+        let Operator {
+            specs,
+            states,
+            timers,
+            dirty,
+            scratch,
+            refire,
+            stats,
+            lateness,
+            results,
+            pending,
+            store,
+            store_may_have,
+            ..
+        } = self;
+        // One hash lookup per event for all specs: the map is the engine's
+        // largest structure and its probe is usually a cache miss.
+        let slots = key_states(states, &event.key, specs.len());
+        for (si, plan) in specs.iter().enumerate() {
+            let geo = plan.geo;
+            if geo.is_late(t, w_before, *lateness) {
                 continue;
             }
-            let Operator {
-                specs,
-                states,
-                timers,
-                dirty,
-                scratch,
-                refire,
-                stats,
-                lateness,
-                results,
-                pending,
-                store,
-                store_may_have,
-                ..
-            } = self;
-            let plan = &specs[si];
-            // One hash lookup per event: the map is the engine's largest
-            // structure and its probe is usually a cache miss.
-            let Some(st) = cached_state(
-                &mut states[si],
+            let Some(st) = slot_state(
+                &mut slots[si],
                 (store, *store_may_have),
                 plan,
                 &event.key,
@@ -528,7 +541,7 @@ impl Operator {
         for (spec, key, lo, hi) in refire.drain(..) {
             let si = usize::from(spec);
             let plan = &specs[si];
-            let Some(st) = states[si].get_mut(&*key) else {
+            let Some(st) = states.get_mut(&*key).and_then(|s| s[si].as_mut()) else {
                 continue;
             };
             for j in lo..=hi {
@@ -579,8 +592,16 @@ impl Operator {
         let plan = &specs[si];
         let geo = plan.geo;
         // One hash lookup: every firing visits a key, usually a cache miss.
-        let Some(st) = cached_state(
-            &mut states[si],
+        let slots = if *store_may_have {
+            key_states(states, key, specs.len())
+        } else {
+            match states.get_mut(&**key) {
+                Some(slots) => slots,
+                None => return Ok(()), // a stale entry of a dropped state
+            }
+        };
+        let Some(st) = slot_state(
+            &mut slots[si],
             (store, *store_may_have),
             plan,
             key,
@@ -642,8 +663,9 @@ impl Operator {
         for (spec, key) in keys {
             let si = usize::from(spec);
             let plan = &self.specs[si];
-            let Some(st) = cached_state(
-                &mut self.states[si],
+            let slots = key_states(&mut self.states, &key, self.specs.len());
+            let Some(st) = slot_state(
+                &mut slots[si],
                 (&self.store, self.store_may_have),
                 plan,
                 &key,
@@ -677,16 +699,19 @@ impl Operator {
         // When most cached states changed (the usual case between two
         // checkpoints of a busy stream), one pass over the maps in memory
         // order beats a hash lookup, usually a cache miss, per dirty key.
-        if dirty.len().saturating_mul(2) >= self.cached_states() {
-            for (plan, states) in self.specs.iter().zip(&mut self.states) {
-                for (key, st) in states.iter_mut().filter(|(_, st)| st.dirty) {
-                    snapshot_key(plan, key, st, id, &mut delta);
+        if dirty.len().saturating_mul(2) >= self.states.len() {
+            for (key, slots) in &mut self.states {
+                for (plan, slot) in self.specs.iter().zip(slots.iter_mut()) {
+                    if let Some(st) = slot.as_mut().filter(|st| st.dirty) {
+                        snapshot_key(plan, key, st, id, &mut delta);
+                    }
                 }
             }
         } else {
             for (spec, key) in dirty.drain(..) {
                 let si = usize::from(spec);
-                if let Some(st) = self.states[si].get_mut(&*key).filter(|st| st.dirty) {
+                let slot = self.states.get_mut(&*key).and_then(|s| s[si].as_mut());
+                if let Some(st) = slot.filter(|st| st.dirty) {
                     snapshot_key(&self.specs[si], &key, st, id, &mut delta);
                 }
             }
@@ -702,24 +727,30 @@ impl Operator {
         self.committed = self.committed.max(id);
         let committed = self.committed;
         let clean = |st: &KeyState| !st.dirty && st.snapshot_id <= committed;
-        for states in &mut self.states {
-            states.retain(|_, st| !(st.is_empty() && clean(st)));
-        }
-        let mut len: usize = self.states.iter().map(HashMap::len).sum();
+        let mut len = 0;
+        self.states.retain(|_, slots| {
+            for slot in slots.iter_mut() {
+                if slot.as_ref().is_some_and(|st| st.is_empty() && clean(st)) {
+                    *slot = None;
+                }
+            }
+            let held = slots.iter().flatten().count();
+            len += held;
+            held > 0
+        });
         if len <= self.capacity {
             return;
         }
         let before = len;
-        for states in &mut self.states {
-            states.retain(|_, st| {
-                if len > self.capacity && clean(st) {
+        self.states.retain(|_, slots| {
+            for slot in slots.iter_mut() {
+                if len > self.capacity && slot.as_ref().is_some_and(clean) {
+                    *slot = None;
                     len -= 1;
-                    false
-                } else {
-                    true
                 }
-            });
-        }
+            }
+            slots.iter().any(Option::is_some)
+        });
         if len < before {
             // Evicted states now live only in RocksDB: misses must read it.
             self.stats.cache_evictions += (before - len) as u64;
@@ -734,7 +765,10 @@ impl Operator {
 
     /// Number of (spec, key) states in memory.
     pub fn cached_states(&self) -> usize {
-        self.states.iter().map(HashMap::len).sum()
+        self.states
+            .values()
+            .map(|s| s.iter().flatten().count())
+            .sum()
     }
 
     /// Number of timer entries in memory (including stale ones).
