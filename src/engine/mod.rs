@@ -310,6 +310,7 @@ impl Engine {
         metrics::counter!("shardflow_engine_events_total").absolute(s.events);
         metrics::counter!("shardflow_engine_late_events_total").absolute(s.late);
         metrics::counter!("shardflow_engine_window_results_total").absolute(s.window_results);
+        metrics::counter!("shardflow_engine_timer_visits_total").absolute(s.timer_visits);
         metrics::counter!("shardflow_distinct_overflow_total").absolute(s.distinct_overflows);
         metrics::gauge!("shardflow_engine_cached_states").set(self.op.cached_states() as f64);
         Ok(delta)
