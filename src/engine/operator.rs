@@ -281,6 +281,24 @@ fn touch(dirty: &mut Vec<(u16, Arc<str>)>, spec: u16, key: &Arc<str>, st: &mut K
     }
 }
 
+/// Drops the slices of `key` that are purged at watermark `w`, queueing the
+/// deletes of those already stored.
+fn purge_slices(
+    pending: &mut StateDelta,
+    plan: &SpecPlan,
+    key: &str,
+    st: &mut KeyState,
+    w: i64,
+    lateness: i64,
+) {
+    let geo = plan.geo;
+    st.windows.purge(&geo, w, lateness, |idx| {
+        pending.delete_with(Cf::Slices, |b| {
+            write_slice_key(b, plan.id, key, idx.saturating_mul(geo.slide))
+        });
+    });
+}
+
 /// Makes sure the key is visited by its next due time. A pending visit
 /// that comes earlier is kept (the visit reschedules): a busy key moves its
 /// due time on with every event, and an entry per move would cost a timer
@@ -490,11 +508,7 @@ impl Operator {
             // Without window results the key's timer waits for its whole
             // state to expire; older slices go here. (With them, every
             // purge was due at a timer already visited: nothing to do.)
-            st.windows.purge(&geo, w_before, *lateness, |idx| {
-                pending.delete_with(Cf::Slices, |b| {
-                    write_slice_key(b, plan.id, &event.key, idx.saturating_mul(geo.slide))
-                });
-            });
+            purge_slices(pending, plan, &event.key, st, w_before, *lateness);
             let s = geo.slice_of(t);
             let outcome = st.windows.add(&geo, &plan.slots, s, event, seq);
             if outcome.distinct_overflowed {
@@ -632,11 +646,7 @@ impl Operator {
             }
         }
         st.fired = st.fired.max(last_due);
-        st.windows.purge(&geo, w, *lateness, |idx| {
-            pending.delete_with(Cf::Slices, |b| {
-                write_slice_key(b, plan.id, key, idx.saturating_mul(geo.slide))
-            });
-        });
+        purge_slices(pending, plan, key, st, w, *lateness);
         while let Some((j, _)) = st.revisions.front() {
             if geo.purge_due_of_window(*j, *lateness).saturating_sub(1) > w {
                 break;

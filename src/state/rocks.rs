@@ -325,15 +325,20 @@ impl StateStore {
 
     /// Every persisted timer `(due, spec, key)`, in due order (restore only).
     pub(crate) fn load_timers(&self) -> Result<Vec<(i64, u16, String)>, StateError> {
+        self.parse_keys(Cf::Timers, codec::parse_timer_key)
+    }
+
+    /// Every key of `cf`, parsed, in key order (a full scan).
+    fn parse_keys<T>(
+        &self,
+        cf: Cf,
+        parse: impl Fn(&[u8]) -> Result<T, codec::CodecError>,
+    ) -> Result<Vec<T>, StateError> {
         let mut out = Vec::new();
-        for item in self
-            .inner
-            .db
-            .iterator_cf(self.cf(Cf::Timers)?, IteratorMode::Start)
-        {
+        for item in self.inner.db.iterator_cf(self.cf(cf)?, IteratorMode::Start) {
             let (k, _) = item?;
-            out.push(codec::parse_timer_key(&k).map_err(|e| StateError::Corrupt {
-                what: "timers",
+            out.push(parse(&k).map_err(|e| StateError::Corrupt {
+                what: cf.name(),
                 detail: e.to_string(),
             })?);
         }
@@ -378,19 +383,7 @@ impl StateStore {
     /// Every stored slice as `(spec, key, slice_start)` (a full scan; tests
     /// and diagnostics).
     pub fn stored_slices(&self) -> Result<Vec<(u16, String, i64)>, StateError> {
-        let mut out = Vec::new();
-        for item in self
-            .inner
-            .db
-            .iterator_cf(self.cf(Cf::Slices)?, IteratorMode::Start)
-        {
-            let (k, _) = item?;
-            out.push(codec::parse_slice_key(&k).map_err(|e| StateError::Corrupt {
-                what: "slices",
-                detail: e.to_string(),
-            })?);
-        }
-        Ok(out)
+        self.parse_keys(Cf::Slices, codec::parse_slice_key)
     }
 
     /// Counts entries per column family (a full scan; tests and diagnostics).
