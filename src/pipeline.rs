@@ -338,6 +338,7 @@ pub async fn run(
             cache_capacity: config.pipeline.state_cache_entries,
             event_time_only: options.replay,
             window_results,
+            ..EngineOptions::default()
         },
     )
     .context("restoring the window engine")?;

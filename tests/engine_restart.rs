@@ -75,14 +75,25 @@ fn uninterrupted(config: &Config, options: EngineOptions, steps: &[Step]) -> Vec
     out
 }
 
-fn run_with_crashes(steps: &[Step], crashes: &BTreeSet<usize>, lateness: i64, cache: usize) {
+/// `inline_max` is the inline record limit of the first run; each restart
+/// uses the next of `inline_max`, 0 (every key's slices stored one by one)
+/// and the default, so records written under one limit are read and
+/// rewritten under another.
+fn run_with_crashes(
+    steps: &[Step],
+    crashes: &BTreeSet<usize>,
+    lateness: i64,
+    (cache, inline_max): (usize, usize),
+) {
     let config = config(10, 1_000_000_000, lateness, ALL_FEATURES);
-    let options = EngineOptions {
+    let limits = [inline_max, 0, EngineOptions::default().inline_record_max];
+    let options = |restarts: usize| EngineOptions {
         cache_capacity: cache,
+        inline_record_max: limits[restarts % limits.len()],
         ..EngineOptions::default()
     };
 
-    let expected = uninterrupted(&config, options, steps);
+    let expected = uninterrupted(&config, options(0), steps);
 
     let dir_b = tempfile::tempdir().unwrap();
     let mut outputs: Vec<Output> = Vec::new();
@@ -97,7 +108,7 @@ fn run_with_crashes(steps: &[Step], crashes: &BTreeSet<usize>, lateness: i64, ca
         }
         // Processing time does not affect results here (no idleness), but
         // keep it increasing across restarts like a real clock.
-        let engine = Engine::with_options(&config, store.clone(), options).unwrap();
+        let engine = Engine::with_options(&config, store.clone(), options(restarts)).unwrap();
         let mut b = Driver::new(engine, store, 0);
         let mut crashed = false;
         while i < steps.len() {
@@ -200,8 +211,10 @@ proptest! {
         crash_points in proptest::collection::btree_set(0usize..90, 0..4),
         lateness in prop_oneof![Just(0i64), Just(30)],
         cache in prop_oneof![Just(1usize), Just(10_000)],
+        // 0: no record inline; 400: records switch layout as keys grow.
+        inline_max in prop_oneof![Just(0usize), Just(400), Just(1024)],
     ) {
-        run_with_crashes(&steps(&raws), &crash_points, lateness, cache);
+        run_with_crashes(&steps(&raws), &crash_points, lateness, (cache, inline_max));
     }
 }
 
@@ -226,7 +239,14 @@ fn fingerprint_mismatch_is_refused_unless_reset() {
 /// all once the input ends.
 #[test]
 fn purged_windows_leave_no_state() {
-    purged_state_is_bounded(true);
+    purged_state_is_bounded(true, EngineOptions::default().inline_record_max);
+}
+
+/// The same with every key's slices stored one by one (the layout of keys
+/// whose slices are too large to keep inline in their window record).
+#[test]
+fn purged_windows_leave_no_state_with_slices_stored_apart() {
+    purged_state_is_bounded(true, 0);
 }
 
 /// Without window results a key is visited when its whole state expires,
@@ -235,10 +255,11 @@ fn purged_windows_leave_no_state() {
 /// slice lingers at most one horizon (out-of-orderness + size + slide).
 #[test]
 fn purged_windows_leave_no_state_without_window_results() {
-    purged_state_is_bounded(false);
+    purged_state_is_bounded(false, EngineOptions::default().inline_record_max);
+    purged_state_is_bounded(false, 0);
 }
 
-fn purged_state_is_bounded(window_results: bool) {
+fn purged_state_is_bounded(window_results: bool, inline_record_max: usize) {
     let ooo = 50;
     let config = config(
         ooo,
@@ -272,6 +293,7 @@ window = { type = "sliding", size = 200, slide = 50 }
         EngineOptions {
             cache_capacity: 500,
             window_results,
+            inline_record_max,
             ..EngineOptions::default()
         },
     )

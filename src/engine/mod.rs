@@ -66,6 +66,10 @@ pub struct EngineOptions {
     /// output are the same, and firing costs one visit per purged slice
     /// instead of one per window with data.
     pub window_results: bool,
+    /// A key's `windows` record keeps its slices inline up to this many
+    /// bytes; past it they are stored one by one. Either layout reads back
+    /// whatever the limit, so it can change between runs.
+    pub inline_record_max: usize,
 }
 
 impl Default for EngineOptions {
@@ -74,6 +78,7 @@ impl Default for EngineOptions {
             cache_capacity: 1_000_000,
             event_time_only: false,
             window_results: true,
+            inline_record_max: operator::INLINE_RECORD_MAX,
         }
     }
 }
@@ -188,7 +193,7 @@ impl Engine {
             lateness,
             options.window_results,
             store,
-            options.cache_capacity,
+            (options.cache_capacity, options.inline_record_max),
         )?;
         if options.window_results && !stored_results {
             tracing::info!("a sink now subscribes to window results: scheduling every stored key");

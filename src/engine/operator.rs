@@ -10,8 +10,8 @@
 //! visit, which reschedules it. Timers live in a `BTreeMap` ordered by that
 //! end, so firing is a range scan from the smallest end; a key whose timer
 //! moves earlier leaves a stale entry behind that is skipped when reached
-//! (lazy deletion). The same timers are persisted as `(end, spec, key)` for
-//! restore. Without window results (no sink takes them) a key's timer is
+//! (lazy deletion). Each key's timer is persisted in its `windows` record,
+//! from which a restore rebuilds the timer index. Without window results (no sink takes them) a key's timer is
 //! when its whole state expires: the per-event vectors never depended on
 //! firing, and the slices that expire before that are dropped by the key's
 //! next event or that visit, so a busy key is visited once per expiry
@@ -33,7 +33,7 @@ use smol_str::SmolStr;
 
 use crate::record::Event;
 use crate::record::{Output, Value, WindowResult};
-use crate::state::codec::{write_key_prefix, write_slice_key, write_timer_key, Reader, Writer};
+use crate::state::codec::{write_key_prefix, write_slice_key, Reader, WindowRecord, Writer};
 use crate::state::{Cf, StateDelta, StateStore};
 
 use super::aggregate::{Acc, FeatureSlot};
@@ -77,7 +77,19 @@ struct KeyState {
     snapshot_id: u64,
     /// The `windows` entry exists in the store (or in a handed-out delta).
     stored: bool,
+    /// The slices live in the slices column family, not inline in the
+    /// `windows` record: the record grew past the inline limit. Stays so
+    /// until the state empties.
+    separate: bool,
 }
+
+/// By default a `windows` record holds its key's slices inline up to this
+/// size ([`EngineOptions::inline_record_max`](super::EngineOptions)). An
+/// inline record is rewritten whole at every checkpoint that changes the
+/// key, which is one put instead of a put per changed slice and a delete
+/// per purged one; past about a KiB rewriting the unchanged slices costs
+/// more than those ops (long windows with many or large slices).
+pub(crate) const INLINE_RECORD_MAX: usize = 1024;
 
 impl KeyState {
     fn new() -> KeyState {
@@ -92,6 +104,7 @@ impl KeyState {
             dirty: false,
             snapshot_id: 0,
             stored: false,
+            separate: false,
         }
     }
 
@@ -140,55 +153,51 @@ impl KeyState {
         }
     }
 
-    fn encode_meta(&self, w: &mut Writer) {
-        w.i64(self.fired);
-        match self.timer {
-            Some(t) => {
-                w.u8(1);
-                w.i64(t);
-            }
-            None => w.u8(0),
-        }
-        w.u32(self.revisions.len() as u32);
-        for (j, r) in &self.revisions {
-            w.i64(*j);
-            w.u32(*r);
-        }
+    /// Everything of the `windows` record up to the slices.
+    fn encode_head(&self, w: &mut Writer) {
+        WindowRecord::write_head(w, self.fired, self.timer, self.revisions.iter().copied());
     }
 
+    /// The state stored as `record`, reading its slices from the store when
+    /// the record does not hold them.
     fn decode(
         plan: &SpecPlan,
-        meta: &[u8],
-        slices: Vec<(i64, Vec<u8>)>,
+        key: &str,
+        record: &[u8],
+        store: &StateStore,
     ) -> Result<KeyState, EngineError> {
         let corrupt = |e: crate::state::codec::CodecError| EngineError::Corrupt(e.to_string());
-        let mut r = Reader::new(meta);
-        let fired = r.i64().map_err(corrupt)?;
-        let timer = match r.u8().map_err(corrupt)? {
-            0 => None,
-            _ => Some(r.i64().map_err(corrupt)?),
+        let record = WindowRecord::decode(record).map_err(corrupt)?;
+        let separate = record.inline.is_none();
+        let stored_slices;
+        let slices: Vec<(i64, &[u8])> = match record.inline {
+            Some(inline) => inline,
+            None => {
+                stored_slices = store.load_slices(plan.id, key)?;
+                stored_slices.iter().map(|(s, b)| (*s, &b[..])).collect()
+            }
         };
-        let n = r.u32().map_err(corrupt)?;
-        let mut revisions = VecDeque::with_capacity(n as usize);
-        for _ in 0..n {
-            revisions.push_back((r.i64().map_err(corrupt)?, r.u32().map_err(corrupt)?));
-        }
         let mut restored = VecDeque::with_capacity(slices.len());
         for (start, bytes) in slices {
-            let acc = Acc::decode(&plan.slots, &mut Reader::new(&bytes)).map_err(corrupt)?;
-            restored.push_back(Slice::restored(start.div_euclid(plan.geo.slide), acc));
+            let acc = Acc::decode(&plan.slots, &mut Reader::new(bytes)).map_err(corrupt)?;
+            restored.push_back(Slice::restored(
+                start.div_euclid(plan.geo.slide),
+                acc,
+                separate,
+            ));
         }
         Ok(KeyState {
             windows: KeyWindows::from_slices(restored),
-            fired,
-            revisions,
-            timer,
-            persisted_timer: timer,
-            persisted_fired: fired,
+            fired: record.fired,
+            revisions: record.revisions.into(),
+            timer: record.timer,
+            persisted_timer: record.timer,
+            persisted_fired: record.fired,
             revisions_changed: false,
             dirty: false,
             snapshot_id: 0,
             stored: true,
+            separate,
         })
     }
 }
@@ -204,7 +213,7 @@ fn load_stored(
         return Ok(None);
     }
     match store.load_key(plan.id, key)? {
-        Some((meta, slices)) => Ok(Some(KeyState::decode(plan, &meta, slices)?)),
+        Some(record) => Ok(Some(KeyState::decode(plan, key, &record, store)?)),
         None => Ok(None),
     }
 }
@@ -268,6 +277,8 @@ pub struct Operator {
     store_may_have: bool,
     committed: u64,
     capacity: usize,
+    /// See [`EngineOptions::inline_record_max`](super::EngineOptions).
+    inline_max: usize,
     scratch: Vec<Acc>,
     /// Windows the current event updated after they were fired (step 5).
     refire: Vec<(u16, Arc<str>, i64, i64)>,
@@ -361,30 +372,70 @@ fn emit(
 }
 
 /// Encodes the changes of one dirty `(spec, key)` state into `delta`.
-fn snapshot_key(plan: &SpecPlan, key: &str, st: &mut KeyState, id: u64, delta: &mut StateDelta) {
+fn snapshot_key(
+    plan: &SpecPlan,
+    (key, st): (&str, &mut KeyState),
+    (id, inline_max): (u64, usize),
+    delta: &mut StateDelta,
+) {
     let spec = plan.id;
+    let slide = plan.geo.slide;
     st.dirty = false;
     st.snapshot_id = id;
-    // Most keys change only a slice between checkpoints; rewriting their
-    // metadata too would double the batch.
-    let meta_changed = !st.stored
-        || st.fired != st.persisted_fired
-        || st.timer != st.persisted_timer
-        || st.revisions_changed;
-    if st.persisted_timer != st.timer || st.is_empty() {
-        if let Some(t) = st.persisted_timer.take() {
-            delta.delete_with(Cf::Timers, |b| write_timer_key(b, t, spec, key));
-        }
-    }
     if st.is_empty() {
+        // Separate slices were deleted as they were purged.
         if st.stored {
             delta.delete_with(Cf::Windows, |b| write_key_prefix(b, spec, key));
             st.stored = false;
         }
+        st.separate = false;
         return;
     }
+    // The record must say where the slices are when that changes.
+    let mut switched = false;
+    if !st.separate {
+        delta.put_with(
+            Cf::Windows,
+            |b| write_key_prefix(b, spec, key),
+            |b| {
+                encode_into(b, |w| {
+                    st.encode_head(w);
+                    let slices = st.windows.slices.iter().map(|s| {
+                        let start = s.idx.saturating_mul(slide);
+                        (start, |w: &mut Writer| s.acc.encode(w))
+                    });
+                    WindowRecord::write_inline(w, slices);
+                })
+            },
+        );
+        if delta.last_value_len() <= inline_max {
+            for slice in st.windows.slices.iter_mut() {
+                slice.dirty = false;
+            }
+            st.persisted_timer = st.timer;
+            st.persisted_fired = st.fired;
+            st.revisions_changed = false;
+            st.stored = true;
+            return;
+        }
+        // Too large to rewrite at every checkpoint: from now on each slice
+        // is stored on its own, starting with all of them.
+        delta.pop();
+        st.separate = true;
+        switched = true;
+        for slice in st.windows.slices.iter_mut() {
+            slice.dirty = true;
+        }
+    }
+    // Most keys change only a slice between checkpoints; rewriting their
+    // record too would double the batch.
+    let record_changed = switched
+        || !st.stored
+        || st.fired != st.persisted_fired
+        || st.timer != st.persisted_timer
+        || st.revisions_changed;
     for slice in st.windows.slices.iter_mut().filter(|s| s.dirty) {
-        let start = slice.idx.saturating_mul(plan.geo.slide);
+        let start = slice.idx.saturating_mul(slide);
         delta.put_with(
             Cf::Slices,
             |b| write_slice_key(b, spec, key, start),
@@ -393,18 +444,18 @@ fn snapshot_key(plan: &SpecPlan, key: &str, st: &mut KeyState, id: u64, delta: &
         slice.dirty = false;
         slice.stored = true;
     }
-    if st.persisted_timer != st.timer {
-        if let Some(t) = st.timer {
-            delta.put_with(Cf::Timers, |b| write_timer_key(b, t, spec, key), |_| {});
-        }
-        st.persisted_timer = st.timer;
-    }
-    if meta_changed {
+    if record_changed {
         delta.put_with(
             Cf::Windows,
             |b| write_key_prefix(b, spec, key),
-            |b| encode_into(b, |w| st.encode_meta(w)),
+            |b| {
+                encode_into(b, |w| {
+                    st.encode_head(w);
+                    WindowRecord::write_separate(w);
+                })
+            },
         );
+        st.persisted_timer = st.timer;
         st.persisted_fired = st.fired;
         st.revisions_changed = false;
     }
@@ -426,7 +477,7 @@ impl Operator {
         lateness: i64,
         results: bool,
         store: StateStore,
-        capacity: usize,
+        (capacity, inline_max): (usize, usize),
     ) -> Result<Operator, EngineError> {
         let mut timers: BTreeMap<(i64, u16), Vec<Arc<str>>> = BTreeMap::new();
         for (due, spec, key) in store.load_timers()? {
@@ -451,6 +502,7 @@ impl Operator {
             store_may_have,
             committed: 0,
             capacity: capacity.max(1),
+            inline_max,
             refire: Vec::new(),
             stats: EngineStats::default(),
         })
@@ -713,7 +765,7 @@ impl Operator {
             for (key, slots) in &mut self.states {
                 for (plan, slot) in self.specs.iter().zip(slots.iter_mut()) {
                     if let Some(st) = slot.as_mut().filter(|st| st.dirty) {
-                        snapshot_key(plan, key, st, id, &mut delta);
+                        snapshot_key(plan, (key, st), (id, self.inline_max), &mut delta);
                     }
                 }
             }
@@ -722,7 +774,12 @@ impl Operator {
                 let si = usize::from(spec);
                 let slot = self.states.get_mut(&*key).and_then(|s| s[si].as_mut());
                 if let Some(st) = slot.filter(|st| st.dirty) {
-                    snapshot_key(&self.specs[si], &key, st, id, &mut delta);
+                    snapshot_key(
+                        &self.specs[si],
+                        (&key, st),
+                        (id, self.inline_max),
+                        &mut delta,
+                    );
                 }
             }
         }

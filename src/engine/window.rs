@@ -113,19 +113,22 @@ pub struct Slice {
     suffix: Option<Box<Acc>>,
     /// Changed since the last snapshot.
     pub dirty: bool,
-    /// Present in RocksDB (or in a delta already handed to the pipeline).
+    /// Present in the slices column family (or in a delta already handed
+    /// to the pipeline), so purging it must delete it there.
     pub stored: bool,
 }
 
 impl Slice {
-    pub fn restored(idx: i64, acc: Acc) -> Slice {
+    /// A slice read from the store; `stored`: in the slices column family
+    /// (rather than inline in its key's record).
+    pub fn restored(idx: i64, acc: Acc, stored: bool) -> Slice {
         Slice {
             idx,
             acc,
             prefix: None,
             suffix: None,
             dirty: false,
-            stored: true,
+            stored,
         }
     }
 }

@@ -180,28 +180,120 @@ pub fn write_slice_key(buf: &mut Vec<u8>, spec: u16, key: &str, slice_start: i64
     put_i64_ordered(buf, slice_start);
 }
 
-/// `(due_window_end, spec, key)` in the timers column family, so that firing
-/// is a range scan from the smallest end.
-pub fn timer_key(due: i64, spec: u16, key: &str) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(key.len() + 20);
-    write_timer_key(&mut buf, due, spec, key);
-    buf
-}
-
-/// Appends [`timer_key`] to `buf`.
-pub fn write_timer_key(buf: &mut Vec<u8>, due: i64, spec: u16, key: &str) {
-    put_i64_ordered(buf, due);
-    put_u16_ordered(buf, spec);
-    put_str_ordered(buf, key);
-}
-
-/// Inverse of [`timer_key`].
-pub fn parse_timer_key(bytes: &[u8]) -> Result<(i64, u16, String), CodecError> {
+/// Inverse of [`key_prefix`].
+pub fn parse_key_prefix(bytes: &[u8]) -> Result<(u16, String), CodecError> {
     let mut r = Reader::new(bytes);
-    let due = r.i64_ordered()?;
     let spec = r.u16_ordered()?;
     let key = r.str_ordered()?;
-    Ok((due, spec, key))
+    if !r.is_empty() {
+        return Err(CodecError("trailing bytes after a window key".into()));
+    }
+    Ok((spec, key))
+}
+
+/// Where a `windows` record keeps its key's slices.
+const SLICES_INLINE: u8 = 0;
+const SLICES_SEPARATE: u8 = 1;
+
+/// A `(spec, key)` record of the `windows` column family:
+///
+/// `fired i64 | timer (u8 0 | u8 1, i64) | n u32, (window i64, revision u32)ⁿ |
+///  SLICES_SEPARATE | SLICES_INLINE, m u32, (slice_start i64, len u32, acc)ᵐ`
+///
+/// Slices are inline unless they grew large, so that a checkpoint writes a
+/// key's changes in one put, with no per-slice puts and deletes, and a
+/// cache miss reads one value. The timer is here too: a restore rebuilds the
+/// timer index from these records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowRecord<'a> {
+    pub fired: i64,
+    pub timer: Option<i64>,
+    pub revisions: Vec<(i64, u32)>,
+    /// `(slice_start, accumulator bytes)`; `None`: in the slices column family.
+    pub inline: Option<Vec<(i64, &'a [u8])>>,
+}
+
+impl<'a> WindowRecord<'a> {
+    /// Writes everything up to the slices.
+    pub fn write_head(
+        w: &mut Writer,
+        fired: i64,
+        timer: Option<i64>,
+        revisions: impl ExactSizeIterator<Item = (i64, u32)>,
+    ) {
+        w.i64(fired);
+        match timer {
+            Some(t) => {
+                w.u8(1);
+                w.i64(t);
+            }
+            None => w.u8(0),
+        }
+        w.u32(revisions.len() as u32);
+        for (j, r) in revisions {
+            w.i64(j);
+            w.u32(r);
+        }
+    }
+
+    /// Ends a record whose slices are in the slices column family.
+    pub fn write_separate(w: &mut Writer) {
+        w.u8(SLICES_SEPARATE);
+    }
+
+    /// Ends a record with `slices` inline, each `(slice_start, encode its
+    /// accumulators)`.
+    pub fn write_inline<S>(w: &mut Writer, slices: impl ExactSizeIterator<Item = (i64, S)>)
+    where
+        S: FnOnce(&mut Writer),
+    {
+        w.u8(SLICES_INLINE);
+        w.u32(slices.len() as u32);
+        for (start, encode) in slices {
+            w.i64(start);
+            let at = w.buf.len();
+            w.u32(0);
+            encode(w);
+            let len = (w.buf.len() - at - 4) as u32;
+            w.buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        }
+    }
+
+    pub fn decode(bytes: &'a [u8]) -> Result<WindowRecord<'a>, CodecError> {
+        let mut r = Reader::new(bytes);
+        let fired = r.i64()?;
+        let timer = match r.u8()? {
+            0 => None,
+            _ => Some(r.i64()?),
+        };
+        let n = r.u32()? as usize;
+        // Bounded by the bytes present, not by a count a corrupt value claims.
+        let mut revisions = Vec::with_capacity(n.min(bytes.len() / 12));
+        for _ in 0..n {
+            revisions.push((r.i64()?, r.u32()?));
+        }
+        let inline = match r.u8()? {
+            SLICES_SEPARATE => None,
+            SLICES_INLINE => {
+                let m = r.u32()? as usize;
+                let mut slices = Vec::with_capacity(m.min(bytes.len() / 12));
+                for _ in 0..m {
+                    slices.push((r.i64()?, r.bytes()?));
+                }
+                Some(slices)
+            }
+            other => return Err(CodecError(format!("unknown slice storage {other}"))),
+        };
+        if !r.is_empty() {
+            return Err(CodecError("trailing bytes after a window record".into()));
+        }
+        Ok(WindowRecord {
+            fired,
+            timer,
+            revisions,
+            inline,
+        })
+    }
 }
 
 /// Inverse of [`slice_key`].
@@ -242,9 +334,8 @@ mod tests {
     #[test]
     fn keys_round_trip() {
         for key in ["", "u1", "a\0b\0"] {
-            let k = timer_key(-42, 7, key);
-            assert_eq!(parse_timer_key(&k).unwrap(), (-42, 7, key.to_string()));
             let p = key_prefix(3, key);
+            assert_eq!(parse_key_prefix(&p).unwrap(), (3, key.to_string()));
             assert_eq!(
                 parse_slice_start(&slice_key(3, key, 99), p.len()).unwrap(),
                 99
@@ -254,7 +345,46 @@ mod tests {
                 (3, key.to_string(), -99)
             );
         }
-        assert!(parse_timer_key(&[1, 2, 3]).is_err());
+        assert!(parse_key_prefix(&[1, 2, 3]).is_err());
         assert!(parse_slice_key(&[0, 1]).is_err());
+    }
+
+    #[test]
+    fn window_records_round_trip_and_refuse_garbage() {
+        let mut w = Writer::default();
+        WindowRecord::write_head(&mut w, -7, Some(60_000), [(1, 2), (3, 4)].into_iter());
+        WindowRecord::write_inline(
+            &mut w,
+            [(-10i64, b"ab".as_slice()), (20, b"".as_slice())]
+                .into_iter()
+                .map(|(start, acc)| (start, move |w: &mut Writer| w.buf.extend_from_slice(acc))),
+        );
+        let inline = w.buf;
+        assert_eq!(
+            WindowRecord::decode(&inline).unwrap(),
+            WindowRecord {
+                fired: -7,
+                timer: Some(60_000),
+                revisions: vec![(1, 2), (3, 4)],
+                inline: Some(vec![(-10, b"ab".as_slice()), (20, b"".as_slice())]),
+            }
+        );
+        let mut w = Writer::default();
+        WindowRecord::write_head(&mut w, 5, None, std::iter::empty());
+        WindowRecord::write_separate(&mut w);
+        let separate = WindowRecord::decode(&w.buf).unwrap();
+        assert_eq!((separate.timer, separate.inline), (None, None));
+        for cut in 0..inline.len() {
+            assert!(
+                WindowRecord::decode(&inline[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = inline.clone();
+        longer.push(0);
+        assert!(WindowRecord::decode(&longer).is_err());
+        let mut huge = w.buf.clone();
+        huge[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(WindowRecord::decode(&huge).is_err());
     }
 }

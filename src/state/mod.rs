@@ -7,11 +7,12 @@
 //! always agree, which is what makes a restart count no event twice.
 //!
 //! Column families (keys in [`codec`]; byte order equals logical order):
-//! - `slices`:  `(spec, key, slice_start)` → a slice's accumulators
 //! - `windows`: `(spec, key)` → the key's firing cursor, revisions, timer
-//! - `timers`:  `(due window end, spec, key)` → empty, so firing is a range scan
-//! - `meta`:    fingerprint, checkpoint id, positions, engine watermarks,
-//!   and what a source keeps between runs (the Kinesis consumer ARN)
+//!   and, unless they grew large, its slices ([`codec::WindowRecord`])
+//! - `slices`:  `(spec, key, slice_start)` → a slice's accumulators, for the
+//!   keys whose slices are too large to rewrite at every checkpoint
+//! - `meta`:    fingerprint, layout version, checkpoint id, positions, engine
+//!   watermarks, and what a source keeps between runs (the Kinesis consumer ARN)
 //!
 //! There is no queue of late or dead-letter records awaiting delivery: they
 //! are outputs like any other, delivered before the checkpoint that follows
@@ -51,6 +52,16 @@ pub enum StateError {
         found: String,
         expected: String,
     },
+    #[error(
+        "the state in {} uses state layout {found}, and this shardflow reads layout {expected}; \
+         pass --reset-state to discard that state and start over (replay the archive to rebuild it)",
+        dir.display()
+    )]
+    LayoutMismatch {
+        dir: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("checkpoint {id} cannot be committed: checkpoint {committed} is already committed (ids must increase)")]
     CheckpointOrder { id: u64, committed: u64 },
     #[error("corrupt state in {what}: {detail}")]
@@ -62,18 +73,16 @@ pub enum StateError {
 pub enum Cf {
     Slices = 0,
     Windows = 1,
-    Timers = 2,
-    Meta = 3,
+    Meta = 2,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 4] = [Cf::Slices, Cf::Windows, Cf::Timers, Cf::Meta];
+    pub const ALL: [Cf; 3] = [Cf::Slices, Cf::Windows, Cf::Meta];
 
     pub fn name(self) -> &'static str {
         match self {
             Cf::Slices => "slices",
             Cf::Windows => "windows",
-            Cf::Timers => "timers",
             Cf::Meta => "meta",
         }
     }
@@ -164,6 +173,18 @@ impl StateDelta {
         value(&mut self.buf);
         let value_len = self.buf.len() - at - key_len;
         self.push(cf, false, at, key_len, value_len);
+    }
+
+    /// Length of the last op's value.
+    pub(crate) fn last_value_len(&self) -> usize {
+        self.ops.last().map_or(0, |op| op.value_len)
+    }
+
+    /// Takes back the last op.
+    pub(crate) fn pop(&mut self) {
+        if let Some(op) = self.ops.pop() {
+            self.buf.truncate(op.at);
+        }
     }
 
     pub(crate) fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {

@@ -13,6 +13,10 @@ use super::{Cf, Op, StateDelta, StateError};
 use crate::record::Position;
 
 const META_FINGERPRINT: &[u8] = b"fingerprint";
+/// How keys and values are laid out. State from before this key existed is
+/// layout 1 (slices and timers in their own column families).
+const META_LAYOUT: &[u8] = b"layout";
+const LAYOUT: &str = "2";
 /// When this state was created (epoch ms): names a run's archive objects
 /// apart from those of an earlier state (e.g. after `--reset-state`).
 const META_CREATED: &[u8] = b"created_at";
@@ -39,14 +43,14 @@ struct Inner {
     dir: PathBuf,
 }
 
-/// A key's stored window metadata and its slices `(slice_start, bytes)`.
-pub(crate) type StoredKey = (Vec<u8>, Vec<(i64, Vec<u8>)>);
-
-/// Entries per column family, for tests and diagnostics (a full scan).
+/// What the store holds, for tests and diagnostics (a full scan).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KeyCounts {
+    /// Slices, inline in window records or in the slices column family.
     pub slices: usize,
+    /// `(spec, key)` window records.
     pub windows: usize,
+    /// Window records with a pending timer.
     pub timers: usize,
 }
 
@@ -173,6 +177,7 @@ impl StateStore {
                 dir: dir.to_owned(),
             }),
         };
+        let layout = store.get(Cf::Meta, META_LAYOUT)?;
         match store.get(Cf::Meta, META_FINGERPRINT)? {
             Some(found) if found != fingerprint.as_bytes() => {
                 return Err(StateError::FingerprintMismatch {
@@ -181,16 +186,22 @@ impl StateStore {
                     expected: fingerprint.to_owned(),
                 });
             }
+            Some(_) if layout.as_deref() != Some(LAYOUT.as_bytes()) => {
+                return Err(StateError::LayoutMismatch {
+                    dir: dir.to_owned(),
+                    found: layout.map_or("1".into(), |l| String::from_utf8_lossy(&l).into_owned()),
+                    expected: LAYOUT.to_owned(),
+                });
+            }
             Some(_) => {}
             None => {
+                let mut batch = WriteBatch::default();
+                let meta = store.cf(Cf::Meta)?;
+                batch.put_cf(meta, META_FINGERPRINT, fingerprint);
+                batch.put_cf(meta, META_LAYOUT, LAYOUT);
                 let mut w = WriteOptions::default();
                 w.set_sync(true);
-                store.inner.db.put_cf_opt(
-                    store.cf(Cf::Meta)?,
-                    META_FINGERPRINT,
-                    fingerprint,
-                    &w,
-                )?;
+                store.inner.db.write_opt(batch, &w)?;
             }
         }
         if store.get(Cf::Meta, META_CREATED)?.is_none() {
@@ -296,7 +307,6 @@ impl StateStore {
         let handles = [
             self.cf(Cf::Slices)?,
             self.cf(Cf::Windows)?,
-            self.cf(Cf::Timers)?,
             self.cf(Cf::Meta)?,
         ];
         // Sized up front: growing a batch of many MiB by doubling copies it
@@ -323,34 +333,52 @@ impl StateStore {
         Ok(())
     }
 
-    /// Every persisted timer `(due, spec, key)`, in due order (restore only).
+    /// Every persisted timer `(due, spec, key)`, read from the window
+    /// records (restore only; a full scan).
     pub(crate) fn load_timers(&self) -> Result<Vec<(i64, u16, String)>, StateError> {
-        self.parse_keys(Cf::Timers, codec::parse_timer_key)
+        let mut timers = Vec::new();
+        self.scan_windows(|spec, key, record| {
+            if let Some(due) = record.timer {
+                timers.push((due, spec, key));
+            }
+        })?;
+        Ok(timers)
     }
 
-    /// Every key of `cf`, parsed, in key order (a full scan).
-    fn parse_keys<T>(
+    /// Calls `f` with every window record, in key order (a full scan).
+    fn scan_windows(
         &self,
-        cf: Cf,
-        parse: impl Fn(&[u8]) -> Result<T, codec::CodecError>,
-    ) -> Result<Vec<T>, StateError> {
-        let mut out = Vec::new();
-        for item in self.inner.db.iterator_cf(self.cf(cf)?, IteratorMode::Start) {
-            let (k, _) = item?;
-            out.push(parse(&k).map_err(|e| StateError::Corrupt {
-                what: cf.name(),
+        mut f: impl FnMut(u16, String, codec::WindowRecord<'_>),
+    ) -> Result<(), StateError> {
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(Cf::Windows)?, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let corrupt = |e: codec::CodecError| StateError::Corrupt {
+                what: "windows",
                 detail: e.to_string(),
-            })?);
+            };
+            let (spec, key) = codec::parse_key_prefix(&k).map_err(corrupt)?;
+            f(spec, key, codec::WindowRecord::decode(&v).map_err(corrupt)?);
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// A key's window metadata and its slices `(slice_start, bytes)`.
-    pub(crate) fn load_key(&self, spec: u16, key: &str) -> Result<Option<StoredKey>, StateError> {
+    /// A key's window record ([`codec::WindowRecord`]).
+    pub(crate) fn load_key(&self, spec: u16, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        self.get(Cf::Windows, &key_prefix(spec, key))
+    }
+
+    /// The slices `(slice_start, bytes)` of a key whose record keeps them
+    /// in the slices column family.
+    pub(crate) fn load_slices(
+        &self,
+        spec: u16,
+        key: &str,
+    ) -> Result<Vec<(i64, Vec<u8>)>, StateError> {
         let prefix = key_prefix(spec, key);
-        let Some(meta) = self.get(Cf::Windows, &prefix)? else {
-            return Ok(None);
-        };
         let mut slices = Vec::new();
         let iter = self.inner.db.iterator_cf(
             self.cf(Cf::Slices)?,
@@ -368,7 +396,7 @@ impl StateStore {
                 })?;
             slices.push((start, v.into_vec()));
         }
-        Ok(Some((meta, slices)))
+        Ok(slices)
     }
 
     /// Whether any key state is stored (so cache misses must read RocksDB).
@@ -380,27 +408,49 @@ impl StateStore {
         Ok(iter.next().transpose()?.is_some())
     }
 
-    /// Every stored slice as `(spec, key, slice_start)` (a full scan; tests
-    /// and diagnostics).
+    /// Every stored slice as `(spec, key, slice_start)`, inline in a
+    /// window record or in the slices column family (a full scan; tests and
+    /// diagnostics).
     pub fn stored_slices(&self) -> Result<Vec<(u16, String, i64)>, StateError> {
-        self.parse_keys(Cf::Slices, codec::parse_slice_key)
+        let mut slices = Vec::new();
+        self.scan_windows(|spec, key, record| {
+            for (start, _) in record.inline.into_iter().flatten() {
+                slices.push((spec, key.clone(), start));
+            }
+        })?;
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(Cf::Slices)?, IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            slices.push(codec::parse_slice_key(&k).map_err(|e| StateError::Corrupt {
+                what: "slices",
+                detail: e.to_string(),
+            })?);
+        }
+        slices.sort_unstable();
+        Ok(slices)
     }
 
-    /// Counts entries per column family (a full scan; tests and diagnostics).
+    /// Counts window records, their pending timers and all stored slices
+    /// (a full scan; tests and diagnostics).
     pub fn key_counts(&self) -> Result<KeyCounts, StateError> {
-        let count = |cf: Cf| -> Result<usize, StateError> {
-            let mut n = 0;
-            for item in self.inner.db.iterator_cf(self.cf(cf)?, IteratorMode::Start) {
-                item?;
-                n += 1;
-            }
-            Ok(n)
-        };
-        Ok(KeyCounts {
-            slices: count(Cf::Slices)?,
-            windows: count(Cf::Windows)?,
-            timers: count(Cf::Timers)?,
-        })
+        let mut counts = KeyCounts::default();
+        self.scan_windows(|_, _, record| {
+            counts.windows += 1;
+            counts.timers += usize::from(record.timer.is_some());
+            counts.slices += record.inline.map_or(0, |s| s.len());
+        })?;
+        for item in self
+            .inner
+            .db
+            .iterator_cf(self.cf(Cf::Slices)?, IteratorMode::Start)
+        {
+            item?;
+            counts.slices += 1;
+        }
+        Ok(counts)
     }
 }
 
@@ -449,5 +499,27 @@ mod tests {
                 "put windows b 2".into(),
             ]
         );
+    }
+
+    /// State without a layout version is from before slices moved into the
+    /// window records: refused with a way out, and `--reset-state` opens it.
+    #[test]
+    fn state_of_an_older_layout_is_refused_unless_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), "fp", false).unwrap();
+        let meta = store.cf(Cf::Meta).unwrap();
+        store.inner.db.delete_cf(meta, META_LAYOUT).unwrap();
+        drop(store);
+        let err = StateStore::open(dir.path(), "fp", false)
+            .err()
+            .expect("an older layout is refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("uses state layout 1") && text.contains("--reset-state"),
+            "{text}"
+        );
+        let store = StateStore::open(dir.path(), "fp", true).expect("reset opens it");
+        drop(store);
+        StateStore::open(dir.path(), "fp", false).expect("and it stays readable");
     }
 }
