@@ -14,7 +14,7 @@
 //! fan-out asks every sink to flush. The committer writes delta and positions
 //! in one batch once all sinks acknowledged, in barrier order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,7 +28,9 @@ use crate::config::Config;
 use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions};
 use crate::inference;
-use crate::record::{DeadLetter, Event, KindSet, Output, OutputKind, Position, RawOutput};
+use crate::record::{
+    DeadLetter, Event, KindSet, Output, OutputKind, Position, RawOutput, RawRecord,
+};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, SourceContext, SourceMessage};
@@ -520,9 +522,11 @@ async fn decode_stage(
                     let n = batch.len() as u64;
                     records_in.increment(n);
                     stats.records_in.fetch_add(n, Ordering::Relaxed);
+                    // Barriers fall between batches, so only each partition's
+                    // last position in the batch is ever read.
+                    note_last_positions(&batch, &mut positions);
                     let mut out = Vec::with_capacity(batch.len());
                     for raw in batch {
-                        positions.insert(raw.position.partition.clone(), raw.position.clone());
                         if let Some(w) = raw.replay_watermark.filter(|_| range.is_some()) {
                             if w > replayed_watermark {
                                 replayed_watermark = w;
@@ -573,6 +577,29 @@ async fn decode_stage(
                 }
             }
         }
+    }
+}
+
+/// Records in `positions` the last position of each partition in `batch`:
+/// one map update per partition, not one per record. A batch usually holds
+/// records of a few partitions (a shard, an archive object), so the
+/// partitions seen are kept in a short list compared by pointer first, and
+/// in a set only when there are many.
+fn note_last_positions(batch: &[RawRecord], positions: &mut HashMap<Arc<str>, Position>) {
+    const LIST_MAX: usize = 16;
+    let mut list: Vec<&Arc<str>> = Vec::new();
+    let mut set: HashSet<&str> = HashSet::new();
+    for raw in batch.iter().rev() {
+        let p = &raw.position.partition;
+        if list.iter().any(|s| Arc::ptr_eq(s, p) || s[..] == p[..]) {
+            continue;
+        }
+        if list.len() < LIST_MAX {
+            list.push(p);
+        } else if !set.insert(&p[..]) {
+            continue;
+        }
+        positions.insert(p.clone(), raw.position.clone());
     }
 }
 
@@ -801,5 +828,48 @@ async fn progress_task(stats: Arc<Stats>, every: Duration) {
             stats.output_count(OutputKind::Late),
             stats.checkpoints.load(Ordering::Relaxed),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same positions as noting every record in order, for batches of
+    /// a few partitions (the list) and of many (the set), with partition
+    /// names shared and not shared.
+    #[test]
+    fn last_positions_match_noting_every_record() {
+        for partitions in [1usize, 3, 16, 17, 40] {
+            let names: Vec<Arc<str>> = (0..partitions).map(|p| format!("p{p}").into()).collect();
+            let batch: Vec<RawRecord> = (0..500u64)
+                .map(|i| {
+                    let p = (i * 7 + i / 5) as usize % partitions;
+                    // Every third record carries its own copy of the name.
+                    let name = if i % 3 == 0 {
+                        Arc::from(&names[p][..])
+                    } else {
+                        names[p].clone()
+                    };
+                    RawRecord {
+                        position: Position::new(name, i.to_string()),
+                        arrival: 0,
+                        bytes: bytes::Bytes::new(),
+                        replay_watermark: None,
+                    }
+                })
+                .collect();
+            let start: HashMap<Arc<str>, Position> =
+                [(Arc::from("other"), Position::new("other".into(), "1"))]
+                    .into_iter()
+                    .collect();
+            let mut every = start.clone();
+            for raw in &batch {
+                every.insert(raw.position.partition.clone(), raw.position.clone());
+            }
+            let mut last = start;
+            note_last_positions(&batch, &mut last);
+            assert_eq!(last, every, "{partitions} partitions");
+        }
     }
 }
