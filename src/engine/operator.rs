@@ -11,8 +11,8 @@
 //! end, so firing is a range scan from the smallest end; a key whose timer
 //! moves earlier leaves a stale entry behind that is skipped when reached
 //! (lazy deletion). Each key's timer is persisted in its `windows` record,
-//! from which a restore rebuilds the timer index. Without window results (no sink takes them) a key's timer is
-//! when its whole state expires: the per-event vectors never depended on
+//! from which a restore rebuilds the timer index. Without window results
+//! (no sink takes them) a key's timer is when its whole state expires: the per-event vectors never depended on
 //! firing, and the slices that expire before that are dropped by the key's
 //! next event or that visit, so a busy key is visited once per expiry
 //! horizon rather than once per slice.
@@ -153,9 +153,37 @@ impl KeyState {
         }
     }
 
-    /// Everything of the `windows` record up to the slices.
-    fn encode_head(&self, w: &mut Writer) {
-        WindowRecord::write_head(w, self.fired, self.timer, self.revisions.iter().copied());
+    /// Puts the key's `windows` record into `delta`: its slices inline, or
+    /// the mark that they are in the slices column family (`separate`).
+    fn put_record(&self, plan: &SpecPlan, key: &str, delta: &mut StateDelta) {
+        let slide = plan.geo.slide;
+        delta.put_with(
+            Cf::Windows,
+            |b| write_key_prefix(b, plan.id, key),
+            |b| {
+                encode_into(b, |w| {
+                    let revisions = self.revisions.iter().copied();
+                    WindowRecord::write_head(w, self.fired, self.timer, revisions);
+                    if self.separate {
+                        WindowRecord::write_separate(w);
+                    } else {
+                        let slices = self.windows.slices.iter().map(|s| {
+                            let start = s.idx.saturating_mul(slide);
+                            (start, |w: &mut Writer| s.acc.encode(w))
+                        });
+                        WindowRecord::write_inline(w, slices);
+                    }
+                })
+            },
+        );
+    }
+
+    /// The record just put holds what the state has now.
+    fn record_put(&mut self) {
+        self.persisted_timer = self.timer;
+        self.persisted_fired = self.fired;
+        self.revisions_changed = false;
+        self.stored = true;
     }
 
     /// The state stored as `record`, reading its slices from the store when
@@ -379,7 +407,6 @@ fn snapshot_key(
     delta: &mut StateDelta,
 ) {
     let spec = plan.id;
-    let slide = plan.geo.slide;
     st.dirty = false;
     st.snapshot_id = id;
     if st.is_empty() {
@@ -394,28 +421,12 @@ fn snapshot_key(
     // The record must say where the slices are when that changes.
     let mut switched = false;
     if !st.separate {
-        delta.put_with(
-            Cf::Windows,
-            |b| write_key_prefix(b, spec, key),
-            |b| {
-                encode_into(b, |w| {
-                    st.encode_head(w);
-                    let slices = st.windows.slices.iter().map(|s| {
-                        let start = s.idx.saturating_mul(slide);
-                        (start, |w: &mut Writer| s.acc.encode(w))
-                    });
-                    WindowRecord::write_inline(w, slices);
-                })
-            },
-        );
+        st.put_record(plan, key, delta);
         if delta.last_value_len() <= inline_max {
             for slice in st.windows.slices.iter_mut() {
                 slice.dirty = false;
             }
-            st.persisted_timer = st.timer;
-            st.persisted_fired = st.fired;
-            st.revisions_changed = false;
-            st.stored = true;
+            st.record_put();
             return;
         }
         // Too large to rewrite at every checkpoint: from now on each slice
@@ -435,7 +446,7 @@ fn snapshot_key(
         || st.timer != st.persisted_timer
         || st.revisions_changed;
     for slice in st.windows.slices.iter_mut().filter(|s| s.dirty) {
-        let start = slice.idx.saturating_mul(slide);
+        let start = slice.idx.saturating_mul(plan.geo.slide);
         delta.put_with(
             Cf::Slices,
             |b| write_slice_key(b, spec, key, start),
@@ -445,21 +456,9 @@ fn snapshot_key(
         slice.stored = true;
     }
     if record_changed {
-        delta.put_with(
-            Cf::Windows,
-            |b| write_key_prefix(b, spec, key),
-            |b| {
-                encode_into(b, |w| {
-                    st.encode_head(w);
-                    WindowRecord::write_separate(w);
-                })
-            },
-        );
-        st.persisted_timer = st.timer;
-        st.persisted_fired = st.fired;
-        st.revisions_changed = false;
+        st.put_record(plan, key, delta);
     }
-    st.stored = true;
+    st.record_put();
 }
 
 /// Runs a [`Writer`] over the end of `buf`.
