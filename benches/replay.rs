@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use shardflow::config::{Config, S3ClientConfig};
 use shardflow::decode::Decoder;
-use shardflow::engine::{Engine, EngineOptions};
+use shardflow::engine::{Engine, EngineOptions, PREFETCH_AHEAD};
 use shardflow::record::{Output, OutputKind, Position, RawOutput};
 use shardflow::replay::{self, ReplayArgs};
 use shardflow::source::s3::{self as s3src, layout, objects};
@@ -266,13 +266,17 @@ impl Replayed {
         events: &[(Option<i64>, shardflow::record::Event)],
         out: &mut Vec<Output>,
     ) {
-        for (w, e) in events {
-            if let Some(w) = w {
-                self.engine.advance_to(*w, out).unwrap();
-            }
-            self.engine.process(e, 0, out).unwrap();
-            if out.len() >= 4096 {
-                out.clear();
+        // As the pipeline's enrich stage does.
+        for chunk in events.chunks(PREFETCH_AHEAD) {
+            self.engine.prefetch(chunk.iter().map(|(_, e)| &*e.key));
+            for (w, e) in chunk {
+                if let Some(w) = w {
+                    self.engine.advance_to(*w, out).unwrap();
+                }
+                self.engine.process(e, 0, out).unwrap();
+                if out.len() >= 4096 {
+                    out.clear();
+                }
             }
         }
     }

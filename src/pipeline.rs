@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::decode::Decoder;
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::{Engine, EngineOptions, PREFETCH_AHEAD};
 use crate::inference;
 use crate::record::{
     DeadLetter, Event, KindSet, Output, OutputKind, Position, RawOutput, RawRecord,
@@ -628,7 +628,14 @@ async fn enrich_stage(
                 Some(Message::Batch(batch)) => {
                     let now = source::now_millis();
                     out.reserve(batch.len());
-                    for d in batch {
+                    let mut items = batch.into_iter();
+                    while !items.as_slice().is_empty() {
+                        let ahead = items.as_slice();
+                        engine.prefetch(ahead[..ahead.len().min(PREFETCH_AHEAD)].iter().filter_map(|d| match d {
+                            Decoded::Event(e) => Some(&*e.key),
+                            _ => None,
+                        }));
+                        for d in items.by_ref().take(PREFETCH_AHEAD) {
                         match d {
                             Decoded::Event(e) => {
                                 events.increment(1);
@@ -656,6 +663,7 @@ async fn enrich_stage(
                             }
                             Decoded::Unreadable(d) => out.push(Output::DeadLetter(*d)),
                             Decoded::Advance(w) => engine.advance_to(w, &mut out)?,
+                        }
                         }
                     }
                 }

@@ -19,7 +19,7 @@ mod operator;
 mod watermark;
 mod window;
 
-pub use operator::EngineStats;
+pub use operator::{EngineStats, PREFETCH_AHEAD};
 pub use watermark::{PartitionMark, Watermarks};
 pub use window::Geometry;
 
@@ -223,6 +223,15 @@ impl Engine {
     /// (window spec, key) states in memory and timer entries, for tests and gauges.
     pub fn memory_footprint(&self) -> (usize, usize) {
         (self.op.cached_states(), self.op.timer_entries())
+    }
+
+    /// Starts loading the state of the next events' keys into the CPU
+    /// cache; call it with the keys of the next [`PREFETCH_AHEAD`] events
+    /// before processing them. Results do not depend on it, only speed: a
+    /// key's state is usually a cache miss, and misses of keys looked up
+    /// together overlap.
+    pub fn prefetch<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        self.op.prefetch(keys);
     }
 
     /// The five steps for one event (see the module docs). Appends exactly

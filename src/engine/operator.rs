@@ -91,6 +91,11 @@ struct KeyState {
 /// more than those ops (long windows with many or large slices).
 pub(crate) const INLINE_RECORD_MAX: usize = 1024;
 
+/// Keys whose states are loaded into the CPU cache ahead of use
+/// ([`Operator::prefetch`]): enough to overlap many misses, few enough that
+/// their lines are still cached when used.
+pub const PREFETCH_AHEAD: usize = 32;
+
 impl KeyState {
     fn new() -> KeyState {
         KeyState {
@@ -589,6 +594,19 @@ impl Operator {
         Ok(())
     }
 
+    /// Starts loading the states of `keys` (the next few events' keys)
+    /// into the CPU cache. Each lookup is independent of the others, so
+    /// their cache misses overlap instead of stalling the events one by one.
+    pub fn prefetch<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        for key in keys {
+            if let Some(slots) = self.states.get(key) {
+                for st in slots.iter().flatten() {
+                    st.windows.prefetch();
+                }
+            }
+        }
+    }
+
     /// Step 5, first half: re-fires the fired windows the last event updated.
     pub fn refire(&mut self, out: &mut Vec<Output>) {
         let Operator {
@@ -625,8 +643,11 @@ impl Operator {
                 break;
             }
             let keys = entry.remove();
-            for key in keys {
-                self.visit(usize::from(spec), &key, due, w, out)?;
+            for chunk in keys.chunks(PREFETCH_AHEAD) {
+                self.prefetch(chunk.iter().map(|k| &**k));
+                for key in chunk {
+                    self.visit(usize::from(spec), key, due, w, out)?;
+                }
             }
         }
         Ok(())

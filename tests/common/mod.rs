@@ -518,6 +518,8 @@ impl Driver {
                 self.now += 1;
                 let ev = event(e);
                 self.last_position = vec![ev.position.clone()];
+                // As the pipeline does; a hint that must change nothing.
+                self.engine.prefetch([&*ev.key]);
                 self.engine.process(&ev, self.now, out).expect("process");
             }
             Step::Tick(d) => {
