@@ -342,11 +342,10 @@ fn stages(s: &Setup) -> [Duration; 7] {
         let mut events = Vec::with_capacity(PER_OBJECT);
         let mut split = objects::Splitter::new(&plain[..], objects::Layout::Lines);
         while let Some(objects::Item::Record(_, line)) = split.next_item().unwrap() {
-            let raw = s3src::archived_record(line, &mut interner, 0)
+            let r = s3src::archived_event(line, &mut interner, 0, &decoder)
                 .unwrap()
                 .unwrap();
-            let w = raw.replay_watermark;
-            events.push((w, decoder.decode(raw).unwrap()));
+            events.push((r.replay_watermark, r.event.unwrap()));
         }
         times[2] += t.elapsed();
         let t = Instant::now();

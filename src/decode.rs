@@ -12,7 +12,10 @@ use std::sync::Arc;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::config::{FieldSpec, FieldType, SchemaConfig};
-use crate::record::{DeadLetter, Event, FieldValue, Millis, RawRecord};
+use bytes::Bytes;
+use smallvec::SmallVec;
+
+use crate::record::{DeadLetter, Event, FieldValue, Millis, Position, RawRecord};
 
 /// A compiled `[schema]`.
 #[derive(Debug, Clone)]
@@ -60,6 +63,32 @@ impl Decoder {
         }
     }
 
+    /// Decodes one record given as text (already known to be UTF-8, e.g. a
+    /// JSON value inside an archive line); its bytes become the event's raw.
+    pub fn decode_str(
+        &self,
+        position: Position,
+        arrival: Millis,
+        text: &str,
+    ) -> Result<Event, Box<DeadLetter>> {
+        let raw = Bytes::copy_from_slice(text.as_bytes());
+        match self.decode_text(text) {
+            Ok((key, event_time, fields)) => Ok(Event {
+                position,
+                arrival,
+                key,
+                event_time,
+                fields,
+                raw,
+            }),
+            Err(reason) => Err(Box::new(DeadLetter {
+                reason,
+                position,
+                raw,
+            })),
+        }
+    }
+
     /// The reason is a sentence for a human reading the dead-letter output.
     #[allow(clippy::type_complexity)]
     pub fn decode_parts(
@@ -67,16 +96,30 @@ impl Decoder {
         bytes: &[u8],
     ) -> Result<(Arc<str>, Millis, Vec<Option<FieldValue>>), String> {
         if bytes.len() > self.max_record_bytes {
-            return Err(format!(
-                "record is {} bytes, over max_record_bytes = {}",
-                bytes.len(),
-                self.max_record_bytes
-            ));
+            return Err(self.too_large(bytes.len()));
         }
-        if let Err(e) = std::str::from_utf8(bytes) {
-            return Err(format!("invalid UTF-8 at byte {}", e.valid_up_to()));
+        match std::str::from_utf8(bytes) {
+            Ok(text) => self.decode_text(text),
+            Err(e) => Err(format!("invalid UTF-8 at byte {}", e.valid_up_to())),
         }
-        let mut de = serde_json::Deserializer::from_slice(bytes);
+    }
+
+    fn too_large(&self, len: usize) -> String {
+        format!(
+            "record is {len} bytes, over max_record_bytes = {}",
+            self.max_record_bytes
+        )
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn decode_text(
+        &self,
+        text: &str,
+    ) -> Result<(Arc<str>, Millis, Vec<Option<FieldValue>>), String> {
+        if text.len() > self.max_record_bytes {
+            return Err(self.too_large(text.len()));
+        }
+        let mut de = serde_json::Deserializer::from_str(text);
         let parsed = RecordSeed(self)
             .deserialize(&mut de)
             .map_err(|e| json_reason(&e))?;
@@ -275,7 +318,8 @@ impl<'de> DeserializeSeed<'de> for ScalarSeed {
 struct Slots<'a> {
     key: Option<Scalar<'a>>,
     timestamp: Option<Scalar<'a>>,
-    fields: Vec<Option<Scalar<'a>>>,
+    /// Inline: schemas rarely name more fields, and this is per record.
+    fields: SmallVec<[Option<Scalar<'a>>; 8]>,
 }
 
 /// Deserializes a top-level object into [`Slots`]. The inner `Result`

@@ -28,9 +28,7 @@ use crate::config::Config;
 use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions, PREFETCH_AHEAD};
 use crate::inference;
-use crate::record::{
-    DeadLetter, Event, KindSet, Output, OutputKind, Position, RawOutput, RawRecord,
-};
+use crate::record::{DeadLetter, Event, KindSet, Output, OutputKind, Position, RawOutput};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, SourceContext, SourceMessage};
@@ -519,39 +517,25 @@ async fn decode_stage(
             biased;
             message = input.recv() => match message {
                 Some(SourceMessage::Batch(batch)) => {
-                    let n = batch.len() as u64;
-                    records_in.increment(n);
-                    stats.records_in.fetch_add(n, Ordering::Relaxed);
                     // Barriers fall between batches, so only each partition's
                     // last position in the batch is ever read.
-                    note_last_positions(&batch, &mut positions);
-                    let mut out = Vec::with_capacity(batch.len());
+                    note_last_positions(batch.iter().map(|r| &r.position), &mut positions);
+                    let mut through = Through::new(&mut replayed_watermark, range, (&stats, (&records_in, &dead)), batch.len());
                     for raw in batch {
-                        if let Some(w) = raw.replay_watermark.filter(|_| range.is_some()) {
-                            if w > replayed_watermark {
-                                replayed_watermark = w;
-                                out.push(Decoded::Advance(w));
-                            }
-                        }
-                        match decoder.decode(raw) {
-                            Ok(event) => {
-                                if let Some((from, to)) = range {
-                                    let t = event.event_time;
-                                    if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
-                                        stats.out_of_range.fetch_add(1, Ordering::Relaxed);
-                                        continue;
-                                    }
-                                }
-                                out.push(Decoded::Event(event))
-                            }
-                            Err(d) => {
-                                dead.increment(1);
-                                stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-                                out.push(Decoded::Dead(d));
-                            }
-                        }
+                        let w = raw.replay_watermark;
+                        through.push(w, decoder.decode(raw));
                     }
-                    if output.send(Message::Batch(out)).await.is_err() {
+                    if output.send(Message::Batch(through.finish())).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(SourceMessage::Decoded(batch)) => {
+                    note_last_positions(batch.iter().map(|r| r.position()), &mut positions);
+                    let mut through = Through::new(&mut replayed_watermark, range, (&stats, (&records_in, &dead)), batch.len());
+                    for r in batch {
+                        through.push(r.replay_watermark, r.event);
+                    }
+                    if output.send(Message::Batch(through.finish())).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -580,17 +564,98 @@ async fn decode_stage(
     }
 }
 
+/// A batch of decoded records on its way to the engine: counted, dead
+/// letters apart, replay watermarks interleaved, events outside the
+/// replay's range left out.
+struct Through<'a> {
+    out: Vec<Decoded>,
+    replayed_watermark: &'a mut crate::record::Millis,
+    range: Option<(Option<crate::record::Millis>, Option<crate::record::Millis>)>,
+    stats: &'a Stats,
+    /// `shardflow_records_in_total` and the decode stage's dead letters.
+    counters: (&'a metrics::Counter, &'a metrics::Counter),
+    dead: u64,
+    records: u64,
+}
+
+impl<'a> Through<'a> {
+    fn new(
+        replayed_watermark: &'a mut crate::record::Millis,
+        range: Option<(Option<crate::record::Millis>, Option<crate::record::Millis>)>,
+        (stats, counters): (&'a Stats, (&'a metrics::Counter, &'a metrics::Counter)),
+        len: usize,
+    ) -> Through<'a> {
+        Through {
+            out: Vec::with_capacity(len),
+            replayed_watermark,
+            range,
+            stats,
+            counters,
+            dead: 0,
+            records: 0,
+        }
+    }
+
+    fn push(
+        &mut self,
+        replay_watermark: Option<crate::record::Millis>,
+        event: Result<Event, Box<DeadLetter>>,
+    ) {
+        self.records += 1;
+        if let Some(w) = replay_watermark.filter(|_| self.range.is_some()) {
+            if w > *self.replayed_watermark {
+                *self.replayed_watermark = w;
+                self.out.push(Decoded::Advance(w));
+            }
+        }
+        match event {
+            Ok(event) => {
+                if let Some((from, to)) = self.range {
+                    let t = event.event_time;
+                    if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
+                        self.stats.out_of_range.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                self.out.push(Decoded::Event(event))
+            }
+            Err(d) => {
+                self.dead += 1;
+                self.out.push(Decoded::Dead(d));
+            }
+        }
+    }
+
+    /// The batch for the engine; counts what went through.
+    fn finish(self) -> Vec<Decoded> {
+        self.counters.0.increment(self.records);
+        self.stats
+            .records_in
+            .fetch_add(self.records, Ordering::Relaxed);
+        if self.dead > 0 {
+            self.counters.1.increment(self.dead);
+            self.stats
+                .dead_letters
+                .fetch_add(self.dead, Ordering::Relaxed);
+        }
+        self.out
+    }
+}
+
 /// Records in `positions` the last position of each partition in `batch`:
 /// one map update per partition, not one per record. A batch usually holds
 /// records of a few partitions (a shard, an archive object), so the
 /// partitions seen are kept in a short list compared by pointer first, and
 /// in a set only when there are many.
-fn note_last_positions(batch: &[RawRecord], positions: &mut HashMap<Arc<str>, Position>) {
+fn note_last_positions<'a>(
+    batch: impl DoubleEndedIterator<Item = &'a Position>,
+    positions: &mut HashMap<Arc<str>, Position>,
+) {
     const LIST_MAX: usize = 16;
     let mut list: Vec<&Arc<str>> = Vec::new();
     let mut set: HashSet<&str> = HashSet::new();
-    for raw in batch.iter().rev() {
-        let p = &raw.position.partition;
+    for position in batch.rev() {
+        let p = &position.partition;
         if list.iter().any(|s| Arc::ptr_eq(s, p) || s[..] == p[..]) {
             continue;
         }
@@ -599,7 +664,7 @@ fn note_last_positions(batch: &[RawRecord], positions: &mut HashMap<Arc<str>, Po
         } else if !set.insert(&p[..]) {
             continue;
         }
-        positions.insert(p.clone(), raw.position.clone());
+        positions.insert(p.clone(), position.clone());
     }
 }
 
@@ -842,6 +907,7 @@ async fn progress_task(stats: Arc<Stats>, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::RawRecord;
 
     /// The same positions as noting every record in order, for batches of
     /// a few partitions (the list) and of many (the set), with partition
@@ -876,7 +942,7 @@ mod tests {
                 every.insert(raw.position.partition.clone(), raw.position.clone());
             }
             let mut last = start;
-            note_last_positions(&batch, &mut last);
+            note_last_positions(batch.iter().map(|r| &r.position), &mut last);
             assert_eq!(last, every, "{partitions} partitions");
         }
     }

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::SourceConfig;
-use crate::record::{DeadLetter, Millis, Position, RawRecord};
+use crate::record::{DeadLetter, Event, Millis, Position, RawRecord};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -24,6 +24,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug)]
 pub enum SourceMessage {
     Batch(Vec<RawRecord>),
+    /// Records the source decoded itself, with the pipeline's schema, where
+    /// it had just parsed them: the archive source does, on the threads
+    /// that read its objects, so an archive line is parsed once.
+    Decoded(Vec<DecodedRecord>),
     /// Input the source could not even split into records (a corrupt
     /// archive object): a dead letter with the reason, no record.
     Bad(DeadLetter),
@@ -33,6 +37,24 @@ pub enum SourceMessage {
     End {
         exhausted: bool,
     },
+}
+
+/// A record a source decoded: the event, or the dead letter saying why
+/// there is none.
+#[derive(Debug)]
+pub struct DecodedRecord {
+    /// As [`RawRecord::replay_watermark`].
+    pub replay_watermark: Option<Millis>,
+    pub event: Result<Event, Box<DeadLetter>>,
+}
+
+impl DecodedRecord {
+    pub fn position(&self) -> &Position {
+        match &self.event {
+            Ok(e) => &e.position,
+            Err(d) => &d.position,
+        }
+    }
 }
 
 /// The handles every source runs with.
@@ -101,6 +123,7 @@ pub fn build_with(
     Ok(match config.source() {
         SourceConfig::S3(c) => Box::new(s3::S3Source::new(
             c.clone(),
+            &config.schema,
             archive.from,
             archive.to,
             archive.progress.clone(),

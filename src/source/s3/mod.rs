@@ -10,7 +10,10 @@
 //! Objects are listed (pruned by their hour directory when a time range is
 //! given), ordered, then fetched `concurrency` at a time: each is streamed
 //! and decoded on a blocking thread into a small bounded queue, and the
-//! queues are drained strictly in object order. Memory is bounded by
+//! queues are drained strictly in object order. Records are decoded with
+//! the schema on those blocking threads too ([`SourceMessage::Decoded`]):
+//! an archive line is parsed once, where it is in cache, and the decoding
+//! runs beside the engine. Memory is bounded by
 //! `concurrency` × (a few chunks + a few batches), however large the
 //! archive or its objects.
 //!
@@ -51,8 +54,9 @@ use tokio::task::JoinHandle;
 
 use self::layout::KeyInfo;
 use self::objects::{Item, Layout, Splitter};
-use super::{now_millis, BoxFuture, Source, SourceContext, SourceMessage};
-use crate::config::{ArchiveFormat, Compression, S3SourceConfig};
+use super::{now_millis, BoxFuture, DecodedRecord, Source, SourceContext, SourceMessage};
+use crate::config::{ArchiveFormat, Compression, S3SourceConfig, SchemaConfig};
+use crate::decode::Decoder;
 use crate::record::{DeadLetter, Millis, Position, RawRecord};
 
 /// An object being read ahead: its reference, the channel its reader
@@ -87,12 +91,16 @@ pub struct S3Source {
     from: Option<Millis>,
     to: Option<Millis>,
     progress: Arc<ArchiveProgress>,
+    /// Records are decoded where their object is read
+    /// ([`SourceMessage::Decoded`]).
+    decoder: Arc<Decoder>,
 }
 
 impl S3Source {
     /// `from`/`to` override the config's time range (`--from`, `--to`).
     pub fn new(
         config: S3SourceConfig,
+        schema: &SchemaConfig,
         from: Option<Millis>,
         to: Option<Millis>,
         progress: Arc<ArchiveProgress>,
@@ -104,6 +112,7 @@ impl S3Source {
             from,
             to,
             progress,
+            decoder: Arc::new(Decoder::new(schema)),
         }
     }
 }
@@ -222,7 +231,7 @@ pub async fn list_objects(
 
 /// What an object's reader hands the source loop.
 enum ObjectMsg {
-    Batch(Vec<RawRecord>),
+    Batch(Vec<DecodedRecord>),
     Bad(DeadLetter),
 }
 
@@ -239,6 +248,7 @@ struct ReadSettings {
     batch_size: usize,
     attempts: u32,
     progress: Arc<ArchiveProgress>,
+    decoder: Arc<Decoder>,
 }
 
 impl S3Source {
@@ -277,6 +287,7 @@ impl S3Source {
             batch_size: ctx.batch_size,
             attempts: c.max_attempts.max(1),
             progress: self.progress.clone(),
+            decoder: self.decoder.clone(),
         };
         let mut pending = objects.into_iter();
         let mut ahead: VecDeque<InFlight> = VecDeque::new();
@@ -309,7 +320,7 @@ impl S3Source {
                 match msg {
                     Some(ObjectMsg::Batch(mut batch)) => {
                         let before = batch.len();
-                        batch.retain(|r| dedup.first_time(&r.position));
+                        batch.retain(|r| dedup.first_time(r.position()));
                         let dropped = (before - batch.len()) as u64;
                         if dropped > 0 {
                             self.progress
@@ -319,7 +330,9 @@ impl S3Source {
                         self.progress
                             .records
                             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        if !ctx.send(batch).await {
+                        if !(batch.is_empty()
+                            || ctx.output.send(SourceMessage::Decoded(batch)).await.is_ok())
+                        {
                             abort_all(&ahead);
                             return Ok(false);
                         }
@@ -359,7 +372,7 @@ impl S3Source {
 /// move forward (numeric sequences compared as numbers).
 #[derive(Default)]
 struct Dedup {
-    last: HashMap<Arc<str>, (Arc<str>, Option<u64>)>,
+    last: HashMap<Arc<str>, (Arc<str>, Option<u64>), foldhash::fast::RandomState>,
 }
 
 impl Dedup {
@@ -536,9 +549,10 @@ struct ArchiveLine<'a> {
     data_base64: Option<Cow<'a, str>>,
 }
 
-/// Partition names, shared between records.
+/// Partition names, shared between records. An object holds a few
+/// partitions, looked up once per line, hence the fast hasher.
 #[derive(Default)]
-pub struct Interner(HashMap<String, Arc<str>>);
+pub struct Interner(HashMap<Box<str>, Arc<str>, foldhash::fast::RandomState>);
 
 impl Interner {
     pub fn get(&mut self, name: &str) -> Arc<str> {
@@ -546,18 +560,24 @@ impl Interner {
             return a.clone();
         }
         let a: Arc<str> = Arc::from(name);
-        self.0.insert(name.to_owned(), a.clone());
+        self.0.insert(name.into(), a.clone());
         a
     }
 }
 
-/// A `raw` archive line as the record the live run read; `None` for lines
-/// of other kinds.
-pub fn archived_record(
+/// A `raw` archive line, decoded with the pipeline's schema, as the live
+/// run decoded the record it archives; `None` for lines of other kinds, and
+/// `Err` for a line that is not an archive line at all.
+///
+/// The record inside (`data`, JSON embedded as is) is decoded straight from
+/// the line, so its bytes are read once more, not copied or re-validated
+/// first.
+pub fn archived_event(
     line: &[u8],
     interner: &mut Interner,
     arrival: Millis,
-) -> Result<Option<RawRecord>, String> {
+    decoder: &Decoder,
+) -> Result<Option<DecodedRecord>, String> {
     let l: ArchiveLine<'_> =
         serde_json::from_slice(line).map_err(|e| format!("not an archive line: {e}"))?;
     if l.kind != "raw" {
@@ -566,22 +586,26 @@ pub fn archived_record(
     let (Some(partition), Some(sequence)) = (l.partition, l.sequence) else {
         return Err("raw line without partition and sequence".into());
     };
-    let bytes = match (l.data, l.data_base64) {
-        (Some(d), None) => Bytes::copy_from_slice(d.get().as_bytes()),
-        (None, Some(b)) => Bytes::from(
-            base64::engine::general_purpose::STANDARD
-                .decode(b.as_bytes())
-                .map_err(|e| format!("data_base64: {e}"))?,
-        ),
-        _ => return Err("raw line needs exactly one of data and data_base64".into()),
-    };
     let mut position = Position::new(interner.get(&partition), sequence.as_ref());
     position.sub_sequence = l.sub_sequence;
-    Ok(Some(RawRecord {
-        position,
-        arrival,
-        bytes,
+    let event = match (l.data, l.data_base64) {
+        (Some(d), None) => decoder.decode_str(position, arrival, d.get()),
+        (None, Some(b)) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b.as_bytes())
+                .map_err(|e| format!("data_base64: {e}"))?;
+            decoder.decode(RawRecord {
+                position,
+                arrival,
+                bytes: Bytes::from(bytes),
+                replay_watermark: None,
+            })
+        }
+        _ => return Err("raw line needs exactly one of data and data_base64".into()),
+    };
+    Ok(Some(DecodedRecord {
         replay_watermark: l.watermark,
+        event,
     }))
 }
 
@@ -655,7 +679,7 @@ fn decode_object(
         let msg = match item {
             Item::Record(offset, bytes) => {
                 if shardflow {
-                    match archived_record(bytes, &mut interner, arrival) {
+                    match archived_event(bytes, &mut interner, arrival, &s.decoder) {
                         Ok(Some(r)) => Ok(r),
                         Ok(None) => {
                             other_lines += 1;
@@ -665,11 +689,14 @@ fn decode_object(
                     }
                 } else {
                     let name = key.strip_prefix(&s.prefix).unwrap_or(key).trim_start_matches('/');
-                    Ok(RawRecord {
-                        position: Position::new(s.group.clone(), format!("{name}:{index}")),
-                        arrival,
-                        bytes: Bytes::copy_from_slice(bytes),
+                    Ok(DecodedRecord {
                         replay_watermark: None,
+                        event: s.decoder.decode(RawRecord {
+                            position: Position::new(s.group.clone(), format!("{name}:{index}")),
+                            arrival,
+                            bytes: Bytes::copy_from_slice(bytes),
+                            replay_watermark: None,
+                        }),
                     })
                 }
             }
@@ -731,27 +758,46 @@ mod tests {
 
     #[test]
     fn archive_lines_give_back_the_live_record() {
+        let schema: SchemaConfig = toml::from_str(
+            r#"
+key = "u"
+timestamp = "t"
+"#,
+        )
+        .unwrap();
+        let decoder = Decoder::new(&schema);
         let mut interner = Interner::default();
-        let line = br#"{"kind":"raw","id":"p/7:1","partition":"p","sequence":"7","sub_sequence":1,"event_time":5,"watermark":-9,"data":{"u":"a b"}}"#;
-        let r = archived_record(line, &mut interner, 0).unwrap().unwrap();
-        assert_eq!(r.position.to_string(), "p/7:1");
-        assert_eq!(&r.bytes[..], br#"{"u":"a b"}"#);
+        let decode =
+            |line: &[u8], interner: &mut Interner| archived_event(line, interner, 0, &decoder);
+        let line = br#"{"kind":"raw","id":"p/7:1","partition":"p","sequence":"7","sub_sequence":1,"event_time":5,"watermark":-9,"data":{"u":"a b","t":1700000000000}}"#;
+        let r = decode(line, &mut interner).unwrap().unwrap();
         assert_eq!(r.replay_watermark, Some(-9));
+        let e = r.event.unwrap();
+        assert_eq!(e.position.to_string(), "p/7:1");
+        assert_eq!(&e.raw[..], br#"{"u":"a b","t":1700000000000}"#);
+        assert_eq!((&*e.key, e.event_time), ("a b", 1_700_000_000_000));
         let b64 =
             br#"{"kind":"raw","partition":"p","sequence":"8","watermark":0,"data_base64":"IHt9"}"#;
+        let r = decode(b64, &mut interner).unwrap().unwrap();
+        let dead = r.event.unwrap_err();
+        assert_eq!(&dead.raw[..], b" {}");
+        assert_eq!(dead.reason, "missing field u");
+        assert_eq!(dead.position.to_string(), "p/8");
+        assert!(decode(br#"{"kind":"window","id":"x"}"#, &mut interner)
+            .unwrap()
+            .is_none());
+        assert!(decode(br#"{"kind":"raw","partition":"p"#, &mut interner).is_err());
+        // A record that is not an object is the record's problem, not the line's.
+        let r = decode(
+            br#"{"kind":"raw","partition":"p","sequence":"9","data":[1]}"#,
+            &mut interner,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(
-            &archived_record(b64, &mut interner, 0)
-                .unwrap()
-                .unwrap()
-                .bytes[..],
-            b" {}"
+            r.event.unwrap_err().reason,
+            "record is a JSON array, expected an object"
         );
-        assert!(
-            archived_record(br#"{"kind":"window","id":"x"}"#, &mut interner, 0)
-                .unwrap()
-                .is_none()
-        );
-        assert!(archived_record(br#"{"kind":"raw","partition":"p"#, &mut interner, 0).is_err());
     }
 
     #[test]
