@@ -120,11 +120,19 @@ impl Decoder {
             return Err(self.too_large(text.len()));
         }
         let mut de = serde_json::Deserializer::from_str(text);
-        let parsed = RecordSeed(self)
-            .deserialize(&mut de)
-            .map_err(|e| json_reason(&e))?;
+        let mut slots = Slots {
+            key: None,
+            timestamp: None,
+            fields: (0..self.fields.len()).map(|_| None).collect(),
+        };
+        let parsed = RecordSeed {
+            schema: self,
+            slots: &mut slots,
+        }
+        .deserialize(&mut de)
+        .map_err(|e| json_reason(&e))?;
         de.end().map_err(|e| json_reason(&e))?;
-        let mut slots = parsed?;
+        parsed?;
 
         let key = match slots.key.take() {
             Some(Scalar::Str(s)) if !s.is_empty() => Arc::from(s.as_ref()),
@@ -322,32 +330,31 @@ struct Slots<'a> {
     fields: SmallVec<[Option<Scalar<'a>>; 8]>,
 }
 
-/// Deserializes a top-level object into [`Slots`]. The inner `Result`
-/// carries schema-level problems (duplicate fields, not an object) that are
-/// not JSON syntax errors.
-struct RecordSeed<'s>(&'s Decoder);
+/// Deserializes a top-level object into `slots` (filled in place: they
+/// are a few hundred bytes, moved through every layer of serde otherwise).
+/// The `Result` it gives carries schema-level problems (duplicate fields,
+/// not an object) that are not JSON syntax errors.
+struct RecordSeed<'s, 'de> {
+    schema: &'s Decoder,
+    slots: &'s mut Slots<'de>,
+}
 
-impl<'de> DeserializeSeed<'de> for RecordSeed<'_> {
-    type Value = Result<Slots<'de>, String>;
+impl<'de> DeserializeSeed<'de> for RecordSeed<'_, 'de> {
+    type Value = Result<(), String>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for RecordSeed<'_> {
-    type Value = Result<Slots<'de>, String>;
+impl<'de> Visitor<'de> for RecordSeed<'_, 'de> {
+    type Value = Result<(), String>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let schema = self.0;
-        let mut slots = Slots {
-            key: None,
-            timestamp: None,
-            fields: (0..schema.fields.len()).map(|_| None).collect(),
-        };
+        let RecordSeed { schema, slots } = self;
         let mut problem = None;
         while let Some(name) = map.next_key::<Cow<'de, str>>()? {
             let slot = if name == schema.key {
@@ -376,7 +383,7 @@ impl<'de> Visitor<'de> for RecordSeed<'_> {
         }
         Ok(match problem {
             Some(p) => Err(p),
-            None => Ok(slots),
+            None => Ok(()),
         })
     }
 

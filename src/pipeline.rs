@@ -691,46 +691,9 @@ async fn enrich_stage(
             biased;
             message = input.recv() => match message {
                 Some(Message::Batch(batch)) => {
-                    let now = source::now_millis();
-                    out.reserve(batch.len());
-                    let mut items = batch.into_iter();
-                    while !items.as_slice().is_empty() {
-                        let ahead = items.as_slice();
-                        engine.prefetch(ahead[..ahead.len().min(PREFETCH_AHEAD)].iter().filter_map(|d| match d {
-                            Decoded::Event(e) => Some(&*e.key),
-                            _ => None,
-                        }));
-                        for d in items.by_ref().take(PREFETCH_AHEAD) {
-                        match d {
-                            Decoded::Event(e) => {
-                                events.increment(1);
-                                stats.events.fetch_add(1, Ordering::Relaxed);
-                                if emit_raw {
-                                    out.push(Output::Raw(RawOutput {
-                                        position: e.position.clone(),
-                                        event_time: Some(e.event_time),
-                                        watermark: engine.watermark(),
-                                        data: e.raw.clone(),
-                                    }));
-                                }
-                                engine.process(&e, now, &mut out)?;
-                            }
-                            Decoded::Dead(d) => {
-                                if emit_raw {
-                                    out.push(Output::Raw(RawOutput {
-                                        position: d.position.clone(),
-                                        event_time: None,
-                                        watermark: engine.watermark(),
-                                        data: d.raw.clone(),
-                                    }));
-                                }
-                                out.push(Output::DeadLetter(*d));
-                            }
-                            Decoded::Unreadable(d) => out.push(Output::DeadLetter(*d)),
-                            Decoded::Advance(w) => engine.advance_to(w, &mut out)?,
-                        }
-                        }
-                    }
+                    let n = enrich_batch(&mut engine, batch, emit_raw, &mut out)?;
+                    events.increment(n);
+                    stats.events.fetch_add(n, Ordering::Relaxed);
                 }
                 Some(Message::Barrier(mut b)) => {
                     if b.end_of_input {
@@ -762,6 +725,58 @@ async fn enrich_stage(
             }
         }
     }
+}
+
+/// Runs one batch through the engine into `out`; returns how many events
+/// it held.
+fn enrich_batch(
+    engine: &mut Engine,
+    batch: Vec<Decoded>,
+    emit_raw: bool,
+    out: &mut Vec<Output>,
+) -> anyhow::Result<u64> {
+    let now = source::now_millis();
+    let mut events = 0;
+    out.reserve(batch.len());
+    let mut items = batch.into_iter();
+    while !items.as_slice().is_empty() {
+        let ahead = items.as_slice();
+        let ahead = &ahead[..ahead.len().min(PREFETCH_AHEAD)];
+        engine.prefetch(ahead.iter().filter_map(|d| match d {
+            Decoded::Event(e) => Some(&*e.key),
+            _ => None,
+        }));
+        for d in items.by_ref().take(PREFETCH_AHEAD) {
+            match d {
+                Decoded::Event(e) => {
+                    events += 1;
+                    if emit_raw {
+                        out.push(Output::Raw(RawOutput {
+                            position: e.position.clone(),
+                            event_time: Some(e.event_time),
+                            watermark: engine.watermark(),
+                            data: e.raw.clone(),
+                        }));
+                    }
+                    engine.process(&e, now, out)?;
+                }
+                Decoded::Dead(d) => {
+                    if emit_raw {
+                        out.push(Output::Raw(RawOutput {
+                            position: d.position.clone(),
+                            event_time: None,
+                            watermark: engine.watermark(),
+                            data: d.raw.clone(),
+                        }));
+                    }
+                    out.push(Output::DeadLetter(*d));
+                }
+                Decoded::Unreadable(d) => out.push(Output::DeadLetter(*d)),
+                Decoded::Advance(w) => engine.advance_to(w, out)?,
+            }
+        }
+    }
+    Ok(events)
 }
 
 type PendingCommit = (Barrier, Vec<oneshot::Receiver<anyhow::Result<()>>>);

@@ -578,8 +578,15 @@ pub fn archived_event(
     arrival: Millis,
     decoder: &Decoder,
 ) -> Result<Option<DecodedRecord>, String> {
+    // One check of the whole line: serde would check each string apart.
+    let line = std::str::from_utf8(line).map_err(|e| {
+        format!(
+            "not an archive line: invalid UTF-8 at byte {}",
+            e.valid_up_to()
+        )
+    })?;
     let l: ArchiveLine<'_> =
-        serde_json::from_slice(line).map_err(|e| format!("not an archive line: {e}"))?;
+        serde_json::from_str(line).map_err(|e| format!("not an archive line: {e}"))?;
     if l.kind != "raw" {
         return Ok(None);
     }
