@@ -9,8 +9,8 @@
 //! anything is measured.
 //!
 //! - `replay/end_to_end`: the real thing, `replay::run` (list, 8 objects
-//!   fetched at once, gunzip and split on blocking threads, decode, window
-//!   engine over RocksDB, checkpoints), throughput in events.
+//!   fetched at once, gunzip, split and schema decode on blocking threads,
+//!   window engine over RocksDB, checkpoints), throughput in events.
 //! - `replay/stages`: the same work one stage after another on one thread,
 //!   each timed: download, gunzip, JSON (split + archive line + schema
 //!   decode), engine, checkpoints (state delta committed to RocksDB every
