@@ -9,12 +9,11 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-
-use crate::config::{FieldSpec, FieldType, SchemaConfig};
 use bytes::Bytes;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use smallvec::SmallVec;
 
+use crate::config::{FieldSpec, FieldType, SchemaConfig};
 use crate::record::{DeadLetter, Event, FieldValue, Millis, Position, RawRecord};
 
 /// A compiled `[schema]`.

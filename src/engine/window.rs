@@ -165,14 +165,18 @@ impl KeyWindows {
     /// Asks the CPU to start loading the memory the next event or visit of
     /// this key reads (its slices and block marks), without waiting for it.
     pub fn prefetch(&self) {
-        /// Enough for the slices a short window reads; a long window's
-        /// reads hit the newest slices, reached through the back half.
+        /// The oldest slices (purging reads them) and the newest (an event
+        /// usually lands in one, and the window it reads ends there): all
+        /// of a short window's, the ends of a long one.
         const SLICES: usize = 8;
-        let (front, back) = self.slices.as_slices();
-        for s in front.iter().take(SLICES) {
-            prefetch_lines(s);
-        }
-        for s in back.iter().rev().take(SLICES) {
+        let n = self.slices.len();
+        let oldest = n.min(SLICES);
+        let newest = n.saturating_sub(SLICES).max(oldest);
+        for s in self
+            .slices
+            .range(..oldest)
+            .chain(self.slices.range(newest..))
+        {
             prefetch_lines(s);
         }
         prefetch_lines(self.marks.as_ptr());
