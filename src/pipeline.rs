@@ -28,10 +28,10 @@ use crate::config::Config;
 use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions, PREFETCH_AHEAD};
 use crate::inference;
-use crate::record::{DeadLetter, Event, KindSet, Output, OutputKind, Position, RawOutput};
+use crate::record::{DeadLetter, Event, KindSet, Millis, Output, OutputKind, Position, RawOutput};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, SinkMessage};
-use crate::source::{self, SourceContext, SourceMessage};
+use crate::source::{self, DecodedRecord, SourceContext, SourceMessage};
 use crate::state::{StateDelta, StateStore};
 
 /// A checkpoint barrier and what it collects on its way to the committer.
@@ -61,7 +61,7 @@ pub enum Decoded {
     /// Input a source could not split into records (no `raw` to archive).
     Unreadable(Box<DeadLetter>),
     /// Replay: the live run's watermark before the next record.
-    Advance(crate::record::Millis),
+    Advance(Millis),
 }
 
 /// Counters for the progress line, readiness and tests.
@@ -475,8 +475,11 @@ struct DecodeSettings {
     /// Positions of the last committed checkpoint.
     resume_from: Vec<Position>,
     /// Replay only: `--from`/`--to` on event time.
-    range: Option<(Option<crate::record::Millis>, Option<crate::record::Millis>)>,
+    range: Option<EventTimeRange>,
 }
+
+/// `[from, to)` on event time, each end optional.
+type EventTimeRange = (Option<Millis>, Option<Millis>);
 
 /// Decodes records and injects barriers.
 async fn decode_stage(
@@ -492,17 +495,125 @@ async fn decode_stage(
         resume_from,
         range,
     } = settings;
-    let records_in = metrics::counter!("shardflow_records_in_total");
-    let dead = metrics::counter!("shardflow_dead_letters_total", "stage" => "decode");
-    let mut positions: HashMap<Arc<str>, Position> = resume_from
-        .into_iter()
-        .map(|p| (p.partition.clone(), p))
-        .collect();
-    let mut replayed_watermark = crate::record::Millis::MIN;
+    let mut passing = Passing {
+        positions: resume_from
+            .into_iter()
+            .map(|p| (p.partition.clone(), p))
+            .collect(),
+        replayed_watermark: Millis::MIN,
+        range,
+        stats,
+        records_in: metrics::counter!("shardflow_records_in_total"),
+        dead: metrics::counter!("shardflow_dead_letters_total", "stage" => "decode"),
+    };
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let barrier = |id: u64, positions: &HashMap<Arc<str>, Position>, end: Option<bool>| {
-        let mut positions: Vec<Position> = positions.values().cloned().collect();
+    loop {
+        let sent = tokio::select! {
+            biased;
+            message = input.recv() => match message {
+                Some(SourceMessage::Batch(raw)) => {
+                    let batch = raw
+                        .into_iter()
+                        .map(|raw| DecodedRecord {
+                            replay_watermark: raw.replay_watermark,
+                            event: decoder.decode(raw),
+                        })
+                        .collect();
+                    output.send(Message::Batch(passing.pass_on(batch))).await
+                }
+                Some(SourceMessage::Decoded(batch)) => {
+                    output.send(Message::Batch(passing.pass_on(batch))).await
+                }
+                Some(SourceMessage::Bad(d)) => {
+                    passing.count(0, 1);
+                    output.send(Message::Batch(vec![Decoded::Unreadable(Box::new(d))])).await
+                }
+                Some(SourceMessage::End { exhausted }) => {
+                    let b = passing.barrier(next_barrier, Some(exhausted));
+                    let _ = output.send(Message::Barrier(b)).await;
+                    return Ok(());
+                }
+                None => anyhow::bail!("the source stopped without ending its input"),
+            },
+            _ = ticker.tick() => {
+                let b = passing.barrier(next_barrier, None);
+                next_barrier += 1;
+                output.send(Message::Barrier(b)).await
+            }
+        };
+        if sent.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// What the decode stage keeps between batches.
+struct Passing {
+    /// The last position passed on, per partition.
+    positions: HashMap<Arc<str>, Position>,
+    /// Replay: the last live-run watermark passed on.
+    replayed_watermark: Millis,
+    range: Option<EventTimeRange>,
+    stats: Arc<Stats>,
+    records_in: metrics::Counter,
+    dead: metrics::Counter,
+}
+
+impl Passing {
+    /// The batch for the engine: positions noted, replay watermarks
+    /// interleaved, events outside the replay's range left out, counted.
+    fn pass_on(&mut self, batch: Vec<DecodedRecord>) -> Vec<Decoded> {
+        // Barriers fall between batches, so only each partition's last
+        // position in the batch is ever read.
+        note_last_positions(
+            batch.iter().map(DecodedRecord::position),
+            &mut self.positions,
+        );
+        let records = batch.len() as u64;
+        let mut dead = 0;
+        let mut out = Vec::with_capacity(batch.len());
+        for r in batch {
+            if let Some(w) = r.replay_watermark.filter(|_| self.range.is_some()) {
+                if w > self.replayed_watermark {
+                    self.replayed_watermark = w;
+                    out.push(Decoded::Advance(w));
+                }
+            }
+            match r.event {
+                Ok(event) => {
+                    if let Some((from, to)) = self.range {
+                        let t = event.event_time;
+                        if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
+                            self.stats.out_of_range.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                    out.push(Decoded::Event(event))
+                }
+                Err(d) => {
+                    dead += 1;
+                    out.push(Decoded::Dead(d));
+                }
+            }
+        }
+        self.count(records, dead);
+        out
+    }
+
+    fn count(&self, records: u64, dead: u64) {
+        self.records_in.increment(records);
+        self.stats.records_in.fetch_add(records, Ordering::Relaxed);
+        if dead > 0 {
+            self.dead.increment(dead);
+            self.stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
+        }
+    }
+
+    /// A barrier after everything passed on; `end`: the input ended
+    /// (`Some(true)` when exhausted).
+    fn barrier(&self, id: u64, end: Option<bool>) -> Barrier {
+        let mut positions: Vec<Position> = self.positions.values().cloned().collect();
         positions.sort_by(|a, b| a.partition.cmp(&b.partition));
         Barrier {
             id,
@@ -511,134 +622,6 @@ async fn decode_stage(
             last: end.is_some(),
             delta: None,
         }
-    };
-    loop {
-        tokio::select! {
-            biased;
-            message = input.recv() => match message {
-                Some(SourceMessage::Batch(batch)) => {
-                    // Barriers fall between batches, so only each partition's
-                    // last position in the batch is ever read.
-                    note_last_positions(batch.iter().map(|r| &r.position), &mut positions);
-                    let mut through = Through::new(&mut replayed_watermark, range, (&stats, (&records_in, &dead)), batch.len());
-                    for raw in batch {
-                        let w = raw.replay_watermark;
-                        through.push(w, decoder.decode(raw));
-                    }
-                    if output.send(Message::Batch(through.finish())).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Some(SourceMessage::Decoded(batch)) => {
-                    note_last_positions(batch.iter().map(|r| r.position()), &mut positions);
-                    let mut through = Through::new(&mut replayed_watermark, range, (&stats, (&records_in, &dead)), batch.len());
-                    for r in batch {
-                        through.push(r.replay_watermark, r.event);
-                    }
-                    if output.send(Message::Batch(through.finish())).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Some(SourceMessage::Bad(d)) => {
-                    dead.increment(1);
-                    stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    if output.send(Message::Batch(vec![Decoded::Unreadable(Box::new(d))])).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Some(SourceMessage::End { exhausted }) => {
-                    let b = barrier(next_barrier, &positions, Some(exhausted));
-                    let _ = output.send(Message::Barrier(b)).await;
-                    return Ok(());
-                }
-                None => anyhow::bail!("the source stopped without ending its input"),
-            },
-            _ = ticker.tick() => {
-                let b = barrier(next_barrier, &positions, None);
-                next_barrier += 1;
-                if output.send(Message::Barrier(b)).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
-    }
-}
-
-/// A batch of decoded records on its way to the engine: counted, dead
-/// letters apart, replay watermarks interleaved, events outside the
-/// replay's range left out.
-struct Through<'a> {
-    out: Vec<Decoded>,
-    replayed_watermark: &'a mut crate::record::Millis,
-    range: Option<(Option<crate::record::Millis>, Option<crate::record::Millis>)>,
-    stats: &'a Stats,
-    /// `shardflow_records_in_total` and the decode stage's dead letters.
-    counters: (&'a metrics::Counter, &'a metrics::Counter),
-    dead: u64,
-    records: u64,
-}
-
-impl<'a> Through<'a> {
-    fn new(
-        replayed_watermark: &'a mut crate::record::Millis,
-        range: Option<(Option<crate::record::Millis>, Option<crate::record::Millis>)>,
-        (stats, counters): (&'a Stats, (&'a metrics::Counter, &'a metrics::Counter)),
-        len: usize,
-    ) -> Through<'a> {
-        Through {
-            out: Vec::with_capacity(len),
-            replayed_watermark,
-            range,
-            stats,
-            counters,
-            dead: 0,
-            records: 0,
-        }
-    }
-
-    fn push(
-        &mut self,
-        replay_watermark: Option<crate::record::Millis>,
-        event: Result<Event, Box<DeadLetter>>,
-    ) {
-        self.records += 1;
-        if let Some(w) = replay_watermark.filter(|_| self.range.is_some()) {
-            if w > *self.replayed_watermark {
-                *self.replayed_watermark = w;
-                self.out.push(Decoded::Advance(w));
-            }
-        }
-        match event {
-            Ok(event) => {
-                if let Some((from, to)) = self.range {
-                    let t = event.event_time;
-                    if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
-                        self.stats.out_of_range.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
-                self.out.push(Decoded::Event(event))
-            }
-            Err(d) => {
-                self.dead += 1;
-                self.out.push(Decoded::Dead(d));
-            }
-        }
-    }
-
-    /// The batch for the engine; counts what went through.
-    fn finish(self) -> Vec<Decoded> {
-        self.counters.0.increment(self.records);
-        self.stats
-            .records_in
-            .fetch_add(self.records, Ordering::Relaxed);
-        if self.dead > 0 {
-            self.counters.1.increment(self.dead);
-            self.stats
-                .dead_letters
-                .fetch_add(self.dead, Ordering::Relaxed);
-        }
-        self.out
     }
 }
 

@@ -12,10 +12,10 @@
 //! moves earlier leaves a stale entry behind that is skipped when reached
 //! (lazy deletion). Each key's timer is persisted in its `windows` record,
 //! from which a restore rebuilds the timer index. Without window results
-//! (no sink takes them) a key's timer is when its whole state expires: the per-event vectors never depended on
-//! firing, and the slices that expire before that are dropped by the key's
-//! next event or that visit, so a busy key is visited once per expiry
-//! horizon rather than once per slice.
+//! (no sink takes them) a key's timer is when its whole state expires: the
+//! per-event vectors never depended on firing, and the slices that expire
+//! before that are dropped by the key's next event or that visit, so a busy
+//! key is visited once per expiry horizon rather than once per slice.
 //!
 //! The cache holds every state touched since the last committed checkpoint.
 //! An entry is evicted only when it is clean with respect to a *committed*
@@ -778,9 +778,10 @@ impl Operator {
         let mut delta = std::mem::take(&mut self.pending);
         // About one slice per dirty key, with its key and value.
         delta.reserve(dirty.len(), 64);
-        // When most cached states changed (the usual case between two
-        // checkpoints of a busy stream), one pass over the maps in memory
-        // order beats a hash lookup, usually a cache miss, per dirty key.
+        // When the dirty (spec, key) states are at least half as many as
+        // the keys in memory (the usual case between two checkpoints of a
+        // busy stream), one pass over the map in memory order beats a hash
+        // lookup, usually a cache miss, per dirty state.
         if dirty.len().saturating_mul(2) >= self.states.len() {
             for (key, slots) in &mut self.states {
                 for (plan, slot) in self.specs.iter().zip(slots.iter_mut()) {

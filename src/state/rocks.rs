@@ -345,25 +345,34 @@ impl StateStore {
         Ok(timers)
     }
 
+    /// Calls `f` with every key and value of `cf`, in key order (a full
+    /// scan); a [`CodecError`](codec::CodecError) from `f` reports `cf` as
+    /// corrupt.
+    fn scan(
+        &self,
+        cf: Cf,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), codec::CodecError>,
+    ) -> Result<(), StateError> {
+        for item in self.inner.db.iterator_cf(self.cf(cf)?, IteratorMode::Start) {
+            let (k, v) = item?;
+            f(&k, &v).map_err(|e| StateError::Corrupt {
+                what: cf.name(),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Calls `f` with every window record, in key order (a full scan).
     fn scan_windows(
         &self,
         mut f: impl FnMut(u16, String, codec::WindowRecord<'_>),
     ) -> Result<(), StateError> {
-        for item in self
-            .inner
-            .db
-            .iterator_cf(self.cf(Cf::Windows)?, IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            let corrupt = |e: codec::CodecError| StateError::Corrupt {
-                what: "windows",
-                detail: e.to_string(),
-            };
-            let (spec, key) = codec::parse_key_prefix(&k).map_err(corrupt)?;
-            f(spec, key, codec::WindowRecord::decode(&v).map_err(corrupt)?);
-        }
-        Ok(())
+        self.scan(Cf::Windows, |k, v| {
+            let (spec, key) = codec::parse_key_prefix(k)?;
+            f(spec, key, codec::WindowRecord::decode(v)?);
+            Ok(())
+        })
     }
 
     /// A key's window record ([`codec::WindowRecord`]).
@@ -418,17 +427,10 @@ impl StateStore {
                 slices.push((spec, key.clone(), start));
             }
         })?;
-        for item in self
-            .inner
-            .db
-            .iterator_cf(self.cf(Cf::Slices)?, IteratorMode::Start)
-        {
-            let (k, _) = item?;
-            slices.push(codec::parse_slice_key(&k).map_err(|e| StateError::Corrupt {
-                what: "slices",
-                detail: e.to_string(),
-            })?);
-        }
+        self.scan(Cf::Slices, |k, _| {
+            slices.push(codec::parse_slice_key(k)?);
+            Ok(())
+        })?;
         slices.sort_unstable();
         Ok(slices)
     }
@@ -442,14 +444,10 @@ impl StateStore {
             counts.timers += usize::from(record.timer.is_some());
             counts.slices += record.inline.map_or(0, |s| s.len());
         })?;
-        for item in self
-            .inner
-            .db
-            .iterator_cf(self.cf(Cf::Slices)?, IteratorMode::Start)
-        {
-            item?;
+        self.scan(Cf::Slices, |_, _| {
             counts.slices += 1;
-        }
+            Ok(())
+        })?;
         Ok(counts)
     }
 }
