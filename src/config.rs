@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
+use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::record::{KindSet, Millis, OutputKind};
@@ -1348,7 +1349,8 @@ impl Config {
         Config::from_str_at(&text, path, |name| std::env::var(name).ok())
     }
 
-    /// Parses config text; `env` resolves `${VAR}` references.
+    /// Parses config text; `env` resolves the `${VAR}` references in its
+    /// string values.
     pub fn from_str_at(
         text: &str,
         path: &Path,
@@ -1359,9 +1361,48 @@ impl Config {
             location: span.map(|s| line_col(text, s.start)),
             message,
         };
-        let text = substitute_env(text, &env).map_err(|(at, msg)| err(Some(at..at), text, msg))?;
-        let config: Config = toml::from_str(&text)
-            .map_err(|e| err(e.span(), &text, e.message().trim().to_string()))?;
+        // Parse first, then substitute into the parsed strings: a value from
+        // the environment is never TOML text, so it cannot change the file's
+        // structure. Spans still point into `text`, so every error below is
+        // located in the file as written.
+        let mut root = DeTable::parse(text).map_err(|e| {
+            let mut message = e.message().trim().to_string();
+            if let Some(span) = e.span() {
+                if env_reference_outside_string(text, span.start) {
+                    message.push_str(NOT_A_STRING_HINT);
+                }
+            }
+            err(e.span(), text, message)
+        })?;
+        let substituted = substitute_env_in(&mut root, text, &env)
+            .map_err(|(at, msg)| err(Some(at..at), text, msg))?;
+        let config = Config::deserialize(toml::de::Deserializer::from(root)).map_err(|e| {
+            let mut message = e.message().trim().to_string();
+            let mut span = e.span();
+            // `count = "${N}"` reaches serde as a string: say why, and point
+            // at the value (an error inside a tagged table such as [source]
+            // is located at its header: take the first such value after it).
+            // serde writes the string as `{:?}` does.
+            let from_env = message
+                .strip_prefix("invalid type: string ")
+                .and_then(|rest| {
+                    substituted
+                        .iter()
+                        .filter(|(at, value)| {
+                            rest.starts_with(&format!("{value:?}"))
+                                && span.as_ref().is_none_or(|s| at.start >= s.start)
+                        })
+                        .min_by_key(|(at, _)| at.start)
+                })
+                .map(|(at, _)| at.clone());
+            if let Some(at) = from_env {
+                span = Some(at);
+                message.push_str(
+                    " (the value comes from the environment, which is substituted only into strings: a number, boolean, array or table cannot come from it)",
+                );
+            }
+            err(span, text, message)
+        })?;
         config.validate().map_err(|(span, msg)| {
             // A table-level problem without a span points at its table header.
             let span = span.or_else(|| {
@@ -1373,7 +1414,7 @@ impl Config {
                     .find(|&i| i == 0 || text[..i].ends_with('\n'))?;
                 Some(at..at)
             });
-            err(span, &text, msg)
+            err(span, text, msg)
         })?;
         Ok(config)
     }
@@ -1767,66 +1808,217 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Replaces `${VAR}` and `${VAR:-default}` outside comments; `$${` writes a
-/// literal `${`. An unset variable without a default is an error at its offset.
+/// Appended to a TOML syntax error on a line holding `${`.
+const NOT_A_STRING_HINT: &str = " (`${VAR}` is substituted only inside quoted strings, e.g. key = \"${VAR}\"; a number, boolean, array or table cannot come from the environment)";
+
+/// Whether the line of `offset` holds a `${` (a reference TOML could not
+/// parse, so presumably written outside a string).
+fn env_reference_outside_string(text: &str, offset: usize) -> bool {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[start..end];
+    let code = line.split_once('#').map_or(line, |(code, _)| code);
+    code.contains("${")
+}
+
+/// A `${...}` that cannot be substituted: where it starts in the string
+/// value, its text, and what is wrong with it.
+#[derive(Debug, PartialEq, Eq)]
+struct EnvRefError {
+    at: usize,
+    len: usize,
+    message: String,
+}
+
+/// Substitutes the environment into one string value: `${VAR}`,
+/// `${VAR:-default}`, and `$${` for a literal `${`. The result is the new
+/// value (None when there is nothing to substitute) and whether a reference
+/// (not just an escape) was replaced. Values are inserted verbatim: the
+/// string is already parsed, so nothing in them is TOML.
 fn substitute_env(
-    text: &str,
+    value: &str,
     env: &impl Fn(&str) -> Option<String>,
-) -> Result<String, (usize, String)> {
-    let mut out = String::with_capacity(text.len());
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        if line.trim_start().starts_with('#') {
-            out.push_str(line);
-            offset += line.len();
+) -> Result<Option<(String, bool)>, EnvRefError> {
+    if !value.contains("${") {
+        return Ok(None);
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut referenced = false;
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let at = value.len() - rest.len() + i;
+        let after = &rest[i..];
+        if let Some(tail) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = tail;
             continue;
         }
-        let mut rest = line;
-        let mut pos = offset;
-        while let Some(i) = rest.find('$') {
-            out.push_str(&rest[..i]);
-            let after = &rest[i..];
-            if let Some(tail) = after.strip_prefix("$${") {
-                out.push_str("${");
-                rest = tail;
-                pos += i + 3;
-                continue;
+        if !after.starts_with("${") {
+            out.push('$');
+            rest = &after[1..];
+            continue;
+        }
+        let Some(close) = after.find('}') else {
+            return Err(EnvRefError {
+                at,
+                len: 2,
+                message: "unclosed ${ in an environment reference: write ${NAME} or ${NAME:-default}, or $${ for a literal ${".into(),
+            });
+        };
+        let inner = &after[2..close];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        let fail = |message: String| EnvRefError {
+            at,
+            len: close + 1,
+            message,
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(fail(format!(
+                "invalid environment reference ${{{inner}}}: a name is letters, digits and _"
+            )));
+        }
+        match (env(name), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(fail(format!(
+                    "environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
+                )));
             }
-            if !after.starts_with("${") {
-                out.push('$');
-                rest = &after[1..];
-                pos += i + 1;
-                continue;
+        }
+        referenced = true;
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(Some((out, referenced)))
+}
+
+/// The string values a reference was substituted into: span, result.
+type Substituted = Vec<(std::ops::Range<usize>, String)>;
+
+/// Where the substitution walk is and what it found.
+struct EnvWalk<'a, F> {
+    text: &'a str,
+    env: &'a F,
+    /// The key path of the value being visited, e.g. `features[0].name`.
+    path: String,
+    substituted: Substituted,
+    /// The earliest problem in the file (the walk visits keys in map
+    /// order, not file order).
+    error: Option<(usize, String)>,
+}
+
+impl<F: Fn(&str) -> Option<String>> EnvWalk<'_, F> {
+    fn fail(&mut self, at: usize, message: String) {
+        if self.error.as_ref().is_none_or(|(first, _)| at < *first) {
+            self.error = Some((at, message));
+        }
+    }
+
+    fn table(&mut self, table: &mut DeTable<'_>) {
+        for (key, value) in table.iter_mut() {
+            let len = self.path.len();
+            let name = key.get_ref();
+            if !self.path.is_empty() {
+                self.path.push('.');
             }
-            let Some(close) = after.find('}') else {
-                return Err((
-                    pos + i,
-                    "unclosed ${ in environment reference; write ${NAME} or ${NAME:-default}"
-                        .into(),
-                ));
-            };
-            let inner = &after[2..close];
-            let (name, default) = match inner.split_once(":-") {
-                Some((n, d)) => (n, Some(d)),
-                None => (inner, None),
-            };
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err((pos + i, format!("invalid environment reference ${{{inner}}}: a name is letters, digits and _")));
+            if !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                self.path.push_str(name);
+            } else {
+                self.path.push_str(&format!("{name:?}"));
             }
-            match (env(name), default) {
-                (Some(v), _) => out.push_str(&v),
-                (None, Some(d)) => out.push_str(d),
-                (None, None) => {
-                    return Err((pos + i, format!("environment variable {name} is not set (write ${{{name}:-default}} to give a default)")));
+            if name.contains("${") {
+                let message = format!(
+                    "the key `{}` holds `${{`: keys are never substituted; the environment is substituted only into string values",
+                    self.path
+                );
+                self.fail(key.span().start, message);
+            }
+            self.value(value);
+            self.path.truncate(len);
+        }
+    }
+
+    fn value(&mut self, value: &mut Spanned<DeValue<'_>>) {
+        let span = value.span();
+        match value.get_mut() {
+            DeValue::String(s) => match substitute_env(s, self.env) {
+                Ok(None) => {}
+                Ok(Some((new, referenced))) => {
+                    if referenced {
+                        self.substituted.push((span, new.clone()));
+                    }
+                    *s = std::borrow::Cow::Owned(new);
+                }
+                Err(e) => {
+                    let at = locate_in_string(self.text, span, s, &e);
+                    let message = format!("`{}`: {}", self.path, e.message);
+                    self.fail(at, message);
+                }
+            },
+            DeValue::Array(items) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    let len = self.path.len();
+                    self.path.push_str(&format!("[{i}]"));
+                    self.value(item);
+                    self.path.truncate(len);
                 }
             }
-            rest = &after[close + 1..];
-            pos += i + close + 1;
+            DeValue::Table(table) => self.table(table),
+            DeValue::Integer(_)
+            | DeValue::Float(_)
+            | DeValue::Boolean(_)
+            | DeValue::Datetime(_) => {}
         }
-        out.push_str(rest);
-        offset += line.len();
     }
-    Ok(out)
+}
+
+/// The file offset of a bad reference in a string value: found in the
+/// value's source text (the k-th occurrence for the k-th in the value); the
+/// start of the value when escapes hide it.
+fn locate_in_string(
+    text: &str,
+    span: std::ops::Range<usize>,
+    value: &str,
+    e: &EnvRefError,
+) -> usize {
+    let needle = &value[e.at..e.at + e.len];
+    let nth = value[..e.at].matches(needle).count();
+    text.get(span.clone())
+        .and_then(|raw| raw.match_indices(needle).nth(nth))
+        .map_or(span.start, |(i, _)| span.start + i)
+}
+
+/// Substitutes the environment into every string value of a parsed file
+/// (keys, numbers, booleans and the structure are left alone). Returns the
+/// values that took a reference (span, result), or the first problem in the
+/// file (offset, message).
+fn substitute_env_in(
+    root: &mut Spanned<DeTable<'_>>,
+    text: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Substituted, (usize, String)> {
+    let mut walk = EnvWalk {
+        text,
+        env,
+        path: String::new(),
+        substituted: Vec::new(),
+        error: None,
+    };
+    walk.table(root.get_mut());
+    match walk.error {
+        Some(e) => Err(e),
+        None => Ok(walk.substituted),
+    }
 }
 
 #[cfg(test)]
@@ -1895,16 +2087,181 @@ kinds = ["features", "window"]
         assert_eq!(e.location.unwrap().0, 13, "{e}");
     }
 
+    /// Parses with exactly these environment variables set.
+    fn parse_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_str_at(text, Path::new("test.toml"), |n| {
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
     #[test]
-    fn env_substitution() {
-        let out = substitute_env(
-            "a = \"${SET}\"\n# ${UNSET}\nb = \"${UNSET:-x}\" $${SET}",
-            &|n: &str| (n == "SET").then(|| "yes".to_string()),
-        )
-        .unwrap();
-        assert_eq!(out, "a = \"yes\"\n# ${UNSET}\nb = \"x\" ${SET}");
+    fn env_substitution_syntax() {
+        let env = |n: &str| (n == "SET").then(|| "yes".to_string());
+        let sub = |v: &str| substitute_env(v, &env).unwrap().map(|(s, _)| s);
+        assert_eq!(sub("${SET}").as_deref(), Some("yes"));
+        assert_eq!(sub("a-${SET}-b").as_deref(), Some("a-yes-b"));
+        assert_eq!(sub("${UNSET:-x}").as_deref(), Some("x"));
+        assert_eq!(sub("${UNSET:-}").as_deref(), Some(""));
+        assert_eq!(sub("${SET:-x}").as_deref(), Some("yes"));
+        assert_eq!(sub("$${SET}").as_deref(), Some("${SET}"));
+        assert_eq!(sub("$$${SET}").as_deref(), Some("$${SET}"));
+        assert_eq!(sub("cost $5, $ {x}"), None);
+        assert_eq!(
+            substitute_env("$${SET}", &env).unwrap(),
+            Some(("${SET}".to_string(), false)),
+            "an escape alone is not a reference"
+        );
+        let e = substitute_env("ab${UNSET}", &env).unwrap_err();
+        assert_eq!((e.at, e.len), (2, 8));
+        assert!(e.message.contains("UNSET is not set"), "{}", e.message);
+        let e = substitute_env("${SET", &env).unwrap_err();
+        assert!(e.message.contains("unclosed"), "{}", e.message);
+        let e = substitute_env("${A-B}", &env).unwrap_err();
+        assert!(
+            e.message.contains("invalid environment reference"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn env_substitution_in_a_config() {
+        let text = MINIMAL
+            .replace("\"userId\"", "\"${SET}\"  # ${UNSET} in a comment")
+            .replace("\"timestamp\"\n", "'${UNSET:-ts}' \n# ${UNSET}\n");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.schema.key, "yes");
+        assert_eq!(c.schema.timestamp, "ts", "literal strings are strings too");
+        // A duration or a path can come from the environment: both are strings.
+        let text = MINIMAL.replace(
+            "[source]",
+            "[pipeline]\ncheckpoint_interval = \"${CKPT:-2s}\"\nstate_dir = \"${DIR}/state\"\n\n[source]",
+        );
+        let c = parse_env(&text, &[("DIR", "/tmp/x y")]).unwrap();
+        assert_eq!(c.pipeline.checkpoint_interval.millis(), 2_000);
+        assert_eq!(c.pipeline.state_dir, PathBuf::from("/tmp/x y/state"));
+    }
+
+    #[test]
+    fn unset_variable_is_located_with_its_key_path() {
         let e = parse(&MINIMAL.replace("\"userId\"", "\"${NOPE}\"")).unwrap_err();
-        assert!(e.message.contains("NOPE"), "{e}");
-        assert_eq!(e.location.unwrap().0, 6);
+        assert!(e.message.contains("NOPE is not set"), "{e}");
+        assert!(e.message.contains("schema.key"), "{e}");
+        assert_eq!(e.location, Some((6, 8)), "{e}");
+        // In an array inside an array of tables.
+        let text = MINIMAL.replace("[\"features\", \"window\"]", "[\"features\", \"${NOPE}\"]");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("sinks[0].kinds[1]"), "{e}");
+        assert_eq!(e.location, Some((18, 23)), "{e}");
+        // In an inline table.
+        let text = MINIMAL.replace("slide = \"10s\"", "slide = \"${NOPE}\"");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("features[0].window.slide"), "{e}");
+        assert_eq!(e.location, Some((14, 52)), "{e}");
+        // After an escape and after `$${`, at the right spot still.
+        let text = MINIMAL.replace("\"userId\"", r#""\u0041 $${NOPE} ${NOPE}""#);
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.location, Some((6, 24)), "{e}");
+    }
+
+    #[test]
+    fn the_first_bad_reference_in_the_file_is_reported() {
+        // [source] comes first in the file, though after [schema] in key order.
+        let text = MINIMAL
+            .replace(
+                "type = \"generator\"",
+                "type = \"generator\"\nseed_name = \"${FIRST}\"",
+            )
+            .replace("\"userId\"", "\"${SECOND}\"");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("FIRST"), "{e}");
+        assert_eq!(e.location.unwrap().0, 4, "{e}");
+    }
+
+    /// Values that would rewrite the file if they were pasted into its text.
+    const HOSTILE: &[&str] = &[
+        "a\"b",
+        "line1\nline2",
+        "x]",
+        "= 1\n[source]",
+        "\"\n[pipeline]\nbatch_size = 1\n#",
+        "\"}]\n[[sinks]]\ntype = \"stdout\"\nkinds = [\"raw\"]\n#",
+        "'''\"\"\"\\u0000\t\r${SET}",
+        "${NOT_EXPANDED_AGAIN}",
+    ];
+
+    #[test]
+    fn hostile_values_are_inserted_verbatim() {
+        let text = MINIMAL.replace("\"userId\"", "\"${HOSTILE}\"").replace(
+            "kinds = [\"features\", \"window\"]",
+            "kinds = [\"features\", \"window\"]\n\n[replay]\nsource = { type = \"s3\", bucket = \"archive\" }\nlabel = \"pre-${HOSTILE}-post\"",
+        );
+        let plain = parse_env(&text, &[("HOSTILE", "plain")]).unwrap();
+        for value in HOSTILE {
+            let mut c = parse_env(&text, &[("HOSTILE", value), ("SET", "no")])
+                .unwrap_or_else(|e| panic!("{value:?}: {e}"));
+            assert_eq!(c.schema.key, *value);
+            assert_eq!(c.replay_label(), Some(&*format!("pre-{value}-post")));
+            // Nothing else moved: same tables, sinks, defaults (and spans).
+            assert_eq!(c.pipeline.batch_size, 256);
+            assert_eq!(c.sinks.len(), 1);
+            assert_eq!(c.source().type_name(), "generator");
+            c.schema.key = "plain".into();
+            c.replay = plain.replay.clone();
+            assert_eq!(format!("{c:?}"), format!("{plain:?}"), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_defaults_are_inserted_verbatim() {
+        // A default is file text, but it is taken from the parsed string.
+        let text = MINIMAL.replace("\"userId\"", r#""${UNSET:-a\"b\n[source]}""#);
+        let c = parse(&text).unwrap();
+        assert_eq!(c.schema.key, "a\"b\n[source]");
+    }
+
+    #[test]
+    fn references_outside_strings_are_refused_clearly() {
+        let text = MINIMAL.replace("type = \"generator\"", "type = \"generator\"\ncount = ${N}");
+        let e = parse_env(&text, &[("N", "10")]).unwrap_err();
+        assert!(
+            e.message.contains("substituted only inside quoted strings"),
+            "{e}"
+        );
+        assert_eq!(e.location.unwrap().0, 4, "{e}");
+        // Quoted, it is a string where a number belongs: said so.
+        let text = MINIMAL.replace(
+            "type = \"generator\"",
+            "type = \"generator\"\ncount = \"${N}\"",
+        );
+        let e = parse_env(&text, &[("N", "10")]).unwrap_err();
+        assert!(e.message.contains("invalid type: string \"10\""), "{e}");
+        assert!(e.message.contains("substituted only into strings"), "{e}");
+        assert_eq!(e.location, Some((4, 9)), "{e}");
+        // Keys are not values.
+        let text = MINIMAL.replace(
+            "{ amount = \"f64\" }",
+            "{ amount = \"f64\", \"${SET}\" = \"f64\" }",
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("keys are never substituted"), "{e}");
+        assert!(e.message.contains("schema.fields.\"${SET}\""), "{e}");
+        assert_eq!(e.location, Some((8, 28)), "{e}");
+    }
+
+    #[test]
+    fn serde_errors_keep_their_location_after_substitution() {
+        let text = MINIMAL
+            .replace("\"userId\"", "\"${SET}\"")
+            .replace("agg = \"sum\"", "agg = \"sum\"\ncolour = \"${SET}\"");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("colour"), "{e}");
+        assert_eq!(e.location.unwrap().0, 13, "{e}");
+        let text = MINIMAL.replace("slide = \"10s\"", "slide = \"${SET}\"");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("invalid duration \"yes\""), "{e}");
+        assert_eq!(e.location.unwrap().0, 14, "{e}");
     }
 }
