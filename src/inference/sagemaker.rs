@@ -311,9 +311,20 @@ fn http_client() -> aws_sdk_sagemakerruntime::config::SharedHttpClient {
         .build_https()
 }
 
-/// Sorts an SDK failure into retryable or not. Throttling, 5xx, timeouts and
-/// connection failures are transient; other 4xx answers (a `ValidationError`,
-/// a `ModelError` whose container answered 4xx) are permanent.
+/// Sorts an SDK failure into retryable or not, and writes what the service
+/// said into the message (which becomes the dead letter's reason).
+///
+/// Throttling (`ThrottlingException`, `ModelNotReadyException`, any 429),
+/// 5xx, timeouts and connection failures are transient; a `ValidationError`
+/// and other 4xx answers are permanent. A `ModelError`
+/// (HTTP 424: SageMaker reached the container and it failed) is judged by the
+/// container's own status, `OriginalStatusCode`: 4xx other than 429 is
+/// permanent (the request is wrong for this model), 429 and 5xx are
+/// transient, and so is 0, SageMaker's code for "no answer from the container"
+/// ("Received server error (0) … Your invocation timed out while waiting for a
+/// response from container primary"): a cold start or an overloaded container,
+/// as transient as our own `request_timeout`. A `ModelError` without a status
+/// says nothing more than 424 and is permanent.
 fn classify_sdk_error(
     endpoint: &str,
     e: SdkError<InvokeEndpointError, HttpResponse>,
@@ -341,29 +352,8 @@ fn classify_sdk_error(
         SdkError::ServiceError(se) => {
             let status = se.raw().status().as_u16();
             let err = se.err();
-            let code = err.code().unwrap_or("unknown error");
-            let message = err.message().unwrap_or("");
-            let original = match err {
-                InvokeEndpointError::ModelError(m) => m.original_status_code(),
-                _ => None,
-            };
-            let text = match original {
-                Some(o) => format!(
-                    "endpoint {endpoint}: HTTP {status} {code} (model answered {o}): {message}"
-                ),
-                None => format!("endpoint {endpoint}: HTTP {status} {code}: {message}"),
-            };
-            let effective = original.map_or(i32::from(status), |o| o);
-            let throttled =
-                effective == 429 || code.contains("Throttl") || code == "TooManyRequestsException";
-            let retryable_code = matches!(
-                err,
-                InvokeEndpointError::InternalFailure(_)
-                    | InvokeEndpointError::ServiceUnavailable(_)
-                    | InvokeEndpointError::ModelNotReadyException(_)
-                    | InvokeEndpointError::InternalDependencyException(_)
-            );
-            if throttled || effective >= 500 || retryable_code {
+            let text = service_error_text(endpoint, status, err, se.raw().body().bytes());
+            if is_retryable(err, status) {
                 transient(text)
             } else {
                 permanent(text)
@@ -371,6 +361,103 @@ fn classify_sdk_error(
         }
         _ => transient(format!("endpoint {endpoint}: {}", DisplayErrorContext(&e))),
     }
+}
+
+/// Whether InvokeEndpoint's `err`, answered with HTTP `status`, is worth
+/// another try (the policy of [`classify_sdk_error`]).
+fn is_retryable(err: &InvokeEndpointError, status: u16) -> bool {
+    let code = err.code().unwrap_or("");
+    match err {
+        InvokeEndpointError::InternalFailure(_)
+        | InvokeEndpointError::ServiceUnavailable(_)
+        | InvokeEndpointError::ModelNotReadyException(_)
+        | InvokeEndpointError::InternalDependencyException(_) => true,
+        // Whatever the status: the same request is invalid again.
+        InvokeEndpointError::ValidationError(_) => false,
+        InvokeEndpointError::ModelError(m) => match m.original_status_code() {
+            Some(o) => o == 429 || !(400..500).contains(&o),
+            None => false,
+        },
+        // Not modelled for InvokeEndpoint (ThrottlingException, which AWS
+        // documents as HTTP 400; an auth error; a proxy's 502): by code and
+        // HTTP status.
+        _ => {
+            status == 429
+                || status >= 500
+                || code.contains("Throttl")
+                || code == "TooManyRequestsException"
+        }
+    }
+}
+
+/// The longest service text kept in a reason: error bodies are the model
+/// container's and can be whole HTML pages or stack traces, and the reason is
+/// copied onto every dead letter of the batch.
+const MAX_DETAIL: usize = 500;
+
+/// `endpoint fraud: HTTP 424 ModelError (OriginalStatusCode 400): <Message>;
+/// OriginalMessage: <…>; LogStreamArn: <…>`. The container's own status and
+/// message are spelled out because they are what tells a bad request from a
+/// broken model. An answer without an AWS error code (a proxy's HTML page)
+/// keeps the start of its body instead.
+fn service_error_text(
+    endpoint: &str,
+    status: u16,
+    err: &InvokeEndpointError,
+    body: Option<&[u8]>,
+) -> String {
+    let mut text = format!("endpoint {endpoint}: HTTP {status}");
+    match err.code() {
+        Some(code) => {
+            text.push(' ');
+            text.push_str(code);
+        }
+        None => text.push_str(" without an AWS error code"),
+    }
+    let model = match err {
+        InvokeEndpointError::ModelError(m) => Some(m),
+        _ => None,
+    };
+    if let Some(o) = model.and_then(|m| m.original_status_code()) {
+        text.push_str(&format!(" (OriginalStatusCode {o})"));
+    }
+    // A modelled error's own `Message`, else the one the SDK read generically
+    // (`message`, `Message` or `errorMessage` in the body).
+    let message = model.and_then(|m| m.message()).or(err.message());
+    match message {
+        Some(message) if !message.is_empty() => {
+            text.push_str(": ");
+            text.push_str(&clip(message));
+        }
+        _ if err.code().is_none() => {
+            let body = body.unwrap_or_default();
+            text.push_str(&format!(": {}", snippet(body)));
+        }
+        _ => {}
+    }
+    if let Some(m) = model {
+        if let Some(original) = m.original_message() {
+            text.push_str("; OriginalMessage: ");
+            text.push_str(&clip(original));
+        }
+        if let Some(arn) = m.log_stream_arn() {
+            text.push_str("; LogStreamArn: ");
+            text.push_str(&clip(arn));
+        }
+    }
+    text
+}
+
+/// `s` cut to [`MAX_DETAIL`] bytes at a character boundary, with `…` when cut.
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_DETAIL {
+        return s.to_string();
+    }
+    let mut end = MAX_DETAIL;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 impl Model for SageMakerModel {
@@ -414,6 +501,101 @@ impl Model for SageMakerModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use aws_sdk_sagemakerruntime::error::ErrorMetadata;
+    use aws_sdk_sagemakerruntime::types::error as aws;
+
+    fn meta(code: &str) -> ErrorMetadata {
+        ErrorMetadata::builder().code(code).build()
+    }
+
+    fn model_error(original: Option<i32>) -> InvokeEndpointError {
+        InvokeEndpointError::ModelError(
+            aws::ModelError::builder()
+                .set_original_status_code(original)
+                .message("Received client error (400) from primary with message \"bad row\".")
+                .original_message("bad row")
+                .log_stream_arn(
+                    "arn:aws:logs:us-east-1:123456789012:log-group:/aws/sagemaker/Endpoints/fraud",
+                )
+                .meta(meta("ModelError"))
+                .build(),
+        )
+    }
+
+    #[test]
+    fn the_retry_policy_of_each_invoke_endpoint_error() {
+        let validation = InvokeEndpointError::ValidationError(
+            aws::ValidationError::builder()
+                .meta(meta("ValidationError"))
+                .build(),
+        );
+        let not_ready = InvokeEndpointError::ModelNotReadyException(
+            aws::ModelNotReadyException::builder()
+                .meta(meta("ModelNotReadyException"))
+                .build(),
+        );
+        let unavailable = InvokeEndpointError::ServiceUnavailable(
+            aws::ServiceUnavailable::builder()
+                .meta(meta("ServiceUnavailable"))
+                .build(),
+        );
+        let internal = InvokeEndpointError::InternalFailure(
+            aws::InternalFailure::builder()
+                .meta(meta("InternalFailure"))
+                .build(),
+        );
+        let throttling = InvokeEndpointError::generic(meta("ThrottlingException"));
+        let denied = InvokeEndpointError::generic(meta("AccessDeniedException"));
+        for (err, status, retry) in [
+            (&validation, 400, false),
+            // A ValidationError is the request's fault, whatever the status says.
+            (&validation, 500, false),
+            (&model_error(Some(400)), 424, false),
+            (&model_error(Some(404)), 424, false),
+            (&model_error(Some(429)), 424, true),
+            (&model_error(Some(500)), 424, true),
+            (&model_error(Some(503)), 424, true),
+            // SageMaker got no answer from the container (its invocation timed out).
+            (&model_error(Some(0)), 424, true),
+            (&model_error(None), 424, false),
+            (&not_ready, 429, true),
+            (&unavailable, 503, true),
+            (&internal, 500, true),
+            (&throttling, 429, true),
+            // AWS's common errors list ThrottlingException as HTTP 400.
+            (&throttling, 400, true),
+            (&denied, 403, false),
+        ] {
+            assert_eq!(is_retryable(err, status), retry, "{err:?} at HTTP {status}");
+        }
+    }
+
+    #[test]
+    fn a_model_error_reason_names_the_containers_status_and_message() {
+        let text = service_error_text("fraud", 424, &model_error(Some(400)), None);
+        assert_eq!(
+            text,
+            "endpoint fraud: HTTP 424 ModelError (OriginalStatusCode 400): Received client error (400) \
+             from primary with message \"bad row\".; OriginalMessage: bad row; LogStreamArn: \
+             arn:aws:logs:us-east-1:123456789012:log-group:/aws/sagemaker/Endpoints/fraud"
+        );
+        let html = InvokeEndpointError::unhandled("not JSON");
+        let text = service_error_text("fraud", 502, &html, Some(b"<html>502 Bad Gateway</html>"));
+        assert_eq!(
+            text,
+            "endpoint fraud: HTTP 502 without an AWS error code: \"<html>502 Bad Gateway</html>\""
+        );
+    }
+
+    #[test]
+    fn long_service_texts_are_clipped_at_a_character_boundary() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(MAX_DETAIL);
+        let clipped = clip(&long);
+        assert!(clipped.ends_with('…'));
+        assert!(clipped.len() <= MAX_DETAIL + '…'.len_utf8());
+    }
 
     fn rows() -> Vec<FeatureVector> {
         let names: crate::record::FeatureNames = vec![Arc::from("a"), Arc::from("b")].into();
