@@ -18,6 +18,11 @@
 //!   as they arrive), so about 100 ms of the median, and up to 200 ms of any
 //!   delay, is the emulator's polling; the minimum shows the rest.
 //!
+//!   With `--metrics-addr` on, it also prints `shardflow_stage_seconds` per
+//!   stage (`source` is the emulator's share, from ApproximateArrivalTimestamp
+//!   to receipt), and `SHARDFLOW_BENCH_CHECKPOINT` (default `5s`) sets the
+//!   checkpoint interval: a short one makes the file sinks fsync often.
+//!
 //! ```sh
 //! make bench                                  # both, defaults
 //! cargo bench --bench kinesis -- latency      # one part
@@ -133,6 +138,22 @@ async fn latency(rate: u64, secs: u64) {
     for file in ["config/kinesis.toml", "config/models/fraud.toml"] {
         std::fs::copy(repo.join(file), dir.path().join(file)).unwrap();
     }
+    // SHARDFLOW_BENCH_CHECKPOINT: a shorter interval makes the file sinks
+    // fsync more often; the delays show whether that stalls the readers.
+    let checkpoint = std::env::var("SHARDFLOW_BENCH_CHECKPOINT").unwrap_or_else(|_| "5s".into());
+    let shipped = std::fs::read_to_string(dir.path().join("config/kinesis.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("config/kinesis.toml"),
+        shipped.replace(
+            "checkpoint_interval = \"5s\"",
+            &format!("checkpoint_interval = \"{checkpoint}\""),
+        ),
+    )
+    .unwrap();
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardflow"))
         .current_dir(dir.path())
         .args([
@@ -140,7 +161,7 @@ async fn latency(rate: u64, secs: u64) {
             "--config",
             "config/kinesis.toml",
             "--metrics-addr",
-            "off",
+            &metrics_addr,
         ])
         .env("KINESIS_ENDPOINT", emu.url())
         .env("RUST_LOG", "warn")
@@ -199,6 +220,7 @@ async fn latency(rate: u64, secs: u64) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let stages = scrape(&metrics_addr).map(|page| stage_quantiles(&page));
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -224,6 +246,71 @@ async fn latency(rate: u64, secs: u64) {
         pct(0.99),
         pct(1.0),
     );
+    println!("kinesis/latency: checkpoint_interval {checkpoint}; shardflow_stage_seconds (per batch, from buckets; `source` is the emulator's share, the others count from receipt):");
+    for (stage, p50, p99, count) in stages.unwrap_or_default() {
+        println!("  {stage:<9} p50 ≤ {p50:>6.3} s   p99 ≤ {p99:>6.3} s   ({count} batches)");
+    }
+}
+
+/// `GET /metrics` of the binary.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+/// Per stage, the upper bounds of the buckets holding the median and the
+/// 99th percentile of `shardflow_stage_seconds`, and the sample count.
+fn stage_quantiles(page: &str) -> Vec<(String, f64, f64, u64)> {
+    let mut buckets: std::collections::BTreeMap<String, Vec<(f64, u64)>> = Default::default();
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix("shardflow_stage_seconds_bucket{") else {
+            continue;
+        };
+        let (labels, value) = rest.split_once("} ").unwrap_or_default();
+        let label = |name: &str| {
+            labels.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k == name).then(|| v.trim_matches('"').to_owned())
+            })
+        };
+        let (Some(stage), Some(le)) = (label("stage"), label("le")) else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::NAN)
+        };
+        buckets
+            .entry(stage)
+            .or_default()
+            .push((le, value.trim().parse().unwrap_or(0)));
+    }
+    let order = ["source", "decode", "engine", "inference", "sink"];
+    let mut out: Vec<_> = buckets
+        .into_iter()
+        .filter_map(|(stage, mut b)| {
+            b.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let total = b.last()?.1;
+            let at = |q: f64| {
+                b.iter()
+                    .find(|(_, n)| *n as f64 >= q * total as f64)
+                    .map_or(f64::INFINITY, |(le, _)| *le)
+            };
+            (total > 0).then(|| (stage, at(0.5), at(0.99), total))
+        })
+        .collect();
+    out.sort_by_key(|(s, ..)| order.iter().position(|o| o == s).unwrap_or(order.len()));
+    out
 }
 
 /// Puts `count` events (event time = now) in one PutRecords call; returns

@@ -202,6 +202,7 @@ fn hashmap_floor(events: &[Event], names: &FeatureNames) -> usize {
                     Some(shardflow::record::Value::Float(a.2)),
                 ],
             },
+            arrival: 0,
         }));
         if out.len() >= 4096 {
             n += out.len();

@@ -28,11 +28,14 @@ use crate::config::Config;
 use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions, PREFETCH_AHEAD};
 use crate::inference;
-use crate::record::{DeadLetter, Event, KindSet, Millis, Output, OutputKind, Position, RawOutput};
+use crate::record::{
+    DeadLetter, Event, KindSet, Millis, Output, OutputKind, PartitionStatus, Position, RawOutput,
+};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, DecodedRecord, SourceContext, SourceMessage};
 use crate::state::{StateDelta, StateStore};
+use crate::telemetry::StageClock;
 
 /// A checkpoint barrier and what it collects on its way to the committer.
 pub struct Barrier {
@@ -62,6 +65,8 @@ pub enum Decoded {
     Unreadable(Box<DeadLetter>),
     /// Replay: the live run's watermark before the next record.
     Advance(Millis),
+    /// A source's word on a partition, for the watermark.
+    Partition(Arc<str>, PartitionStatus),
 }
 
 /// Counters for the progress line, readiness and tests.
@@ -305,9 +310,15 @@ pub async fn run(
         tracing::info!(sink = %built.describe(), kinds = ?sink_config.kinds(), "sink ready");
         let (tx, rx) = mpsc::channel(cap);
         sink_inputs.push(tx);
+        let blocks = built.blocks();
+        let task = sink::run_sink(built, sink_config.kind_set(), label, rx);
         tasks.push((
             "sink",
-            tokio::spawn(sink::run_sink(built, sink_config.kind_set(), label, rx)),
+            if blocks {
+                on_own_thread("shardflow-sink", task)
+            } else {
+                tokio::spawn(task)
+            },
         ));
     }
     if let Some(export) = &options.export {
@@ -323,7 +334,10 @@ pub async fn run(
         sink_inputs.push(tx);
         tasks.push((
             "export",
-            tokio::spawn(sink::run_sink(Box::new(built), kinds, "export".into(), rx)),
+            on_own_thread(
+                "shardflow-export",
+                sink::run_sink(Box::new(built), kinds, "export".into(), rx),
+            ),
         ));
     }
 
@@ -338,6 +352,7 @@ pub async fn run(
             cache_capacity: config.pipeline.state_cache_entries,
             event_time_only: options.replay,
             window_results,
+            fire_chunk_keys: config.pipeline.batch_size.max(1),
             ..EngineOptions::default()
         },
     )
@@ -379,14 +394,18 @@ pub async fn run(
     let committed = Arc::new(AtomicU64::new(last_checkpoint));
     tasks.push((
         "enrich",
-        tokio::spawn(enrich_stage(
-            engine,
-            subscribed.contains(OutputKind::Raw),
-            committed.clone(),
-            decoded_rx,
-            enriched_tx,
-            stats.clone(),
-        )),
+        // RocksDB reads on cache misses block: not on the runtime's workers.
+        on_own_thread(
+            "shardflow-engine",
+            enrich_stage(
+                engine,
+                subscribed.contains(OutputKind::Raw),
+                committed.clone(),
+                decoded_rx,
+                enriched_tx,
+                stats.clone(),
+            ),
+        ),
     ));
 
     let fanout_rx = match model {
@@ -466,6 +485,33 @@ pub async fn run(
     })
 }
 
+/// Runs a stage that blocks its thread (RocksDB reads, file writes and
+/// fsync, compression) on a thread of its own, with a single-threaded
+/// runtime for its channels and timers, so that it never stalls the
+/// workers that serve the Kinesis HTTP/2 streams and the inference calls.
+fn on_own_thread<F>(name: &'static str, stage: F) -> JoinHandle<anyhow::Result<()>>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let (done_tx, done_rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a stage's runtime")
+                .and_then(|rt| rt.block_on(stage));
+            let _ = done_tx.send(result);
+        });
+    tokio::spawn(async move {
+        spawned.with_context(|| format!("starting thread {name}"))?;
+        done_rx
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("thread {name} panicked")))
+    })
+}
+
 /// How the decode stage places barriers and which events it lets through.
 struct DecodeSettings {
     /// Time between checkpoint barriers.
@@ -500,19 +546,28 @@ async fn decode_stage(
             .into_iter()
             .map(|p| (p.partition.clone(), p))
             .collect(),
-        replayed_watermark: Millis::MIN,
+        replayed_watermark: None,
         range,
         stats,
         records_in: metrics::counter!("shardflow_records_in_total"),
         dead: metrics::counter!("shardflow_dead_letters_total", "stage" => "decode"),
     };
+    let decoded = StageClock::new("decode");
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let sent = tokio::select! {
+            // The ticker first: under a backlog input is always ready, and
+            // barriers must still go out every `checkpoint_interval`.
             biased;
+            _ = ticker.tick() => {
+                let b = passing.barrier(next_barrier, None);
+                next_barrier += 1;
+                output.send(Message::Barrier(b)).await
+            }
             message = input.recv() => match message {
                 Some(SourceMessage::Batch(raw)) => {
+                    let arrival = raw.first().map(|r| r.arrival);
                     let batch = raw
                         .into_iter()
                         .map(|raw| DecodedRecord {
@@ -520,7 +575,9 @@ async fn decode_stage(
                             event: decoder.decode(raw),
                         })
                         .collect();
-                    output.send(Message::Batch(passing.pass_on(batch))).await
+                    let batch = passing.pass_on(batch);
+                    decoded.left(arrival);
+                    output.send(Message::Batch(batch)).await
                 }
                 Some(SourceMessage::Decoded(batch)) => {
                     output.send(Message::Batch(passing.pass_on(batch))).await
@@ -534,13 +591,12 @@ async fn decode_stage(
                     let _ = output.send(Message::Barrier(b)).await;
                     return Ok(());
                 }
+                Some(SourceMessage::Partitions(names, status)) => {
+                    let batch = names.into_iter().map(|n| Decoded::Partition(n, status)).collect();
+                    output.send(Message::Batch(batch)).await
+                }
                 None => anyhow::bail!("the source stopped without ending its input"),
             },
-            _ = ticker.tick() => {
-                let b = passing.barrier(next_barrier, None);
-                next_barrier += 1;
-                output.send(Message::Barrier(b)).await
-            }
         };
         if sent.is_err() {
             return Ok(());
@@ -553,7 +609,9 @@ struct Passing {
     /// The last position passed on, per partition.
     positions: HashMap<Arc<str>, Position>,
     /// Replay: the last live-run watermark passed on.
-    replayed_watermark: Millis,
+    /// `None` before the first archived record: that one is passed on even
+    /// at −∞, so the engine follows the archive's watermark from the start.
+    replayed_watermark: Option<Millis>,
     range: Option<EventTimeRange>,
     stats: Arc<Stats>,
     records_in: metrics::Counter,
@@ -575,8 +633,8 @@ impl Passing {
         let mut out = Vec::with_capacity(batch.len());
         for r in batch {
             if let Some(w) = r.replay_watermark.filter(|_| self.range.is_some()) {
-                if w > self.replayed_watermark {
-                    self.replayed_watermark = w;
+                if self.replayed_watermark.is_none_or(|r| w > r) {
+                    self.replayed_watermark = Some(w);
                     out.push(Decoded::Advance(w));
                 }
             }
@@ -651,8 +709,37 @@ fn note_last_positions<'a>(
     }
 }
 
+/// Processing time for the engine's idle clocks: the wall clock less the
+/// time the enrich stage spent waiting for downstream. While the pipeline
+/// backpressures, no record can arrive, so that time must not make a
+/// partition idle (its records are waiting behind the stall).
+#[derive(Default)]
+struct ProcessingClock {
+    stalled: Duration,
+}
+
+impl ProcessingClock {
+    fn now(&self) -> Millis {
+        source::now_millis() - self.stalled.as_millis() as Millis
+    }
+
+    /// Sends `message` downstream, counting the wait as stalled time.
+    async fn send<T>(
+        &mut self,
+        output: &mpsc::Sender<Message<T>>,
+        message: Message<T>,
+    ) -> Result<(), mpsc::error::SendError<Message<T>>> {
+        let started = Instant::now();
+        let sent = output.send(message).await;
+        self.stalled += started.elapsed();
+        sent
+    }
+}
+
 /// Runs the window engine: feature records, window results and late events,
-/// plus the state delta each barrier carries to the committer.
+/// plus the state delta each barrier carries to the committer. A firing
+/// burst leaves in chunks of `fire_chunk_keys` keys, each sent (and so
+/// backpressured) before the next is made.
 async fn enrich_stage(
     mut engine: Engine,
     emit_raw: bool,
@@ -666,62 +753,105 @@ async fn enrich_stage(
     // Processing time drives idleness; a few ticks a second are plenty.
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut clock = ProcessingClock::default();
+    let enriched = StageClock::new("engine");
     let mut seen_commit = 0;
     loop {
         let mut out = Vec::new();
         let mut barrier = None;
         tokio::select! {
+            // The ticker first: under a backlog input is always ready, and
+            // eviction and idleness must still run on time.
             biased;
-            message = input.recv() => match message {
-                Some(Message::Batch(batch)) => {
-                    let n = enrich_batch(&mut engine, batch, emit_raw, &mut out)?;
-                    events.increment(n);
-                    stats.events.fetch_add(n, Ordering::Relaxed);
-                }
-                Some(Message::Barrier(mut b)) => {
-                    if b.end_of_input {
-                        engine.finish(&mut out)?;
-                    }
-                    b.delta = Some(engine.snapshot(b.id)?);
-                    barrier = Some(b);
-                }
-                None => return Ok(()),
-            },
             _ = ticker.tick() => {
                 let c = committed.load(Ordering::Acquire);
                 if c > seen_commit {
                     engine.committed(c);
                     seen_commit = c;
                 }
-                engine.on_tick(source::now_millis(), &mut out)?;
+                engine.on_tick(clock.now(), &mut out)?;
             }
+            message = input.recv() => match message {
+                Some(Message::Batch(batch)) => {
+                    let arrival = batch.iter().find_map(|d| match d {
+                        Decoded::Event(e) => Some(e.arrival),
+                        _ => None,
+                    });
+                    let mut items = batch.into_iter();
+                    loop {
+                        let n = enrich_batch(&mut engine, &mut items, emit_raw, clock.now(), &mut out)?;
+                        events.increment(n);
+                        stats.events.fetch_add(n, Ordering::Relaxed);
+                        if items.as_slice().is_empty() {
+                            enriched.left(arrival);
+                            break;
+                        }
+                        // A burst stopped the batch: hand it on before the next event.
+                        if !hand_on(&mut engine, &mut clock, &output, std::mem::take(&mut out)).await? {
+                            return Ok(());
+                        }
+                    }
+                }
+                Some(Message::Barrier(mut b)) => {
+                    if b.end_of_input {
+                        engine.finish(&mut out)?;
+                        if !hand_on(&mut engine, &mut clock, &output, std::mem::take(&mut out)).await? {
+                            return Ok(());
+                        }
+                    }
+                    b.delta = Some(engine.snapshot(b.id)?);
+                    barrier = Some(b);
+                }
+                None => return Ok(()),
+            },
         }
         let wm = engine.watermark();
         stats.watermark.store(wm, Ordering::Relaxed);
         watermark.set(wm as f64);
-        if !out.is_empty() && output.send(Message::Batch(out)).await.is_err() {
+        if !hand_on(&mut engine, &mut clock, &output, out).await? {
             return Ok(());
         }
         if let Some(b) = barrier {
-            if output.send(Message::Barrier(b)).await.is_err() {
+            if clock.send(&output, Message::Barrier(b)).await.is_err() {
                 return Ok(());
             }
         }
     }
 }
 
-/// Runs one batch through the engine into `out`; returns how many events
-/// it held.
+/// Sends `out` downstream, then the rest of a pending firing burst chunk
+/// by chunk. False when downstream is gone.
+async fn hand_on(
+    engine: &mut Engine,
+    clock: &mut ProcessingClock,
+    output: &mpsc::Sender<Message<Output>>,
+    mut out: Vec<Output>,
+) -> anyhow::Result<bool> {
+    loop {
+        if !out.is_empty() && clock.send(output, Message::Batch(out)).await.is_err() {
+            return Ok(false);
+        }
+        if !engine.firing() {
+            return Ok(true);
+        }
+        out = Vec::new();
+        engine.fire_more(&mut out)?;
+    }
+}
+
+/// Runs a batch through the engine into `out`, until it is consumed or an
+/// item leaves a firing burst pending (the caller hands `out` on, drains
+/// the burst and calls again with the rest). Returns how many events it
+/// processed.
 fn enrich_batch(
     engine: &mut Engine,
-    batch: Vec<Decoded>,
+    items: &mut std::vec::IntoIter<Decoded>,
     emit_raw: bool,
+    now: Millis,
     out: &mut Vec<Output>,
 ) -> anyhow::Result<u64> {
-    let now = source::now_millis();
     let mut events = 0;
-    out.reserve(batch.len());
-    let mut items = batch.into_iter();
+    out.reserve(items.len());
     while !items.as_slice().is_empty() {
         let ahead = items.as_slice();
         let ahead = &ahead[..ahead.len().min(PREFETCH_AHEAD)];
@@ -729,7 +859,8 @@ fn enrich_batch(
             Decoded::Event(e) => Some(&*e.key),
             _ => None,
         }));
-        for d in items.by_ref().take(PREFETCH_AHEAD) {
+        for _ in 0..PREFETCH_AHEAD {
+            let Some(d) = items.next() else { break };
             match d {
                 Decoded::Event(e) => {
                     events += 1;
@@ -756,6 +887,12 @@ fn enrich_batch(
                 }
                 Decoded::Unreadable(d) => out.push(Output::DeadLetter(*d)),
                 Decoded::Advance(w) => engine.advance_to(w, out)?,
+                Decoded::Partition(name, status) => {
+                    engine.partition_status(&name, status, now, out)?
+                }
+            }
+            if engine.firing() {
+                return Ok(events);
             }
         }
     }
@@ -906,6 +1043,35 @@ async fn progress_task(stats: Arc<Stats>, every: Duration) {
 mod tests {
     use super::*;
     use crate::record::RawRecord;
+
+    /// A stage that blocks its thread does not block the runtime: here it
+    /// waits, blocking, for what a task on the (single-threaded) runtime
+    /// sends, which only arrives if the stage is not on that thread.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_blocking_stage_leaves_the_runtime_free() {
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        let stage = on_own_thread("test-stage", async move {
+            let got = rx.recv_timeout(Duration::from_secs(20))?;
+            anyhow::ensure!(got == 7);
+            Ok(())
+        });
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send(7).unwrap();
+        });
+        stage.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stage_that_panics_is_an_error() {
+        let stage = on_own_thread("test-panic", async {
+            let empty = std::hint::black_box(Vec::<u32>::new());
+            anyhow::ensure!(empty[0] == 1); // out of bounds: panics
+            Ok(())
+        });
+        let e = stage.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("panicked"), "{e}");
+    }
 
     /// The same positions as noting every record in order, for batches of
     /// a few partitions (the list) and of many (the set), with partition

@@ -177,12 +177,24 @@ impl Serialize for FeatureVector {
 }
 
 /// One accepted event with its feature vector.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct FeatureRecord {
     pub id: String,
     pub key: Arc<str>,
     pub event_time: Millis,
     pub features: FeatureVector,
+    /// When the event's record arrived (processing time, epoch ms), for
+    /// `shardflow_stage_seconds`; not part of the output, nor of equality.
+    pub arrival: Millis,
+}
+
+impl PartialEq for FeatureRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.key == other.key
+            && self.event_time == other.event_time
+            && self.features == other.features
+    }
 }
 
 /// A model's answer for one feature vector.
@@ -339,6 +351,19 @@ impl FromIterator<OutputKind> for KindSet {
     }
 }
 
+/// What a source says about one of its partitions, in order with the
+/// partition's records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionStatus {
+    /// The source will read this partition but cannot deliver from it now:
+    /// it holds the watermark and is never idle.
+    Known,
+    /// The source reads it from now on: its idle clock runs.
+    Reading,
+    /// Nothing more will come from it: it no longer holds the watermark.
+    Finished,
+}
+
 /// Everything a sink can receive.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
@@ -376,6 +401,16 @@ impl Output {
             Output::Late(r) => Some(r.event_time),
             Output::DeadLetter(_) => None,
             Output::Raw(r) => r.event_time,
+        }
+    }
+
+    /// When the input record this output was made from arrived (epoch
+    /// ms), for outputs made from one event.
+    pub fn arrival(&self) -> Option<Millis> {
+        match self {
+            Output::Features(r) => Some(r.arrival),
+            Output::Prediction(r) | Output::Shadow(r) => Some(r.features.arrival),
+            _ => None,
         }
     }
 
@@ -535,6 +570,7 @@ mod tests {
                 names: names(),
                 values: vec![Some(Value::Int(3)), None],
             },
+            arrival: 0,
         });
         assert_eq!(
             out.to_ndjson(),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 use crate::pipeline::Stats;
@@ -40,11 +40,51 @@ pub fn init_logging(format: LogFormat) {
     let _ = result;
 }
 
+/// Buckets of `shardflow_stage_seconds`: from a millisecond (the
+/// resolution of arrival times) to a minute of backlog.
+pub const STAGE_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 /// Installs the Prometheus recorder; returns the handle that renders it.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("shardflow_stage_seconds".into()),
+            &STAGE_BUCKETS,
+        )
+        .map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?
         .install_recorder()
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))
+}
+
+/// Where a record's time goes: `shardflow_stage_seconds{stage}` is, for each
+/// batch leaving a stage, the time since its oldest record arrived
+/// (`source`: from Kinesis's ApproximateArrivalTimestamp to the record's
+/// receipt, i.e. the service's or emulator's share; then `decode`, `engine`,
+/// `inference`, `sink`, each from the record's receipt to the moment the
+/// stage handed it on, the sink's once written). One sample per batch, so
+/// it costs nothing per record.
+#[derive(Clone)]
+pub struct StageClock(metrics::Histogram);
+
+impl StageClock {
+    pub fn new(stage: &'static str) -> StageClock {
+        StageClock(metrics::histogram!("shardflow_stage_seconds", "stage" => stage))
+    }
+
+    /// A batch whose oldest record arrived at `arrival` (epoch ms) leaves now.
+    pub fn left(&self, arrival: Option<crate::record::Millis>) {
+        if let Some(arrival) = arrival {
+            self.since(arrival, crate::source::now_millis());
+        }
+    }
+
+    /// Something that began at `from` ended at `to` (epoch ms).
+    pub fn since(&self, from: crate::record::Millis, to: crate::record::Millis) {
+        self.0
+            .record(to.saturating_sub(from).max(0) as f64 / 1000.0);
+    }
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.

@@ -20,7 +20,7 @@ mod watermark;
 mod window;
 
 pub use operator::{EngineStats, PREFETCH_AHEAD};
-pub use watermark::{PartitionMark, Watermarks};
+pub use watermark::{IdleClock, PartitionMark, PartitionStatus, Watermarks};
 pub use window::Geometry;
 
 use std::sync::Arc;
@@ -70,6 +70,9 @@ pub struct EngineOptions {
     /// bytes; past it they are stored one by one. Either layout reads back
     /// whatever the limit, so it can change between runs.
     pub inline_record_max: usize,
+    /// Most keys a call fires before it returns with the rest pending (see
+    /// [`Engine::fire_more`]); `usize::MAX` fires everything at once.
+    pub fire_chunk_keys: usize,
 }
 
 impl Default for EngineOptions {
@@ -79,6 +82,7 @@ impl Default for EngineOptions {
             event_time_only: false,
             window_results: true,
             inline_record_max: operator::INLINE_RECORD_MAX,
+            fire_chunk_keys: usize::MAX,
         }
     }
 }
@@ -107,6 +111,10 @@ pub struct Engine {
     /// Arrival order, for first/last ties; checkpointed so a replay after a
     /// restore numbers events as the original run did.
     next_seq: u64,
+    fire_chunk_keys: usize,
+    /// Keys due at the current watermark are left to fire (see
+    /// [`Engine::fire_more`]).
+    firing: bool,
 }
 
 /// Groups features by window geometry (features sharing one share slices).
@@ -205,6 +213,8 @@ impl Engine {
             names,
             lateness,
             next_seq,
+            fire_chunk_keys: options.fire_chunk_keys,
+            firing: false,
         })
     }
 
@@ -234,6 +244,38 @@ impl Engine {
         self.op.prefetch(keys);
     }
 
+    /// Fires at most one chunk of what `w` allows; the rest waits for
+    /// [`Engine::fire_more`].
+    fn fire(&mut self, w: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        self.firing = self.op.fire(w, self.fire_chunk_keys, out)?;
+        Ok(())
+    }
+
+    /// Whether windows the watermark allows are still to fire: the caller
+    /// hands on what it has and calls [`Engine::fire_more`] until this is
+    /// false, before anything else goes into the engine.
+    pub fn firing(&self) -> bool {
+        self.firing
+    }
+
+    /// The next chunk of a firing burst (`fire_chunk_keys` keys). Returns
+    /// whether more remain.
+    pub fn fire_more(&mut self, out: &mut Vec<Output>) -> Result<bool, EngineError> {
+        if self.firing {
+            let w = self.wm.current();
+            self.fire(w, out)?;
+        }
+        Ok(self.firing)
+    }
+
+    /// Finishes a burst left pending, so that an event never overtakes the
+    /// firing its predecessor caused (the pipeline drains it chunk by chunk
+    /// before; this only guards other callers).
+    fn settle(&mut self, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        while self.fire_more(out)? {}
+        Ok(())
+    }
+
     /// The five steps for one event (see the module docs). Appends exactly
     /// one `Features` or `Late` output, then any window results.
     pub fn process(
@@ -242,6 +284,7 @@ impl Engine {
         now: Millis,
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
+        self.settle(out)?;
         let w_before = self.wm.current();
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -273,18 +316,34 @@ impl Engine {
                     names: self.names.clone(),
                     values,
                 },
+                arrival: event.arrival,
             }));
         }
         let w = self.wm.observe(&event.position.partition, t, now);
         self.op.refire(out);
-        self.op.fire(w, out)
+        self.fire(w, out)
+    }
+
+    /// A source's word on one of its partitions (known, reading, finished;
+    /// see [`PartitionStatus`]); fires what the watermark then allows.
+    pub fn partition_status(
+        &mut self,
+        partition: &Arc<str>,
+        status: PartitionStatus,
+        now: Millis,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        self.settle(out)?;
+        let w = self.wm.status(partition, status, now);
+        self.fire(w, out)
     }
 
     /// Processing time passed: idle partitions stop holding the watermark
     /// back; fires what the watermark now allows.
     pub fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        self.settle(out)?;
         let w = self.wm.tick(now);
-        self.op.fire(w, out)
+        self.fire(w, out)
     }
 
     /// Replay: the live run's watermark was `w` before the next record (it
@@ -292,18 +351,21 @@ impl Engine {
     /// backwards, and fires what that allows, as the live run did between
     /// the previous record and the next.
     pub fn advance_to(&mut self, w: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
-        if w <= self.wm.current() {
+        self.settle(out)?;
+        let before = self.wm.current();
+        let w = self.wm.advance_to(w);
+        if w == before {
             return Ok(());
         }
-        let w = self.wm.advance_to(w);
-        self.op.fire(w, out)
+        self.fire(w, out)
     }
 
     /// End of a bounded input: watermark +∞, every window with unfired
     /// changes fires, and all state is purged.
     pub fn finish(&mut self, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        self.settle(out)?;
         let w = self.wm.finish();
-        self.op.fire(w, out)
+        self.fire(w, out)
     }
 
     /// The state changes since the previous snapshot plus the watermarks, to

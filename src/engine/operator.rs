@@ -635,22 +635,44 @@ impl Operator {
         }
     }
 
-    /// Step 5, second half: visits every key whose timer is due at `w`.
-    pub fn fire(&mut self, w: i64, out: &mut Vec<Output>) -> Result<(), EngineError> {
+    /// Step 5, second half: visits the keys whose timer is due at `w`, at
+    /// most `max_keys` of them. Returns true when due keys remain (the
+    /// caller hands `out` on and calls again), so that a burst (the end of
+    /// input, a watermark jump after idleness) becomes bounded chunks.
+    pub fn fire(
+        &mut self,
+        w: i64,
+        max_keys: usize,
+        out: &mut Vec<Output>,
+    ) -> Result<bool, EngineError> {
+        let mut budget = max_keys.max(1);
         while let Some(entry) = self.timers.first_entry() {
             let (due, spec) = *entry.key();
             if due.saturating_sub(1) > w {
                 break;
             }
-            let keys = entry.remove();
+            if budget == 0 {
+                return Ok(true);
+            }
+            let mut keys = entry.remove();
+            let rest = (keys.len() > budget).then(|| keys.split_off(budget));
+            budget -= keys.len();
             for chunk in keys.chunks(PREFETCH_AHEAD) {
                 self.prefetch(chunk.iter().map(|k| &**k));
                 for key in chunk {
                     self.visit(usize::from(spec), key, due, w, out)?;
                 }
             }
+            if let Some(mut rest) = rest {
+                // Visits reschedule later than `due`, but keep whatever
+                // landed here behind the keys still waiting.
+                let slot = self.timers.entry((due, spec)).or_default();
+                rest.append(slot);
+                *slot = rest;
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     fn visit(

@@ -1,31 +1,63 @@
 //! Per-partition watermarks and the pipeline watermark (Flink semantics).
 //!
 //! `W_p = max event time seen in p − max_out_of_orderness − 1`. The pipeline
-//! watermark is the minimum of `W_p` over the partitions seen so far that are
-//! not idle, and it never goes backwards. A partition is known from its first
-//! event on: before every partition of a source has delivered something, the
-//! watermark is driven by those that have (as with Flink's per-split
-//! watermarks), so a partition that starts late may find its first events
-//! late. A partition with no event for `idle_timeout` of processing time
-//! stops holding the watermark back until it receives again; if every known
-//! partition is idle the watermark stays where it is.
+//! watermark is the minimum of `W_p` over the partitions that are known and
+//! not idle, and it never goes backwards.
 //!
+//! **A partition holds the watermark from the moment the source knows it**,
+//! not from its first event: a source announces every partition it will read
+//! ([`PartitionStatus::Known`]: every shard `ListShards` returned, every file,
+//! every generator partition) before any record, so a Kinesis catch-up from
+//! `trim_horizon` cannot let the first shard drained move event time past
+//! the records the other shards have yet to deliver. A known partition with
+//! no event yet holds the watermark at −∞.
+//!
+//! **Idleness counts only while the partition can deliver.** Its idle clock
+//! starts when the source says it is [`PartitionStatus::Reading`] (a
+//! subscription started, a file opened), restarts with each of its events,
+//! and stops while the source cannot read it ([`PartitionStatus::Known`]
+//! again: resubscribing after an error or a stall, a child shard waiting for
+//! its parents). A partition with no event for `idle_timeout` of that clock
+//! stops holding the watermark until it receives again; if every partition
+//! is idle the watermark stays where it is. The processing time the engine
+//! is given excludes the time the pipeline spent backpressured (see
+//! `pipeline.rs`), so a partition is never idle because the pipeline made it
+//! wait. [`PartitionStatus::Finished`] (SHARD_END, announced after the
+//! children; a file read to its end) removes the partition.
+//!
+//! A partition a source never announced (tests that drive the engine
+//! directly) is known from its first event, with its clock started there.
 //! After a restore, partitions come back with their maximum event times and
-//! their idle clocks start at the first processing time the engine sees.
+//! a clock that starts at the first processing time the engine sees, unless
+//! the source announces them first (it does, before its first record): then
+//! they hold until their reading starts again, so a restart does not let the
+//! watermark race ahead either.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::record::Millis;
+pub use crate::record::PartitionStatus;
+
+/// Where a partition's idle clock stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IdleClock {
+    /// Restored and not yet announced: starts at the next processing time seen.
+    #[default]
+    Unstarted,
+    /// The source cannot deliver from it now: never idle.
+    Stopped,
+    /// Processing time of its last event, or of when its reading started.
+    Since(Millis),
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PartitionMark {
     pub name: Arc<str>,
     pub max_event_time: Millis,
-    /// Processing time of the last event; `None` until seen after a restore.
     #[serde(skip)]
-    pub last_seen: Option<Millis>,
+    pub clock: IdleClock,
 }
 
 #[derive(Clone, Debug)]
@@ -36,6 +68,8 @@ pub struct Watermarks {
     current: Millis,
     /// Index of the partition of the previous event (most events repeat it).
     last: usize,
+    /// Replay: the watermark comes from the archive (see [`Watermarks::advance_to`]).
+    archived: bool,
 }
 
 impl Watermarks {
@@ -46,6 +80,7 @@ impl Watermarks {
             partitions: Vec::new(),
             current: Millis::MIN,
             last: 0,
+            archived: false,
         }
     }
 
@@ -64,10 +99,8 @@ impl Watermarks {
         &self.partitions
     }
 
-    /// Step 4 for one event: advances its partition, then the pipeline
-    /// watermark. Returns the (possibly unchanged) pipeline watermark.
-    pub fn observe(&mut self, partition: &Arc<str>, event_time: Millis, now: Millis) -> Millis {
-        let idx = match self.partitions.get(self.last) {
+    fn index(&mut self, partition: &Arc<str>, clock: IdleClock) -> usize {
+        match self.partitions.get(self.last) {
             Some(p) if Arc::ptr_eq(&p.name, partition) || p.name == *partition => self.last,
             _ => match self.partitions.iter().position(|p| p.name == *partition) {
                 Some(i) => i,
@@ -75,16 +108,42 @@ impl Watermarks {
                     self.partitions.push(PartitionMark {
                         name: partition.clone(),
                         max_event_time: Millis::MIN,
-                        last_seen: None,
+                        clock,
                     });
                     self.partitions.len() - 1
                 }
             },
-        };
+        }
+    }
+
+    /// Step 4 for one event: advances its partition, then the pipeline
+    /// watermark. Returns the (possibly unchanged) pipeline watermark.
+    pub fn observe(&mut self, partition: &Arc<str>, event_time: Millis, now: Millis) -> Millis {
+        let idx = self.index(partition, IdleClock::Since(now));
         self.last = idx;
         let p = &mut self.partitions[idx];
-        p.last_seen = Some(now);
+        p.clock = IdleClock::Since(now);
         p.max_event_time = p.max_event_time.max(event_time);
+        self.recompute(now)
+    }
+
+    /// A source's word on one of its partitions (see the module docs).
+    /// Returns the (possibly unchanged) pipeline watermark.
+    pub fn status(&mut self, partition: &Arc<str>, status: PartitionStatus, now: Millis) -> Millis {
+        match status {
+            PartitionStatus::Known => {
+                let idx = self.index(partition, IdleClock::Stopped);
+                self.partitions[idx].clock = IdleClock::Stopped;
+            }
+            PartitionStatus::Reading => {
+                let idx = self.index(partition, IdleClock::Since(now));
+                self.partitions[idx].clock = IdleClock::Since(now);
+            }
+            PartitionStatus::Finished => {
+                self.partitions.retain(|p| p.name != *partition);
+                self.last = 0;
+            }
+        }
         self.recompute(now)
     }
 
@@ -94,7 +153,13 @@ impl Watermarks {
     }
 
     /// Replay: the watermark the archived run had reached (never backwards).
+    ///
+    /// From the first call on, the watermark follows the archived one only:
+    /// the live run knew partitions before their first records (and so held
+    /// the watermark where a replay, seeing only records, would not), and
+    /// its watermark after each record arrives with the next one.
     pub fn advance_to(&mut self, w: Millis) -> Millis {
+        self.archived = true;
         self.current = self.current.max(w);
         self.current
     }
@@ -106,10 +171,20 @@ impl Watermarks {
     }
 
     fn recompute(&mut self, now: Millis) -> Millis {
+        if self.archived {
+            return self.current;
+        }
         let mut min: Option<Millis> = None;
         for p in &mut self.partitions {
-            let seen = *p.last_seen.get_or_insert(now);
-            if now.saturating_sub(seen) >= self.idle_timeout {
+            let seen = match p.clock {
+                IdleClock::Stopped => None,
+                IdleClock::Since(t) => Some(t),
+                IdleClock::Unstarted => {
+                    p.clock = IdleClock::Since(now);
+                    Some(now)
+                }
+            };
+            if seen.is_some_and(|seen| now.saturating_sub(seen) >= self.idle_timeout) {
                 continue;
             }
             let w = p
@@ -146,5 +221,85 @@ mod tests {
         );
         assert_eq!(w.tick(1_000), 204, "all idle: unchanged");
         assert_eq!(w.finish(), Millis::MAX);
+    }
+
+    #[test]
+    fn a_known_partition_holds_from_its_announcement() {
+        let mut w = Watermarks::new(0, 100);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        w.status(&a, PartitionStatus::Known, 0);
+        w.status(&b, PartitionStatus::Known, 0);
+        w.status(&a, PartitionStatus::Reading, 0);
+        assert_eq!(
+            w.observe(&a, 86_400_000, 1),
+            Millis::MIN,
+            "b has delivered nothing yet"
+        );
+        assert_eq!(w.tick(10_000), Millis::MIN, "b is not reading: never idle");
+        w.status(&b, PartitionStatus::Reading, 10_000);
+        assert_eq!(
+            w.tick(10_050),
+            Millis::MIN,
+            "b's idle clock started at 10 000"
+        );
+        assert_eq!(w.observe(&b, 1_000, 10_060), 999);
+        w.status(&b, PartitionStatus::Known, 10_070);
+        assert_eq!(
+            w.observe(&a, 86_400_001, 50_000),
+            999,
+            "resubscribing: b holds"
+        );
+        w.status(&b, PartitionStatus::Reading, 50_000);
+        assert_eq!(w.observe(&a, 86_400_002, 50_099), 999);
+        assert_eq!(
+            w.tick(50_100),
+            86_400_001,
+            "b idle 100 ms after its reading restarted"
+        );
+    }
+
+    #[test]
+    fn a_finished_partition_stops_holding_after_its_children_are_known() {
+        let mut w = Watermarks::new(0, 1_000);
+        let (parent, child, other): (Arc<str>, Arc<str>, Arc<str>) =
+            ("parent".into(), "child".into(), "other".into());
+        for p in [&parent, &other] {
+            w.status(p, PartitionStatus::Known, 0);
+            w.status(p, PartitionStatus::Reading, 0);
+        }
+        w.observe(&parent, 100, 1);
+        assert_eq!(w.observe(&other, 5_000, 2), 99);
+        w.status(&child, PartitionStatus::Known, 3);
+        assert_eq!(
+            w.status(&parent, PartitionStatus::Finished, 3),
+            99,
+            "the child holds"
+        );
+        w.status(&child, PartitionStatus::Reading, 4);
+        assert_eq!(w.observe(&child, 200, 5), 199);
+        assert_eq!(w.partitions().len(), 2);
+    }
+
+    #[test]
+    fn restored_partitions_hold_once_announced() {
+        let restored = vec![PartitionMark {
+            name: "a".into(),
+            max_event_time: 1_000,
+            clock: IdleClock::default(),
+        }];
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let mut announced = Watermarks::new(0, 100);
+        announced.restore(999, restored.clone());
+        announced.status(&a, PartitionStatus::Known, 0);
+        announced.observe(&b, 90_000, 0);
+        assert_eq!(announced.tick(10_000), 999, "a holds until it reads again");
+        let mut silent = Watermarks::new(0, 100);
+        silent.restore(999, restored);
+        assert_eq!(silent.observe(&b, 90_000, 0), 999);
+        assert_eq!(
+            silent.observe(&b, 90_000, 150),
+            89_999,
+            "never announced: idle after idle_timeout"
+        );
     }
 }

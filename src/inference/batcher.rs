@@ -318,6 +318,7 @@ async fn score(scorer: Arc<Scorer>, records: Vec<FeatureRecord>) -> Vec<Output> 
     let answer = scorer.primary.predict(&rows).await;
     let latency_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(rows);
+    crate::telemetry::StageClock::new("inference").left(records.first().map(|r| r.arrival));
     let (prediction, model, fallback) = match answer {
         Answer::Primary(p) => (p, scorer.primary.model().name(), false),
         Answer::Fallback {
@@ -365,6 +366,7 @@ async fn score_shadow(scorer: &Scorer, records: Vec<FeatureRecord>) -> Vec<Outpu
     let answer = shadow.model.predict(&rows).await;
     let latency_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(rows);
+    crate::telemetry::StageClock::new("inference").left(records.first().map(|r| r.arrival));
     match answer {
         Answer::Primary(p) => {
             let model = shadow.model.model().name();

@@ -181,6 +181,10 @@ impl Sink for ExportSink {
         )
     }
 
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, outputs: &'a [&'a Output]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             for o in outputs {

@@ -518,6 +518,7 @@ mod tests {
                 names,
                 values: vec![count.map(Value::Int), sum.map(Value::Float)],
             },
+            arrival: 0,
         }
     }
 

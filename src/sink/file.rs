@@ -136,6 +136,10 @@ impl Sink for FileSink {
         }
     }
 
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, outputs: &'a [&'a Output]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             for o in outputs {

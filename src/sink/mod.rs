@@ -28,6 +28,12 @@ pub trait Sink: Send {
     /// Makes everything written so far durable (or delivered). Called at
     /// shutdown, and at each checkpoint barrier by the default `checkpoint`.
     fn flush(&mut self) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Whether its work blocks the thread it runs on (disk writes, fsync,
+    /// compression): such a sink runs on a thread of its own, off the
+    /// async runtime that serves the sources' network streams.
+    fn blocks(&self) -> bool {
+        false
+    }
     /// Checkpoint barrier `id` arrived (`last`: nothing follows it). Returns
     /// the newest checkpoint all of whose outputs are durable: `id` after a
     /// flush (the default), or an older one for a sink that batches across
@@ -96,6 +102,7 @@ pub async fn run_sink(
 ) -> anyhow::Result<()> {
     let written = metrics::counter!("shardflow_sink_records_total", "sink" => label.clone());
     let flushes = metrics::counter!("shardflow_sink_flushes_total", "sink" => label.clone());
+    let stage = crate::telemetry::StageClock::new("sink");
     // Acknowledgements a sink has not yet reported durable, oldest first.
     let mut held: VecDeque<(u64, oneshot::Sender<anyhow::Result<()>>)> = VecDeque::new();
     while let Some(message) = input.recv().await {
@@ -106,6 +113,7 @@ pub async fn run_sink(
                 if !mine.is_empty() {
                     sink.write(&mine).await?;
                     written.increment(mine.len() as u64);
+                    stage.left(mine.iter().find_map(|o| o.arrival()));
                 }
             }
             SinkMessage::Barrier { id, last, ack } => {

@@ -295,6 +295,10 @@ impl Sink for S3Sink {
         )
     }
 
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, outputs: &'a [&'a Output]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             for out in outputs {

@@ -47,6 +47,10 @@ impl Sink for StdoutSink {
         "stdout (NDJSON)".into()
     }
 
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, outputs: &'a [&'a Output]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             self.buf.clear();

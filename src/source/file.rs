@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
 use super::{now_millis, BoxFuture, Source, SourceContext};
 use crate::config::FileSourceConfig;
-use crate::record::{Position, RawRecord};
+use crate::record::{PartitionStatus, Position, RawRecord};
 
 pub struct FileSource {
     config: FileSourceConfig,
@@ -142,6 +142,14 @@ impl Source for FileSource {
             for path in self.config.all_paths() {
                 readers.push(PartitionReader::open(&path, &ctx).await?);
             }
+            // Every file holds the watermark before its first record, and
+            // stops holding it once read to its end.
+            let names: Vec<_> = readers.iter().map(|r| r.partition.clone()).collect();
+            for status in [PartitionStatus::Known, PartitionStatus::Reading] {
+                if !ctx.partitions(names.clone(), status).await {
+                    return Ok(());
+                }
+            }
             let follow = self.config.follow;
             loop {
                 if ctx.is_shutting_down() {
@@ -157,6 +165,14 @@ impl Source for FileSource {
                     let batch = r.read_batch(ctx.batch_size, !follow).await?;
                     progressed |= !batch.is_empty();
                     if !ctx.send(batch).await {
+                        return Ok(());
+                    }
+                    if r.at_end
+                        && !follow
+                        && !ctx
+                            .partitions(vec![r.partition.clone()], PartitionStatus::Finished)
+                            .await
+                    {
                         return Ok(());
                     }
                 }

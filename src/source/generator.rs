@@ -18,7 +18,7 @@ use rand_distr::{Distribution, Zipf};
 
 use super::{now_millis, BoxFuture, Source, SourceContext};
 use crate::config::{FieldSpec, FieldType, GeneratorConfig, SchemaConfig};
-use crate::record::{Millis, Position, RawRecord};
+use crate::record::{Millis, PartitionStatus, Position, RawRecord};
 
 /// Event-time clock rate when `rate = 0` (unthrottled): 10 k events per simulated second.
 const UNTHROTTLED_CLOCK_RATE: f64 = 10_000.0;
@@ -195,6 +195,12 @@ impl Source for GeneratorSource {
                     next_index = first,
                     "generator resuming after the last checkpoint"
                 );
+            }
+            // Every partition holds the watermark before its first record.
+            for status in [PartitionStatus::Known, PartitionStatus::Reading] {
+                if !ctx.partitions(partitions.clone(), status).await {
+                    return Ok(());
+                }
             }
             let started = Instant::now();
             let mut index = first;

@@ -12,11 +12,12 @@ pub mod s3;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::config::SourceConfig;
-use crate::record::{DeadLetter, Event, Millis, Position, RawRecord};
+use crate::record::{DeadLetter, Event, Millis, PartitionStatus, Position, RawRecord};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -28,6 +29,12 @@ pub enum SourceMessage {
     /// it had just parsed them: the archive source does, on the threads
     /// that read its objects, so an archive line is parsed once.
     Decoded(Vec<DecodedRecord>),
+    /// A partition's status for the watermark (see
+    /// [`crate::engine::Watermarks`]): sent before the partition's first
+    /// record (`Known`, then `Reading`), whenever the source stops or starts
+    /// being able to read it, and `Finished` after its last record (and
+    /// after any children are `Known`).
+    Partitions(Vec<Arc<str>>, PartitionStatus),
     /// Input the source could not even split into records (a corrupt
     /// archive object): a dead letter with the reason, no record.
     Bad(DeadLetter),
@@ -80,6 +87,17 @@ impl SourceContext {
     /// Sends a batch; false if the pipeline is gone.
     pub async fn send(&self, batch: Vec<RawRecord>) -> bool {
         batch.is_empty() || self.output.send(SourceMessage::Batch(batch)).await.is_ok()
+    }
+
+    /// Says where partitions stand for the watermark, in one message
+    /// (however many shards a stream has); false if the pipeline is gone.
+    pub async fn partitions(&self, partitions: Vec<Arc<str>>, status: PartitionStatus) -> bool {
+        partitions.is_empty()
+            || self
+                .output
+                .send(SourceMessage::Partitions(partitions, status))
+                .await
+                .is_ok()
     }
 
     /// Sends the closing message; never fails (the receiver may be gone).

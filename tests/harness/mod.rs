@@ -89,6 +89,18 @@ impl Proc {
     /// `shardflow run --config <config>` in `dir`, metrics on `metrics`
     /// (`"off"` or an address), stderr appended to `dir/<log_name>`.
     pub fn run(dir: &Path, config: &Path, metrics: &str, log_name: &str) -> Proc {
+        let level = std::env::var("SHARDFLOW_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        Proc::run_with_log_level(dir, config, metrics, log_name, &level)
+    }
+
+    /// [`Proc::run`] with `RUST_LOG` set to `level`.
+    pub fn run_with_log_level(
+        dir: &Path,
+        config: &Path,
+        metrics: &str,
+        log_name: &str,
+        level: &str,
+    ) -> Proc {
         let log = dir.join(log_name);
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -101,10 +113,7 @@ impl Proc {
             .arg(config)
             .args(["--metrics-addr", metrics])
             .envs(AWS_ENV)
-            .env(
-                "RUST_LOG",
-                std::env::var("SHARDFLOW_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

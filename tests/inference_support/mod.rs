@@ -64,6 +64,10 @@ pub struct FaultServer {
     stall: watch::Sender<bool>,
     /// Requests that reached the HTTP layer (dropped connections excluded).
     pub requests: Arc<AtomicU64>,
+    /// Requests the server holds right now (arrived, not yet answered).
+    pub active: Arc<AtomicU64>,
+    /// The most requests it held at once.
+    pub max_active: Arc<AtomicU64>,
     /// Connections the proxy dropped on purpose.
     pub drops: Arc<AtomicU64>,
     shutdown: watch::Sender<bool>,
@@ -74,6 +78,26 @@ struct Shared {
     plan: Arc<Mutex<Plan>>,
     stall: watch::Receiver<bool>,
     requests: Arc<AtomicU64>,
+    active: Arc<AtomicU64>,
+    max_active: Arc<AtomicU64>,
+}
+
+/// Counts a request as held by the server from its arrival until its answer
+/// is made or the client gives up on it (the handler's future is dropped).
+struct Held(Arc<AtomicU64>);
+
+impl Held {
+    fn new(active: &Arc<AtomicU64>, max_active: &AtomicU64) -> Held {
+        let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+        max_active.fetch_max(now, Ordering::SeqCst);
+        Held(active.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl FaultServer {
@@ -92,10 +116,14 @@ impl FaultServer {
         let plan = Arc::new(Mutex::new(Plan::default()));
         let (stall, stall_rx) = watch::channel(false);
         let requests = Arc::new(AtomicU64::new(0));
+        let active = Arc::new(AtomicU64::new(0));
+        let max_active = Arc::new(AtomicU64::new(0));
         let shared = Shared {
             plan: plan.clone(),
             stall: stall_rx,
             requests: requests.clone(),
+            active: active.clone(),
+            max_active: max_active.clone(),
         };
         let app = router.layer(axum::middleware::from_fn_with_state(shared, faults));
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -122,6 +150,8 @@ impl FaultServer {
             plan,
             stall,
             requests,
+            active,
+            max_active,
             drops,
             shutdown,
         }
@@ -152,6 +182,14 @@ impl FaultServer {
     }
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+    /// Requests held right now: arrived and not answered (stalled or delayed).
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::SeqCst)
+    }
+    /// The most requests held at once so far.
+    pub fn max_active(&self) -> u64 {
+        self.max_active.load(Ordering::SeqCst)
     }
 }
 
@@ -184,6 +222,7 @@ impl Plan {
 
 async fn faults(State(s): State<Shared>, request: Request, next: Next) -> Response {
     s.requests.fetch_add(1, Ordering::SeqCst);
+    let _held = Held::new(&s.active, &s.max_active);
     let variant = request
         .headers()
         .get("x-amzn-sagemaker-target-variant")
@@ -403,6 +442,7 @@ pub fn records(n: usize, keys: usize) -> Vec<FeatureRecord> {
                         Some(Value::Int((i % 5) as i64)),
                     ],
                 },
+                arrival: 0,
             }
         })
         .collect()

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::deagg::{deaggregate, Deaggregated};
-use crate::record::{Millis, Position, RawRecord};
+use crate::record::{Millis, PartitionStatus, Position, RawRecord};
 use crate::source::{now_millis, SourceMessage};
 
 /// Where a subscription starts.
@@ -158,6 +158,9 @@ pub struct ShardTask {
 /// What the reader gives the forwarder.
 enum Chunk {
     Records(Vec<RawRecord>),
+    /// The subscription started (`Reading`) or was lost (`Known`): the
+    /// shard's idle clock runs only while it can deliver.
+    Status(PartitionStatus),
 }
 
 impl ShardTask {
@@ -165,6 +168,7 @@ impl ShardTask {
         let (tx, rx) = mpsc::channel(self.shard_buffer);
         let forwarder = tokio::spawn(forward(
             rx,
+            self.shard.clone(),
             self.output.clone(),
             self.batch_size,
             self.shutdown.clone(),
@@ -190,9 +194,12 @@ impl ShardTask {
             metrics::counter!("shardflow_kinesis_resubscribes_total", "shard" => shard.clone(), "reason" => reason)
                 .increment(1)
         };
+        let source_stage = crate::telemetry::StageClock::new("source");
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut last_subscribe: Option<Instant> = None;
         let mut first = true;
+        // Whether the pipeline was told this shard is being read.
+        let mut reading = false;
 
         loop {
             if *self.shutdown.borrow() {
@@ -224,6 +231,9 @@ impl ShardTask {
                 r = tokio::time::timeout(self.stall_timeout, request) => r,
                 _ = self.shutdown.changed() => return Outcome::Stopped,
             };
+            if !matches!(response, Ok(Ok(_))) && !self.stop_reading(&tx, &mut reading).await {
+                return Outcome::Stopped;
+            }
             let mut output = match response {
                 Err(_) => {
                     tracing::warn!(shard = %self.shard, stall_timeout = ?self.stall_timeout, "SubscribeToShard unanswered for stall_timeout; retrying");
@@ -251,6 +261,16 @@ impl ShardTask {
                     continue;
                 }
             };
+            if !reading {
+                if tx
+                    .send(Chunk::Status(PartitionStatus::Reading))
+                    .await
+                    .is_err()
+                {
+                    return Outcome::Stopped;
+                }
+                reading = true;
+            }
             if first {
                 tracing::info!(shard = %self.shard, start = ?self.start, "subscribed");
                 first = false;
@@ -267,9 +287,15 @@ impl ShardTask {
                     Err(_) => {
                         tracing::warn!(shard = %self.shard, stall_timeout = ?self.stall_timeout, "subscription silent for stall_timeout; resubscribing");
                         resubscribes("stall");
+                        if !self.stop_reading(&tx, &mut reading).await {
+                            return Outcome::Stopped;
+                        }
                         break;
                     }
                     Ok(Err(e)) => {
+                        if !self.stop_reading(&tx, &mut reading).await {
+                            return Outcome::Stopped;
+                        }
                         let delay = backoff.next_delay();
                         tracing::warn!(shard = %self.shard, error = %super::error_text(&e), retry_in = ?delay, "subscription failed; resubscribing");
                         resubscribes("error");
@@ -296,6 +322,15 @@ impl ShardTask {
                 let shard_end = event.continuation_sequence_number.is_empty()
                     || (!child_shards.is_empty() && !had_records);
                 let arrival = now_millis();
+                // The service's (or emulator's) share of the delay.
+                if let Some(put) = event
+                    .records
+                    .first()
+                    .and_then(|r| r.approximate_arrival_timestamp)
+                    .and_then(|t| t.to_millis().ok())
+                {
+                    source_stage.since(put, arrival);
+                }
                 let mut batch = Vec::with_capacity(event.records.len());
                 let mut last_sequence = None;
                 for record in event.records {
@@ -349,6 +384,17 @@ impl ShardTask {
                 }
             }
         }
+    }
+
+    /// The subscription is lost: until the next one, the shard holds the
+    /// watermark without counting towards idleness. False if the
+    /// pipeline is gone.
+    async fn stop_reading(&self, tx: &mpsc::Sender<Chunk>, reading: &mut bool) -> bool {
+        if !*reading {
+            return true;
+        }
+        *reading = false;
+        tx.send(Chunk::Status(PartitionStatus::Known)).await.is_ok()
     }
 
     async fn sleep_until(&mut self, t: Instant) -> bool {
@@ -427,11 +473,25 @@ fn split_record(
 /// `batch_size`. True when everything it was given was handed on.
 async fn forward(
     mut rx: mpsc::Receiver<Chunk>,
+    shard: Arc<str>,
     output: mpsc::Sender<SourceMessage>,
     batch_size: usize,
     mut shutdown: watch::Receiver<bool>,
 ) -> bool {
-    while let Some(Chunk::Records(records)) = rx.recv().await {
+    while let Some(chunk) = rx.recv().await {
+        let records = match chunk {
+            Chunk::Records(records) => records,
+            Chunk::Status(status) => {
+                let sent = tokio::select! {
+                    r = output.send(SourceMessage::Partitions(vec![shard.clone()], status)) => r.is_ok(),
+                    _ = shutdown.changed() => false,
+                };
+                if !sent {
+                    return false;
+                }
+                continue;
+            }
+        };
         let mut records = records.into_iter().peekable();
         while records.peek().is_some() {
             let batch: Vec<RawRecord> = records.by_ref().take(batch_size).collect();

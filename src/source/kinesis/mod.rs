@@ -34,6 +34,7 @@ use self::efo::{Backoff, Outcome, ShardTask, Start};
 use self::shards::ShardGraph;
 use super::{BoxFuture, Source, SourceContext};
 use crate::config::{KinesisSourceConfig, StartingPosition};
+use crate::record::PartitionStatus;
 use crate::state::StateStore;
 
 /// How the AWS client is built. Everything else (credentials, retries,
@@ -398,8 +399,16 @@ async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result
             _ = refresh.tick() => {
                 match list_shards(&client, &config.stream_name).await {
                     Ok(list) => {
-                        for (id, parents) in list {
-                            graph.add(&id, parents);
+                        // Every shard listed holds the watermark from now on,
+                        // before its subscription (or its parents) lets it
+                        // deliver anything.
+                        let new: Vec<Arc<str>> = list
+                            .into_iter()
+                            .filter(|(id, parents)| graph.add(id, parents.clone()))
+                            .map(|(id, _)| Arc::from(id.as_str()))
+                            .collect();
+                        if !ctx.partitions(new, PartitionStatus::Known).await {
+                            return Ok(());
                         }
                     }
                     // Transient: the running shards go on; the next tick retries.
@@ -411,8 +420,19 @@ async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result
                     Some(Ok((id, (shard, Outcome::Ended(children))))) => {
                         names.remove(&id);
                         graph.finish(&shard);
-                        for (child, parents) in children {
-                            graph.add(&child, parents);
+                        // Children hold the watermark before their parent
+                        // stops holding it.
+                        let new: Vec<Arc<str>> = children
+                            .into_iter()
+                            .filter(|(child, parents)| graph.add(child, parents.clone()))
+                            .map(|(child, _)| Arc::from(child.as_str()))
+                            .collect();
+                        if !ctx.partitions(new, PartitionStatus::Known).await
+                            || !ctx
+                                .partitions(vec![Arc::from(shard.as_str())], PartitionStatus::Finished)
+                                .await
+                        {
+                            return Ok(());
                         }
                     }
                     Some(Ok((id, (_, Outcome::Stopped)))) => {

@@ -33,11 +33,19 @@ pub struct ShardGraph {
 impl ShardGraph {
     /// Adds a shard, or ignores it when it is known. Parents are the
     /// `ParentShardId` and `AdjacentParentShardId` of the shard.
-    pub fn add(&mut self, shard: &str, parents: impl IntoIterator<Item = String>) {
-        self.nodes.entry(shard.to_owned()).or_insert_with(|| Node {
-            parents: parents.into_iter().filter(|p| !p.is_empty()).collect(),
-            state: State::Waiting,
-        });
+    /// Returns whether the shard is new.
+    pub fn add(&mut self, shard: &str, parents: impl IntoIterator<Item = String>) -> bool {
+        if self.nodes.contains_key(shard) {
+            return false;
+        }
+        self.nodes.insert(
+            shard.to_owned(),
+            Node {
+                parents: parents.into_iter().filter(|p| !p.is_empty()).collect(),
+                state: State::Waiting,
+            },
+        );
+        true
     }
 
     /// Shards that may start now, marked running, each with whether one of
