@@ -3,7 +3,8 @@
 //! apart, in order within every shard), then one record a day later on each
 //! shard. No record is late by the documented rule, since every shard holds
 //! the watermark from the moment `ListShards` returned it, whichever shard
-//! the subscriptions happen to drain first.
+//! the subscriptions happen to drain first. The run's `/metrics` also shows
+//! where the records' time went (`shardflow_stage_seconds` per stage).
 
 mod emulator;
 
@@ -77,11 +78,11 @@ fn count_lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn start(config: &Path) -> Child {
+fn start(config: &Path, metrics: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_shardflow"))
         .args(["run", "--config"])
         .arg(config)
-        .args(["--metrics-addr", "off", "--quiet"])
+        .args(["--metrics-addr", metrics, "--quiet"])
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")
@@ -140,7 +141,11 @@ async fn catch_up_from_trim_horizon_marks_no_record_late() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("catchup.toml");
     std::fs::write(&config_path, config(dir.path(), &emu.url())).unwrap();
-    let mut child = start(&config_path);
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut child = start(&config_path, &metrics);
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let seen = count_lines(&dir.path().join("features.ndjson"))
@@ -157,10 +162,43 @@ async fn catch_up_from_trim_horizon_marks_no_record_late() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let page = scrape(&metrics).expect("the metrics endpoint answers");
     stop(child);
+
+    // Where the records' time went, stage by stage (one sample per batch).
+    for stage in ["source", "decode", "engine", "sink"] {
+        let count = page
+            .lines()
+            .find(|l| {
+                l.starts_with("shardflow_stage_seconds_count")
+                    && l.contains(&format!("stage=\"{stage}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(
+            count > 0.0,
+            "no shardflow_stage_seconds sample for {stage}:\n{page}"
+        );
+    }
+    assert!(page.contains("shardflow_stage_seconds_bucket{stage=\"engine\",le=\"0.001\"}"));
 
     let late = count_lines(&dir.path().join("late.ndjson"));
     let features = count_lines(&dir.path().join("features.ndjson"));
     assert_eq!(late, 0, "{late} of {total} records came out late");
     assert_eq!(features, total);
+}
+
+/// `GET /metrics`, or `None` when nothing answers.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body.split_once("\r\n\r\n")?.1.to_owned())
 }
