@@ -1,6 +1,7 @@
 //! The event-time engine: watermarks, tumbling and sliding windows over
 //! RocksDB-backed state, per-event feature vectors, window results and the
-//! late side output, with Flink's event-time rules (see DESIGN.md).
+//! late side output, with Flink's event-time rules. [`rules`] owns them:
+//! when a window fires, when it is purged, when an event is late.
 //!
 //! Per event, in order: (1) classify it against the watermark as it was
 //! before the event, (2) add it to its live windows, (3) compute its feature
@@ -16,6 +17,7 @@
 
 mod aggregate;
 mod operator;
+pub mod rules;
 mod watermark;
 mod window;
 
@@ -290,6 +292,7 @@ impl Engine {
         self.next_seq += 1;
         self.op.stats.events += 1;
         let t = event.event_time;
+        // Rule 3 of `rules`: late when late in every spec.
         let late = !self.op.specs.is_empty()
             && self
                 .op

@@ -1,5 +1,6 @@
 //! The window operator: per (spec, key) state in a write-back cache over
-//! RocksDB, event-time timers, firing and purging.
+//! RocksDB, event-time timers, firing and purging. When a window fires, is
+//! purged or re-fires, and when a timer is due, it asks [`rules`].
 //!
 //! Each (spec, key) has one [`KeyState`]: its live slices, a firing cursor
 //! `fired` (every window `j ≤ fired` has been handled: fired, passed while
@@ -37,6 +38,7 @@ use crate::state::codec::{write_key_prefix, write_slice_key, Reader, WindowRecor
 use crate::state::{Cf, StateDelta, StateStore};
 
 use super::aggregate::{Acc, FeatureSlot};
+use super::rules;
 use super::window::{Geometry, KeyWindows, Slice};
 use super::EngineError;
 
@@ -148,11 +150,11 @@ impl KeyState {
         match self.revisions.binary_search_by_key(&j, |r| r.0) {
             Ok(p) => {
                 let r = self.revisions[p].1;
-                self.revisions[p].1 = r.saturating_add(1);
+                self.revisions[p].1 = rules::next_revision(r);
                 r
             }
             Err(p) => {
-                self.revisions.insert(p, (j, 1));
+                self.revisions.insert(p, (j, rules::next_revision(0)));
                 0
             }
         }
@@ -559,7 +561,8 @@ impl Operator {
             };
             let live = geo.first_live_window(w_before, *lateness);
             // Windows before `live` are purged, so all were handled when the
-            // watermark passed them (firing always precedes purging).
+            // watermark passed them (firing never comes after purging, see
+            // `rules`).
             st.fired = st.fired.max(live.saturating_sub(1));
             // Without window results the key's timer waits for its whole
             // state to expire; older slices go here. (With them, every
@@ -585,9 +588,9 @@ impl Operator {
                         *dst = v;
                     }
                 });
-            let hi = s.saturating_add(geo.n - 1).min(st.fired);
-            if *results && j <= hi {
-                refire.push((plan.id, event.key.clone(), j, hi));
+            let again = rules::refired(s..=geo.last_window_of_slice(s), live, st.fired);
+            if *results && !again.is_empty() {
+                refire.push((plan.id, event.key.clone(), *again.start(), *again.end()));
             }
             reschedule(timers, plan, (*lateness, *results), &event.key, st);
         }
@@ -648,7 +651,7 @@ impl Operator {
         let mut budget = max_keys.max(1);
         while let Some(entry) = self.timers.first_entry() {
             let (due, spec) = *entry.key();
-            if due.saturating_sub(1) > w {
+            if !rules::due(due, w) {
                 break;
             }
             if budget == 0 {
@@ -732,8 +735,8 @@ impl Operator {
                 .filter(|&j| j <= last_due)
             {
                 emit(plan, key, st, &mut scratch[si], j, false, stats, out);
-                if geo.purge_due_of_window(j, *lateness).saturating_sub(1) > w {
-                    st.revisions.push_back((j, 1));
+                if !rules::purged(geo.end_of(j), *lateness, w) {
+                    st.revisions.push_back((j, rules::next_revision(0)));
                     st.revisions_changed = true;
                 }
                 st.fired = j;
@@ -742,7 +745,7 @@ impl Operator {
         st.fired = st.fired.max(last_due);
         purge_slices(pending, plan, key, st, w, *lateness);
         while let Some((j, _)) = st.revisions.front() {
-            if geo.purge_due_of_window(*j, *lateness).saturating_sub(1) > w {
+            if !rules::purged(geo.end_of(*j), *lateness, w) {
                 break;
             }
             st.revisions.pop_front();

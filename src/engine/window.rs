@@ -30,6 +30,7 @@ use std::collections::VecDeque;
 use crate::record::Event;
 
 use super::aggregate::{distinct_value, Acc, AddOutcome, FeatureSlot};
+use super::rules::{self, saturate};
 use crate::config::AggKind;
 use crate::record::Value;
 
@@ -40,10 +41,6 @@ pub struct Geometry {
     pub slide: i64,
     /// `size / slide`, at least 1.
     pub n: i64,
-}
-
-fn clamp(v: i128) -> i64 {
-    v.clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
 impl Geometry {
@@ -63,38 +60,49 @@ impl Geometry {
 
     /// End (exclusive) of window `j`.
     pub fn end_of(&self, j: i64) -> i64 {
-        clamp((j as i128 + 1) * self.slide as i128)
+        saturate((j as i128 + 1) * self.slide as i128)
     }
 
     pub fn start_of(&self, j: i64) -> i64 {
-        clamp((j as i128 + 1) * self.slide as i128 - self.size as i128)
+        saturate((j as i128 + 1) * self.slide as i128 - self.size as i128)
     }
 
     /// Smallest window index not purged at watermark `w`
-    /// (purged: `w ≥ end − 1 + lateness`).
+    /// ([`rules::first_live_window`]).
     pub fn first_live_window(&self, w: i64, lateness: i64) -> i64 {
-        clamp((w as i128 + 1 - lateness as i128).div_euclid(self.slide as i128))
+        rules::first_live_window(self.slide, lateness, w)
     }
 
-    /// Largest window index due at watermark `w` (due: `w ≥ end − 1`).
+    /// Largest window index due at watermark `w`
+    /// ([`rules::last_due_window`]).
     pub fn last_due_window(&self, w: i64) -> i64 {
-        clamp((w as i128 + 1).div_euclid(self.slide as i128) - 1)
+        rules::last_due_window(self.slide, w)
     }
 
-    /// Timer value (a window end; due when `w ≥ value − 1`) at which window
-    /// `j` is purged.
+    /// Timer value at which window `j` is purged ([`rules::purge_at`]; due
+    /// per [`rules::due`]).
     pub fn purge_due_of_window(&self, j: i64, lateness: i64) -> i64 {
-        clamp((j as i128 + 1) * self.slide as i128 + lateness as i128)
+        rules::purge_at(self.end_of(j), lateness)
     }
 
     /// Timer value at which slice `idx` is purged: when its last window is.
     pub fn purge_due_of_slice(&self, idx: i64, lateness: i64) -> i64 {
-        self.purge_due_of_window(idx.saturating_add(self.n - 1), lateness)
+        self.purge_due_of_window(self.last_window_of_slice(idx), lateness)
     }
 
-    /// Whether every window containing `t` is purged at `w`.
+    /// The last window (by index) containing slice `idx`.
+    pub fn last_window_of_slice(&self, idx: i64) -> i64 {
+        idx.saturating_add(self.n - 1)
+    }
+
+    /// Whether every window containing `t` is purged at `w` ([`rules::late`]).
     pub fn is_late(&self, t: i64, w: i64, lateness: i64) -> bool {
-        self.slice_of(t).saturating_add(self.n - 1) < self.first_live_window(w, lateness)
+        rules::late(
+            self.last_window_of_slice(self.slice_of(t)),
+            self.slide,
+            lateness,
+            w,
+        )
     }
 }
 
@@ -453,11 +461,7 @@ impl KeyWindows {
     ) {
         let before = self.slices.len();
         while let Some(front) = self.slices.front() {
-            if geo
-                .purge_due_of_slice(front.idx, lateness)
-                .saturating_sub(1)
-                > w
-            {
+            if !rules::due(geo.purge_due_of_slice(front.idx, lateness), w) {
                 break;
             }
             if front.stored {
@@ -597,5 +601,32 @@ mod tests {
         assert_eq!(g.last_due_window(i64::MAX), i64::MAX / 20 - 1);
         assert!(!g.is_late(0, 68, 10));
         assert!(g.is_late(0, 69 + 40, 10));
+    }
+
+    /// A purge time is the clamped window end plus the lateness. For every
+    /// window an event can be in (its end lies past the event) and every
+    /// lateness config allows (`≥ 0`), that is the exact sum, clamped.
+    #[test]
+    fn purge_time_is_the_clamped_exact_sum() {
+        for (size, slide) in [(1, 1), (60, 20), (1 << 10, 1 << 10), (7, 3)] {
+            let g = Geometry::new(size, slide);
+            for t in [i64::MIN, i64::MIN + 1, -1, 0, 59, i64::MAX - 1, i64::MAX] {
+                let first = g.slice_of(t);
+                for j in [
+                    first,
+                    first.saturating_add(1),
+                    g.last_window_of_slice(first),
+                ] {
+                    for lateness in [0, 1, 45, i64::MAX] {
+                        let exact = (j as i128 + 1) * g.slide as i128 + lateness as i128;
+                        assert_eq!(
+                            g.purge_due_of_window(j, lateness),
+                            saturate(exact),
+                            "{g:?}, t {t}, j {j}, lateness {lateness}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
