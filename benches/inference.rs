@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use shardflow::flow::{Barrier, Message};
 use shardflow::inference::batcher;
-use shardflow::pipeline::{Barrier, Message};
 use shardflow::record::Output;
 use support::*;
 use tokio::sync::mpsc;

@@ -46,7 +46,8 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-use shardflow::pipeline::{RunOptions, Stats};
+use shardflow::flow::Stats;
+use shardflow::pipeline::RunOptions;
 
 const SHARDS: i32 = 8;
 

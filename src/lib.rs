@@ -7,6 +7,7 @@
 pub mod config;
 pub mod decode;
 pub mod engine;
+pub mod flow;
 pub mod inference;
 pub mod pipeline;
 pub mod record;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use shardflow::config::Config;
-use shardflow::pipeline::{self, RunOptions, Stats};
+use shardflow::flow::Stats;
+use shardflow::pipeline::{self, RunOptions};
 use shardflow::sink::stdout::StdoutClosed;
 use shardflow::telemetry::{self, LogFormat};
 

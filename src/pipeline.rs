@@ -7,16 +7,15 @@
 //!              └───────────────────────────────────▶ committer ─▶ RocksDB
 //! ```
 //!
-//! Every arrow is a bounded channel of batches. The decode stage injects a
-//! checkpoint barrier every `checkpoint_interval` carrying the position of the
-//! last record of each partition it passed on; the barrier travels behind
-//! those records, collects the engine's state delta on the way, and at the
-//! fan-out asks every sink to flush. The committer writes delta and positions
-//! in one batch once all sinks acknowledged, in barrier order.
+//! What travels on these arrows (batches, checkpoint barriers, the state
+//! delta a barrier collects) and how a checkpoint walks from the decode stage
+//! to the committer is in [`crate::flow`]. This file creates the channels,
+//! builds and spawns the stages, injects the barriers (decode stage), commits
+//! them (committer) and drains everything on shutdown.
 
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal as _;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,67 +26,18 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions, PREFETCH_AHEAD};
+use crate::flow::{Barrier, Decoded, Message};
+// Re-exported only for tests/inference_backpressure.rs, which imports
+// `pipeline::Stats` and is being edited elsewhere; drop once it imports
+// `shardflow::flow::Stats`.
+pub use crate::flow::Stats;
 use crate::inference;
-use crate::record::{
-    DeadLetter, Event, KindSet, Millis, Output, OutputKind, PartitionStatus, Position, RawOutput,
-};
+use crate::record::{KindSet, Millis, Output, OutputKind, Position, RawOutput};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, DecodedRecord, SourceContext, SourceMessage};
 use crate::state::{StateDelta, StateStore};
 use crate::telemetry::StageClock;
-
-/// A checkpoint barrier and what it collects on its way to the committer.
-pub struct Barrier {
-    pub id: u64,
-    /// Last position passed on per partition, before this barrier.
-    pub positions: Vec<Position>,
-    /// The input ended: the engine advances event time to +∞ before snapshotting.
-    pub end_of_input: bool,
-    /// Nothing follows this barrier.
-    pub last: bool,
-    /// The engine's changes since the previous barrier.
-    pub delta: Option<StateDelta>,
-}
-
-/// What flows between stages.
-pub enum Message<T> {
-    Batch(Vec<T>),
-    Barrier(Barrier),
-}
-
-/// A decoded record, or why it could not be.
-pub enum Decoded {
-    Event(Event),
-    /// A record the decoder refused (it is archived as `raw` too).
-    Dead(Box<DeadLetter>),
-    /// Input a source could not split into records (no `raw` to archive).
-    Unreadable(Box<DeadLetter>),
-    /// Replay: the live run's watermark before the next record.
-    Advance(Millis),
-    /// A source's word on a partition, for the watermark.
-    Partition(Arc<str>, PartitionStatus),
-}
-
-/// Counters for the progress line, readiness and tests.
-#[derive(Default)]
-pub struct Stats {
-    pub records_in: AtomicU64,
-    pub events: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub outputs: [AtomicU64; 7],
-    pub checkpoints: AtomicU64,
-    /// Replay: events outside `--from`/`--to`, skipped.
-    pub out_of_range: AtomicU64,
-    pub watermark: AtomicI64,
-    pub ready: AtomicBool,
-}
-
-impl Stats {
-    pub fn output_count(&self, kind: OutputKind) -> u64 {
-        self.outputs[kind as usize].load(Ordering::Relaxed)
-    }
-}
 
 /// Options a run takes besides the config.
 #[derive(Debug, Clone, Default)]

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use s3::S3Server;
 use shardflow::config::Config;
-use shardflow::pipeline::{self, RunOptions, Stats};
+use shardflow::flow::Stats;
+use shardflow::pipeline::{self, RunOptions};
 use shardflow::replay::{self, ReplayArgs, ReplaySummary};
 
 const BASE: i64 = 1_700_000_000_000;

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use super::resilience::Answer;
 use super::Scorer;
 use crate::config::InferenceConfig;
-use crate::pipeline::Message;
+use crate::flow::Message;
 use crate::record::{DeadLetter, FeatureRecord, FeatureVector, Output, Position, PredictionRecord};
 
 /// One place in the output order.

@@ -23,8 +23,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{BatchPrediction, Model};
+use crate::flow::BoxFuture;
 use crate::record::FeatureVector;
-use crate::source::BoxFuture;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

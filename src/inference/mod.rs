@@ -18,8 +18,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use crate::config::{Backend, Config, FallbackKind, InferenceConfig};
+use crate::flow::BoxFuture;
 use crate::record::{FeatureNames, FeatureVector};
-use crate::source::BoxFuture;
 use resilience::{CircuitBreaker, Fallback, Resilient, RetryPolicy};
 
 /// The answer for one batch: one prediction object per input row, in order.

@@ -40,8 +40,8 @@ use tokio::sync::OnceCell;
 use super::resilience::ModelError;
 use super::{BatchPrediction, Model};
 use crate::config::{ContentType, InferenceConfig, JsonKey};
+use crate::flow::BoxFuture;
 use crate::record::{FeatureVector, Value};
-use crate::source::BoxFuture;
 
 /// Writes a batch as a request body. Rows are the feature vectors in batch order.
 pub fn encode_request(rows: &[&FeatureVector], content_type: ContentType, key: JsonKey) -> Vec<u8> {

@@ -27,9 +27,9 @@ use serde::ser::{SerializeMap as _, Serializer as _};
 
 use super::parquet::ParquetRows;
 use crate::config::{AggKind, Config};
+use crate::flow::BoxFuture;
 use crate::record::{KindSet, Output, OutputKind};
 use crate::sink::Sink;
-use crate::source::BoxFuture;
 
 /// What `--export` asks for.
 #[derive(Debug, Clone)]

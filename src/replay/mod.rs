@@ -24,7 +24,8 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use crate::config::{Config, SinkConfig, SourceConfig};
-use crate::pipeline::{self, RunOptions, Stats};
+use crate::flow::Stats;
+use crate::pipeline::{self, RunOptions};
 use crate::record::Millis;
 use crate::source::s3::ArchiveProgress;
 use crate::source::ArchiveOptions;

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::pipeline::Stats;
+use crate::flow::Stats;
 use crate::source::s3::ArchiveProgress;
 
 pub struct Display {

@@ -20,8 +20,8 @@ use anyhow::Context as _;
 
 use super::Sink;
 use crate::config::FileSinkConfig;
+use crate::flow::BoxFuture;
 use crate::record::Output;
-use crate::source::BoxFuture;
 
 pub struct FileSink {
     config: FileSinkConfig,

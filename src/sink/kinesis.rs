@@ -20,10 +20,10 @@ use aws_sdk_kinesis::Client;
 
 use super::Sink;
 use crate::config::KinesisSinkConfig;
+use crate::flow::BoxFuture;
 use crate::record::Output;
 use crate::source::kinesis::efo::Backoff;
 use crate::source::kinesis::{client, ClientSettings};
-use crate::source::BoxFuture;
 
 const MAX_RECORDS: usize = 500;
 const MAX_REQUEST_BYTES: usize = 5 << 20;

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::SinkConfig;
+use crate::flow::BoxFuture;
 use crate::record::{KindSet, Output};
-use crate::source::BoxFuture;
 
 /// A kind of sink.
 pub trait Sink: Send {

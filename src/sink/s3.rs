@@ -27,9 +27,9 @@ use flate2::write::GzEncoder;
 
 use super::{Sink, SinkContext};
 use crate::config::S3SinkConfig;
+use crate::flow::BoxFuture;
 use crate::record::{Millis, Output};
 use crate::source::s3::{client, layout};
-use crate::source::BoxFuture;
 
 struct Multipart {
     key: String,

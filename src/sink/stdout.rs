@@ -6,8 +6,8 @@
 use std::io::Write as _;
 
 use super::Sink;
+use crate::flow::BoxFuture;
 use crate::record::Output;
-use crate::source::BoxFuture;
 
 /// The reader of standard output went away (`shardflow run | head`). The
 /// run stops without committing what stdout did not take, so a next run

@@ -13,8 +13,9 @@ use bytes::Bytes;
 use tokio::fs::File;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
-use super::{now_millis, BoxFuture, Source, SourceContext};
+use super::{now_millis, Source, SourceContext};
 use crate::config::FileSourceConfig;
+use crate::flow::BoxFuture;
 use crate::record::{PartitionStatus, Position, RawRecord};
 
 pub struct FileSource {

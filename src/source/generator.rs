@@ -16,8 +16,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Zipf};
 
-use super::{now_millis, BoxFuture, Source, SourceContext};
+use super::{now_millis, Source, SourceContext};
 use crate::config::{FieldSpec, FieldType, GeneratorConfig, SchemaConfig};
+use crate::flow::BoxFuture;
 use crate::record::{Millis, PartitionStatus, Position, RawRecord};
 
 /// Event-time clock rate when `rate = 0` (unthrottled): 10 k events per simulated second.

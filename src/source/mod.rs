@@ -10,16 +10,13 @@ pub mod generator;
 pub mod kinesis;
 pub mod s3;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::config::SourceConfig;
+use crate::flow::BoxFuture;
 use crate::record::{DeadLetter, Event, Millis, PartitionStatus, Position, RawRecord};
-
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a source sends downstream.
 #[derive(Debug)]

@@ -22,8 +22,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use shardflow::config::Config;
+use shardflow::flow::{Barrier, Message};
 use shardflow::inference::{self, batcher, Scorer};
-use shardflow::pipeline::Message;
 use shardflow::record::{FeatureRecord, FeatureVector, Output, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -474,7 +474,7 @@ pub async fn run_batcher(
             }
         }
         let _ = in_tx
-            .send(Message::Barrier(shardflow::pipeline::Barrier {
+            .send(Message::Barrier(Barrier {
                 id: 1,
                 positions: Vec::new(),
                 end_of_input: true,

@@ -32,8 +32,9 @@ use tokio::task::JoinSet;
 
 use self::efo::{Backoff, Outcome, ShardTask, Start};
 use self::shards::ShardGraph;
-use super::{BoxFuture, Source, SourceContext};
+use super::{Source, SourceContext};
 use crate::config::{KinesisSourceConfig, StartingPosition};
+use crate::flow::BoxFuture;
 use crate::record::PartitionStatus;
 use crate::state::StateStore;
 

@@ -54,9 +54,10 @@ use tokio::task::JoinHandle;
 
 use self::layout::KeyInfo;
 use self::objects::{Item, Layout, Splitter};
-use super::{now_millis, BoxFuture, DecodedRecord, Source, SourceContext, SourceMessage};
+use super::{now_millis, DecodedRecord, Source, SourceContext, SourceMessage};
 use crate::config::{ArchiveFormat, Compression, S3SourceConfig, SchemaConfig};
 use crate::decode::Decoder;
+use crate::flow::BoxFuture;
 use crate::record::{DeadLetter, Millis, Position, RawRecord};
 
 /// An object being read ahead: its reference, the channel its reader

@@ -1,0 +1,113 @@
+//! What travels between the stages of a run.
+//!
+//! A run is a chain of stages, each a task (or a thread of its own, for those
+//! that block) reading from the one before it and writing to the one after
+//! it. This module holds what those stages hand each other, so that a stage
+//! imports its input and output types from here, never from a neighbour or
+//! from the wiring in `pipeline.rs`. It is a leaf: it depends only on
+//! [`crate::record`] and on [`StateDelta`].
+//!
+//! ```text
+//! source ─SourceMessage─▶ decode ─Message<Decoded>─▶ engine ─Message<Output>─▶ [inference]
+//!                         + barriers                 + state delta                  │
+//!                                                                   Message<Output> │
+//!                                                                                   ▼
+//!               RocksDB ◀── committer ◀─(Barrier, acks)─ fan-out ─SinkMessage─▶ sink tasks
+//! ```
+//!
+//! The two ends speak their own types (a source's `SourceMessage`, a sink's
+//! `SinkMessage`); everything in between is a [`Message`]. Besides the
+//! messages, the stages share [`Stats`], the counters they add to, and
+//! [`BoxFuture`], the future their traits' methods return.
+//!
+//! # Backpressure
+//!
+//! Every arrow is a bounded channel of batches: a [`Message::Batch`] holds
+//! many records and takes one slot. A slow stage makes the one before it wait
+//! (up to the source, which stops reading), and nothing buffers without bound.
+//!
+//! # Checkpoint barriers
+//!
+//! Every `checkpoint_interval` the decode stage sends a [`Barrier`] carrying
+//! the position of the last record of each partition it passed on
+//! ([`Barrier::positions`]). The barrier travels in the same channels, behind
+//! those records, so every stage meets it after all the records it covers:
+//!
+//! 1. the engine puts its state delta since the previous barrier in
+//!    [`Barrier::delta`] (first advancing event time to +∞ when
+//!    [`Barrier::end_of_input`] is set);
+//! 2. the inference stage closes its open batch and passes the barrier once
+//!    every batch before it has been emitted;
+//! 3. the fan-out asks every sink to flush, with a channel for its
+//!    acknowledgement, and hands the barrier and those acknowledgements on;
+//! 4. the committer, in barrier order, waits until every sink acknowledged,
+//!    then writes the delta, the positions and the checkpoint id in one
+//!    RocksDB `WriteBatch`.
+//!
+//! State and positions are therefore committed together, and only once the
+//! sinks hold every output produced before them. Nothing follows a barrier
+//! with [`Barrier::last`] set: the run ends once it is committed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::record::{DeadLetter, Event, Millis, OutputKind, PartitionStatus, Position};
+use crate::state::StateDelta;
+
+/// A boxed, sendable future: what the methods of the stages' traits
+/// (sources, models, sinks) return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A checkpoint barrier and what it collects on its way to the committer.
+pub struct Barrier {
+    pub id: u64,
+    /// Last position passed on per partition, before this barrier.
+    pub positions: Vec<Position>,
+    /// The input ended: the engine advances event time to +∞ before snapshotting.
+    pub end_of_input: bool,
+    /// Nothing follows this barrier.
+    pub last: bool,
+    /// The engine's changes since the previous barrier.
+    pub delta: Option<StateDelta>,
+}
+
+/// What flows between stages.
+pub enum Message<T> {
+    Batch(Vec<T>),
+    Barrier(Barrier),
+}
+
+/// A decoded record, or why it could not be.
+pub enum Decoded {
+    Event(Event),
+    /// A record the decoder refused (it is archived as `raw` too).
+    Dead(Box<DeadLetter>),
+    /// Input a source could not split into records (no `raw` to archive).
+    Unreadable(Box<DeadLetter>),
+    /// Replay: the live run's watermark before the next record.
+    Advance(Millis),
+    /// A source's word on a partition, for the watermark.
+    Partition(Arc<str>, PartitionStatus),
+}
+
+/// Counters for the progress line, readiness and tests.
+#[derive(Default)]
+pub struct Stats {
+    pub records_in: AtomicU64,
+    pub events: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub outputs: [AtomicU64; 7],
+    pub checkpoints: AtomicU64,
+    /// Replay: events outside `--from`/`--to`, skipped.
+    pub out_of_range: AtomicU64,
+    pub watermark: AtomicI64,
+    pub ready: AtomicBool,
+}
+
+impl Stats {
+    pub fn output_count(&self, kind: OutputKind) -> u64 {
+        self.outputs[kind as usize].load(Ordering::Relaxed)
+    }
+}
