@@ -30,12 +30,13 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
+use shardflow::archive::layout;
 use shardflow::config::{Config, S3ClientConfig};
 use shardflow::decode::Decoder;
 use shardflow::engine::{Engine, EngineOptions, PREFETCH_AHEAD};
 use shardflow::record::{Output, OutputKind, Position, RawOutput};
 use shardflow::replay::{self, ReplayArgs};
-use shardflow::source::s3::{self as s3src, layout, objects};
+use shardflow::source::s3::{self as s3src, objects};
 use shardflow::state::StateStore;
 use std::io::{Read as _, Write as _};
 
@@ -218,7 +219,7 @@ fn setup() -> Setup {
 }
 
 async fn client(url: &str) -> aws_sdk_s3::Client {
-    s3src::client::client(&S3ClientConfig {
+    shardflow::aws::s3::client(&S3ClientConfig {
         endpoint_url: Some(url.into()),
         region: None,
         force_path_style: None,

@@ -4,6 +4,8 @@
 //! The binary is a thin CLI over this library; tests, benches and examples
 //! use the same modules.
 
+pub mod archive;
+pub mod aws;
 pub mod config;
 pub mod decode;
 pub mod engine;

@@ -15,7 +15,7 @@ use axum::response::Response;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::service::TowerToHyperService;
-use shardflow::source::kinesis::{client, ClientSettings};
+use shardflow::aws::{kinesis::client, ClientSettings};
 use tokio_rustls::rustls;
 
 static SEEN: Mutex<Vec<(String, Version)>> = Mutex::new(Vec::new());
@@ -81,6 +81,7 @@ async fn subscribe_to_shard_negotiates_http2_over_tls() {
         region: Some("us-east-1".into()),
         endpoint_url: Some(format!("https://{addr}")),
         extra_root_pem: Some(cert.cert.pem().into_bytes()),
+        max_attempts: None,
     })
     .await
     .unwrap();

@@ -221,7 +221,7 @@ async fn replaying_a_live_runs_archive_reproduces_it_exactly() {
     let objects = server.list("archive", "live/").await;
     assert!(!objects.is_empty());
     for (key, _) in &objects {
-        let info = shardflow::source::s3::layout::parse_key("live/", key);
+        let info = shardflow::archive::layout::parse_key("live/", key);
         assert!(info.hour.is_some() && info.written.is_some(), "{key}");
         assert!(key.starts_with("live/2023/11/14/"), "{key}");
     }
@@ -311,7 +311,7 @@ fn firehose_key(prefix: &str, hour: i64, n: usize) -> String {
     let t = chrono::DateTime::from_timestamp_millis(hour).unwrap();
     format!(
         "{prefix}{}stream-1-{}-{n:02}-00-8c3e4a1b",
-        shardflow::source::s3::layout::hour_path(hour),
+        shardflow::archive::layout::hour_path(hour),
         t.format("%Y-%m-%d-%H")
     )
 }

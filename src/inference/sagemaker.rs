@@ -19,26 +19,26 @@
 //! error, never a shift of predictions onto the wrong records.
 //!
 //! Credentials and region come from the standard AWS chain (aws-config);
-//! `region` and `endpoint_url` in the config override it. The SDK's own
-//! retries are off: `resilience.rs` retries, so that the breaker sees every
-//! attempt and the backoff is the configured one.
+//! `region` and `endpoint_url` in the config override it. The client is
+//! built by `aws/sagemaker.rs`, with the SDK's own retries off:
+//! `resilience.rs` retries, so that the breaker sees every attempt and the
+//! backoff is the configured one.
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use aws_config::retry::RetryConfig;
-use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_config::SdkConfig;
 use aws_sdk_sagemakerruntime::config::http::HttpResponse;
 use aws_sdk_sagemakerruntime::error::{DisplayErrorContext, ProvideErrorMetadata as _, SdkError};
 use aws_sdk_sagemakerruntime::operation::invoke_endpoint::InvokeEndpointError;
 use aws_sdk_sagemakerruntime::primitives::Blob;
 use aws_sdk_sagemakerruntime::Client;
-use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use serde_json::{json, Value as Json};
 use tokio::sync::OnceCell;
 
 use super::resilience::ModelError;
 use super::{BatchPrediction, Model};
+use crate::aws::ClientSettings;
 use crate::config::{ContentType, InferenceConfig, JsonKey};
 use crate::flow::BoxFuture;
 use crate::record::{FeatureVector, Value};
@@ -241,36 +241,19 @@ impl SageMakerModel {
     async fn client(&self) -> anyhow::Result<&Client> {
         self.client
             .get_or_try_init(|| async {
-                let sdk = match &self.base {
-                    Some(sdk) => sdk.clone(),
-                    None => {
-                        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-                            .http_client(http_client());
-                        if let Some(region) = &self.settings.region {
-                            loader = loader.region(Region::new(region.clone()));
-                        }
-                        loader.load().await
-                    }
+                let settings = ClientSettings {
+                    region: self.settings.region.clone(),
+                    endpoint_url: self.settings.endpoint_url.clone(),
+                    ..ClientSettings::default()
                 };
-                let mut builder = aws_sdk_sagemakerruntime::config::Builder::from(&sdk)
-                    .retry_config(RetryConfig::disabled());
-                if sdk.http_client().is_none() {
-                    builder = builder.http_client(http_client());
-                }
-                if let Some(region) = &self.settings.region {
-                    builder = builder.region(Region::new(region.clone()));
-                }
-                if let Some(url) = &self.settings.endpoint_url {
-                    builder = builder.endpoint_url(url.clone());
-                }
-                let config = builder.build();
-                if config.region().is_none() {
+                let client = crate::aws::sagemaker::client(&settings, self.base.as_ref()).await?;
+                if client.config().region().is_none() {
                     anyhow::bail!(
                         "no AWS region for SageMaker endpoint {:?}: set [inference] region, or AWS_REGION / a profile's region",
                         self.settings.endpoint_name
                     );
                 }
-                Ok(Client::from_conf(config))
+                Ok(client)
             })
             .await
     }
@@ -301,14 +284,6 @@ impl SageMakerModel {
             variant: answer.invoked_production_variant().map(Arc::from),
         })
     }
-}
-
-/// smithy's hyper client with rustls over `ring`. It speaks `http://` too,
-/// which `endpoint_url` uses for a local `serve-model`.
-fn http_client() -> aws_sdk_sagemakerruntime::config::SharedHttpClient {
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-        .build_https()
 }
 
 /// Sorts an SDK failure into retryable or not, and writes what the service

@@ -19,11 +19,10 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
 
 use super::Sink;
+use crate::aws::{self, error_text, Backoff, ClientSettings};
 use crate::config::KinesisSinkConfig;
 use crate::flow::BoxFuture;
 use crate::record::Output;
-use crate::source::kinesis::efo::Backoff;
-use crate::source::kinesis::{client, ClientSettings};
 
 const MAX_RECORDS: usize = 500;
 const MAX_REQUEST_BYTES: usize = 5 << 20;
@@ -62,10 +61,11 @@ impl KinesisSink {
     async fn client(&mut self) -> anyhow::Result<Client> {
         if self.client.is_none() {
             self.client = Some(
-                client(&ClientSettings {
+                aws::kinesis::client(&ClientSettings {
                     region: self.config.region.clone(),
                     endpoint_url: self.config.endpoint_url.clone(),
                     extra_root_pem: None,
+                    max_attempts: None,
                 })
                 .await?,
             );
@@ -145,7 +145,7 @@ async fn put_all(
                     first_error.unwrap_or_default()
                 )
             }
-            Err(e) => crate::source::kinesis::error_text(&e),
+            Err(e) => error_text(&e),
         };
         if attempt >= max_attempts {
             anyhow::bail!(

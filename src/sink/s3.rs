@@ -1,6 +1,6 @@
 //! `[[sinks]] type = "s3"`: the archive. Outputs become gzip-compressed
 //! NDJSON objects under `prefix` + `YYYY/MM/DD/HH/` (Firehose's layout),
-//! named by checkpoint (see `source/s3/layout.rs`), so that a restart
+//! named by checkpoint (see `archive/layout.rs`), so that a restart
 //! rewrites the same objects instead of adding copies.
 //!
 //! An object is compressed as outputs arrive and goes up in parts of
@@ -26,10 +26,11 @@ use aws_sdk_s3::Client;
 use flate2::write::GzEncoder;
 
 use super::{Sink, SinkContext};
+use crate::archive::{self, layout};
+use crate::aws::{self, error_text};
 use crate::config::S3SinkConfig;
 use crate::flow::BoxFuture;
 use crate::record::{Millis, Output};
-use crate::source::s3::{client, layout};
 
 struct Multipart {
     key: String,
@@ -92,7 +93,7 @@ impl S3Sink {
 
     async fn client(&mut self) -> anyhow::Result<Client> {
         if self.client.is_none() {
-            self.client = Some(client::client(&self.config.client()).await?);
+            self.client = Some(aws::s3::client(&self.config.client()).await?);
         }
         Ok(self.client.clone().expect("set above"))
     }
@@ -145,13 +146,13 @@ impl S3Sink {
                 .create_multipart_upload()
                 .bucket(bucket)
                 .key(&key)
-                .content_type("application/x-ndjson")
+                .content_type(archive::CONTENT_TYPE)
                 .send()
                 .await
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "CreateMultipartUpload s3://{bucket}/{key}: {}",
-                        client::error_text(&e)
+                        error_text(&e)
                     )
                 })?;
             let upload_id = created
@@ -195,7 +196,7 @@ impl S3Sink {
                 let msg = format!(
                     "UploadPart {number} of s3://{bucket}/{}: {}",
                     up.key,
-                    client::error_text(&e)
+                    error_text(&e)
                 );
                 abort(client, bucket, up).await;
                 o.upload = None;
@@ -242,7 +243,7 @@ impl S3Sink {
                 let msg = format!(
                     "CompleteMultipartUpload s3://{bucket}/{}: {}",
                     up.key,
-                    client::error_text(&e)
+                    error_text(&e)
                 );
                 abort(&client, &bucket, &up).await;
                 anyhow::bail!(msg);
@@ -257,12 +258,12 @@ impl S3Sink {
                 .put_object()
                 .bucket(&bucket)
                 .key(&key)
-                .content_type("application/x-ndjson")
+                .content_type(archive::CONTENT_TYPE)
                 .body(ByteStream::from(body))
                 .send()
                 .await
                 .map_err(|e| {
-                    anyhow::anyhow!("PutObject s3://{bucket}/{key}: {}", client::error_text(&e))
+                    anyhow::anyhow!("PutObject s3://{bucket}/{key}: {}", error_text(&e))
                 })?;
         }
         self.objects_written.increment(1);
@@ -283,7 +284,7 @@ async fn abort(client: &Client, bucket: &str, up: &Multipart) {
         .send()
         .await
     {
-        tracing::warn!(key = %up.key, error = %client::error_text(&e), "could not abort the multipart upload (a bucket lifecycle rule can clean it up)");
+        tracing::warn!(key = %up.key, error = %error_text(&e), "could not abort the multipart upload (a bucket lifecycle rule can clean it up)");
     }
 }
 

@@ -17,10 +17,10 @@ use ferrokinesis::store::{Store, StoreOptions};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::service::TowerToHyperService;
+use shardflow::aws::{kinesis::client, ClientSettings};
 use shardflow::config::Config;
 use shardflow::flow::Stats;
 use shardflow::pipeline::{RunOptions, RunSummary};
-use shardflow::source::kinesis::{client, ClientSettings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -123,6 +123,7 @@ pub async fn client_for(url: &str) -> Client {
         region: Some("us-east-1".into()),
         endpoint_url: Some(url.into()),
         extra_root_pem: None,
+        max_attempts: None,
     })
     .await
     .unwrap()

@@ -83,7 +83,7 @@ impl S3Server {
     }
 
     pub async fn client(&self) -> Client {
-        shardflow::source::s3::client::client(&self.client_config())
+        shardflow::aws::s3::client(&self.client_config())
             .await
             .unwrap()
     }

@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::deagg::{deaggregate, Deaggregated};
+use crate::aws::{error_text, Backoff};
 use crate::record::{Millis, PartitionStatus, Position, RawRecord};
 use crate::source::{now_millis, SourceMessage};
 
@@ -99,38 +100,6 @@ pub fn cmp_sequence(a: &str, b: &str) -> std::cmp::Ordering {
     let a = a.trim_start_matches('0');
     let b = b.trim_start_matches('0');
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
-}
-
-/// Jittered exponential backoff.
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The next delay: uniform in [d/2, d] with d = base·2^attempt, capped.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = d / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
 }
 
 /// How a shard's task ended.
@@ -253,7 +222,7 @@ impl ShardTask {
                         }
                         _ => backoff.next_delay(),
                     };
-                    tracing::warn!(shard = %self.shard, error = %super::error_text(&e), retry_in = ?delay, "SubscribeToShard failed; retrying");
+                    tracing::warn!(shard = %self.shard, error = %error_text(&e), retry_in = ?delay, "SubscribeToShard failed; retrying");
                     resubscribes("error");
                     if !self.sleep_for(delay).await {
                         return Outcome::Stopped;
@@ -297,7 +266,7 @@ impl ShardTask {
                             return Outcome::Stopped;
                         }
                         let delay = backoff.next_delay();
-                        tracing::warn!(shard = %self.shard, error = %super::error_text(&e), retry_in = ?delay, "subscription failed; resubscribing");
+                        tracing::warn!(shard = %self.shard, error = %error_text(&e), retry_in = ?delay, "subscription failed; resubscribing");
                         resubscribes("error");
                         if !self.sleep_for(delay).await {
                             return Outcome::Stopped;
@@ -554,17 +523,5 @@ mod tests {
             skip_through: 2,
         };
         assert!(inside.already_delivered("99") && !inside.already_delivered("100"));
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        for _ in 0..20 {
-            assert!(b.next_delay() <= Duration::from_secs(1));
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

@@ -1,8 +1,9 @@
 //! `[source] type = "kinesis"`: a Kinesis data stream read with enhanced
 //! fan-out (SubscribeToShard over HTTP/2).
 //!
-//! - `mod.rs` (this file): the AWS client, consumer registration, and the
-//!   coordinator that discovers shards and starts one task per shard.
+//! - `mod.rs` (this file): consumer registration, and the coordinator that
+//!   discovers shards and starts one task per shard. The client is built by
+//!   `aws/kinesis.rs`.
 //! - `shards.rs`: which shards may start (parents before children).
 //! - `efo.rs`: one shard's subscription: renewals, stalls, backoff, SHARD_END,
 //!   the bounded per-shard buffer.
@@ -24,74 +25,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use aws_sdk_kinesis::config::Region;
-use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::types::ConsumerStatus;
 use aws_sdk_kinesis::Client;
 use tokio::task::JoinSet;
 
-use self::efo::{Backoff, Outcome, ShardTask, Start};
+use self::efo::{Outcome, ShardTask, Start};
 use self::shards::ShardGraph;
 use super::{Source, SourceContext};
+use crate::aws::{self, error_text, Backoff, ClientSettings};
 use crate::config::{KinesisSourceConfig, StartingPosition};
 use crate::flow::BoxFuture;
 use crate::record::PartitionStatus;
 use crate::state::StateStore;
-
-/// How the AWS client is built. Everything else (credentials, retries,
-/// profiles) comes from the standard AWS chain.
-#[derive(Debug, Default, Clone)]
-pub struct ClientSettings {
-    pub region: Option<String>,
-    pub endpoint_url: Option<String>,
-    /// Extra PEM certificates to trust (a private CA in front of an endpoint).
-    pub extra_root_pem: Option<Vec<u8>>,
-}
-
-/// A Kinesis client on hyper 1 + rustls (ring). Its TLS offers `h2` first by
-/// ALPN, so SubscribeToShard runs over HTTP/2 against AWS (which refuses it
-/// over HTTP/1.1); plain `http://` endpoints (emulators) use HTTP/1.1.
-///
-/// An empty `region` or `endpoint_url` counts as unset, so that a config can
-/// write `endpoint_url = "${KINESIS_ENDPOINT:-}"`.
-pub async fn client(settings: &ClientSettings) -> anyhow::Result<Client> {
-    let region = settings.region.as_deref().filter(|r| !r.is_empty());
-    let endpoint_url = settings.endpoint_url.as_deref().filter(|u| !u.is_empty());
-    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-    let builder = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
-    let http = match &settings.extra_root_pem {
-        Some(pem) => builder
-            .tls_context(
-                tls::TlsContext::builder()
-                    .with_trust_store(tls::TrustStore::default().with_pem_certificate(pem.clone()))
-                    .build()
-                    .context("building the TLS trust store")?,
-            )
-            .build_https(),
-        None => builder.build_https(),
-    };
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
-    if let Some(region) = region {
-        loader = loader.region(Region::new(region.to_owned()));
-    }
-    if let Some(url) = endpoint_url {
-        loader = loader.endpoint_url(url);
-    }
-    let shared = loader.load().await;
-    let mut config = aws_sdk_kinesis::config::Builder::from(&shared);
-    if shared.region().is_none() {
-        if endpoint_url.is_some() {
-            // Emulators accept any region; spare the user from setting one.
-            config = config.region(Region::new("us-east-1"));
-        } else {
-            anyhow::bail!(
-                "no AWS region: set `region` in the config, or AWS_REGION / a profile's region"
-            );
-        }
-    }
-    Ok(Client::from_conf(config.build()))
-}
 
 pub struct KinesisSource {
     config: KinesisSourceConfig,
@@ -267,20 +213,6 @@ pub async fn ensure_consumer(
     }
 }
 
-/// An AWS error in one line: the service's code and message when there is
-/// one (never the raw response, which carries headers), else the chain.
-pub fn error_text<E, R>(e: &aws_sdk_kinesis::error::SdkError<E, R>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    match (e.code(), e.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_owned(),
-        _ => DisplayErrorContext(e).to_string(),
-    }
-}
-
 /// Every shard of the stream with its parents (ListShards, paginated).
 /// By name: emulators do not all take the ARN.
 async fn list_shards(client: &Client, stream: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
@@ -313,10 +245,11 @@ async fn list_shards(client: &Client, stream: &str) -> anyhow::Result<Vec<(Strin
 
 async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result<()> {
     let mut shutdown = ctx.shutdown.clone();
-    let client = client(&ClientSettings {
+    let client = aws::kinesis::client(&ClientSettings {
         region: config.region.clone(),
         endpoint_url: config.endpoint_url.clone(),
         extra_root_pem: None,
+        max_attempts: None,
     })
     .await?;
     let summary = client

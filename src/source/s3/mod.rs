@@ -2,10 +2,11 @@
 //! S3, by shardflow's own archive sink or by Kinesis Data Firehose, read
 //! back through the same pipeline by `shardflow replay`.
 //!
-//! - `layout.rs`: `prefix/YYYY/MM/DD/HH/` keys, shardflow's object names.
 //! - `objects.rs`: gzip detection, NDJSON / concatenated JSON splitting.
-//! - `client.rs`: the S3 client.
 //! - this file: listing, bounded concurrent fetching, decoding in order.
+//!
+//! The keys and object names of shardflow's archive are `archive/`'s (the
+//! archive sink writes them); the S3 client is `aws/s3.rs`'s.
 //!
 //! Objects are listed (pruned by their hour directory when a time range is
 //! given), ordered, then fetched `concurrency` at a time: each is streamed
@@ -35,8 +36,6 @@
 //! replay goes on. A download that fails mid-object is retried from the
 //! start of the object, skipping what was already handed on.
 
-pub mod client;
-pub mod layout;
 pub mod objects;
 
 use std::borrow::Cow;
@@ -52,9 +51,10 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use self::layout::KeyInfo;
 use self::objects::{Item, Layout, Splitter};
 use super::{now_millis, DecodedRecord, Source, SourceContext, SourceMessage};
+use crate::archive::layout::{self, KeyInfo};
+use crate::aws::{self, error_text};
 use crate::config::{ArchiveFormat, Compression, S3SourceConfig, SchemaConfig};
 use crate::decode::Decoder;
 use crate::flow::BoxFuture;
@@ -202,7 +202,7 @@ pub async fn list_objects(
                 "listing s3://{}/{}: {}",
                 config.bucket,
                 config.prefix,
-                client::error_text(&e)
+                error_text(&e)
             )
         })?;
         for o in page.contents() {
@@ -257,7 +257,7 @@ impl S3Source {
     /// when stopped by a shutdown.
     async fn read_all(&self, ctx: &SourceContext) -> anyhow::Result<bool> {
         let c = &self.config;
-        let client = client::client(&c.client()).await?;
+        let client = aws::s3::client(&c.client()).await?;
         let objects = list_objects(&client, c, self.from, self.to).await?;
         let total_bytes: u64 = objects.iter().map(|o| o.size).sum();
         self.progress
@@ -477,7 +477,7 @@ async fn read_object(
                         .await;
                     return Ok(());
                 }
-                anyhow::bail!("GetObject: {}", client::error_text(&e));
+                anyhow::bail!("GetObject: {}", error_text(&e));
             }
         };
         let (chunk_tx, chunk_rx) = mpsc::channel::<Result<Bytes, String>>(8);

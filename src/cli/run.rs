@@ -1,0 +1,86 @@
+//! `shardflow run`: runs the pipeline of a config until its input ends or
+//! SIGINT/SIGTERM, then drains, commits a final checkpoint and exits 0;
+//! serves Prometheus metrics and health on `--metrics-addr` meanwhile.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use shardflow::config::Config;
+use shardflow::flow::Stats;
+use shardflow::pipeline::{self, RunOptions};
+use shardflow::sink::stdout::StdoutClosed;
+use shardflow::telemetry;
+
+use super::LOG_TARGET;
+
+/// Run the pipeline until the input ends or SIGINT/SIGTERM; then drain
+/// in-flight work, commit a final checkpoint and exit 0.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The TOML config file.
+    #[arg(short, long, env = "SHARDFLOW_CONFIG")]
+    config: PathBuf,
+    /// Where to serve Prometheus /metrics, /healthz and /readyz ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:9898", env = "SHARDFLOW_METRICS_ADDR")]
+    metrics_addr: String,
+    /// Discard state written by an incompatible config instead of refusing to start.
+    #[arg(long)]
+    reset_state: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Exit 0 when the run ended (or stdout was closed under it), 1 when it
+/// failed, 2 when the config is invalid.
+pub fn main(args: RunArgs) -> ExitCode {
+    let config = match super::load_config(&args.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match super::runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let options = RunOptions {
+        reset_state: args.reset_state,
+        progress: !args.quiet,
+        ..RunOptions::default()
+    };
+    match runtime.block_on(run(config, options, args.metrics_addr)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(target: LOG_TARGET, "{e:#}");
+            super::failed(format_args!("{e:#}"))
+        }
+    }
+}
+
+async fn run(config: Config, options: RunOptions, metrics_addr: String) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    if metrics_addr != "off" {
+        let addr: SocketAddr = metrics_addr
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--metrics-addr {metrics_addr:?}: {e}"))?;
+        let handle = telemetry::install_metrics()?;
+        let bound = telemetry::serve(addr, handle, stats.clone()).await?;
+        tracing::info!(target: LOG_TARGET, %bound, "metrics on http://{bound}/metrics");
+    }
+    let shutdown = super::stop_on_signal(
+        "shutdown requested: draining and committing a final checkpoint (signal again to exit at once)",
+        Some("second signal: exiting without a final checkpoint"),
+    );
+    let summary = pipeline::run(config, options, shutdown, stats).await?;
+    tracing::info!(
+        target: LOG_TARGET,
+        records_in = summary.records_in,
+        dead_letters = summary.dead_letters,
+        checkpoints = summary.checkpoints,
+        last_checkpoint = summary.last_checkpoint,
+        "stopped"
+    );
+    Ok(())
+}
