@@ -27,6 +27,35 @@ fn read_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The complete lines of an NDJSON file a running process is still writing:
+/// a last line without its newline is not there yet.
+fn read_written_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read(path).unwrap_or_default();
+    let complete = text
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(&[][..], |i| &text[..=i]);
+    String::from_utf8_lossy(complete)
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()))
+        })
+        .collect()
+}
+
+/// The value of a counter or gauge in a Prometheus text page (summed over
+/// its labels), 0 when it is not there.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 #[test]
 fn check_accepts_every_shipped_config() {
     let mut n = 0;
@@ -126,6 +155,33 @@ fn run_to_end(config: &Path) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A `shardflow run` child, killed if the test fails before it exits: a
+/// followed file or an endless generator would otherwise keep it running,
+/// holding the test harness's output open.
+struct Running(std::process::Child);
+
+impl std::ops::Deref for Running {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Sends SIGTERM and waits; the process must exit within 10 s.
@@ -292,18 +348,20 @@ kinds = ["prediction"]
     std::fs::write(&config_path, config).unwrap();
 
     let run_once = |expect_resume: bool| -> Vec<serde_json::Value> {
-        let mut child = bin()
-            .args([
-                "run",
-                "--quiet",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--config",
-            ])
-            .arg(&config_path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Running(
+            bin()
+                .args([
+                    "run",
+                    "--quiet",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                    "--config",
+                ])
+                .arg(&config_path)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let stderr = child.stderr.take().unwrap();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let log = std::thread::spawn(move || {
@@ -320,13 +378,29 @@ kinds = ["prediction"]
         let addr = addr_rx
             .recv_timeout(Duration::from_secs(20))
             .expect("the metrics address is logged");
-        // Let it produce and checkpoint for a while.
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Let it produce and checkpoint: 2,000 predictions written and a
+        // checkpoint committed (as /metrics counts it) before the SIGTERM.
         let predictions = dir.path().join("predictions.ndjson");
-        while Instant::now() < deadline && read_lines(&predictions).len() < 2_000 {
+        let started = Instant::now();
+        let mut polls = 0;
+        loop {
+            let written = read_written_lines(&predictions).len();
+            let committed = metric(
+                &http_get(&addr, "/metrics").1,
+                "shardflow_checkpoints_total",
+            );
+            if written >= 2_000 && committed >= 1.0 {
+                break;
+            }
+            polls += 1;
+            assert!(
+                polls < 600 && started.elapsed() < Duration::from_secs(60),
+                "within {:?}: {written} of 2000 predictions written, {committed} checkpoints committed",
+                started.elapsed()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let before = read_lines(&predictions).len();
+        let before = read_written_lines(&predictions).len();
         let (status, body) = http_get(&addr, "/metrics");
         assert_eq!(status, 200);
         for name in [
@@ -492,66 +566,108 @@ kinds = ["window", "late"]
 fn followed_file_is_tailed_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.ndjson");
-    let line = |i: i64| {
+    // A second followed file: the source reads its files round-robin, so its
+    // lines coming out show that the first file has been read again.
+    let other = dir.path().join("other.ndjson");
+    let line = |key: &str, i: i64| {
         format!(
-            "{{\"userId\":\"u{i}\",\"timestamp\":{},\"amount\":1}}\n",
+            "{{\"userId\":\"{key}\",\"timestamp\":{},\"amount\":1}}\n",
             1_700_000_000_000 + i
         )
     };
-    std::fs::write(&input, line(1)).unwrap();
+    std::fs::write(&input, line("u1", 1)).unwrap();
+    std::fs::write(&other, "").unwrap();
     let config = file_config(dir.path(), &input, "");
     let text = std::fs::read_to_string(&config).unwrap().replacen(
-        "type = \"file\"\npath",
-        "type = \"file\"\nfollow = true\npoll_interval = \"50ms\"\npath",
+        &format!("type = \"file\"\npath = \"{}\"", input.display()),
+        &format!(
+            "type = \"file\"\nfollow = true\npoll_interval = \"50ms\"\npaths = [\"{}\", \"{}\"]",
+            input.display(),
+            other.display()
+        ),
         1,
     );
+    assert!(text.contains("paths = ["), "{text}");
     std::fs::write(&config, text).unwrap();
-    let mut child = bin()
-        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        bin()
+            .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let features = dir.path().join("features.ndjson");
-    let wait_for = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while read_lines(&features).len() < n {
+    // Feature records of one file, in output order.
+    let of = |file: &Path| {
+        let prefix = format!("{}/", file.display());
+        read_written_lines(&features)
+            .into_iter()
+            .filter(|f| f["id"].as_str().unwrap().starts_with(&prefix))
+            .collect::<Vec<_>>()
+    };
+    let wait_for = |child: &mut std::process::Child, file: &Path, n: usize| {
+        let started = Instant::now();
+        let mut polls = 0;
+        loop {
+            let have = of(file).len();
+            if have >= n {
+                return;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "shardflow exited ({status}) with {have} of {n} lines of {}",
+                    file.display()
+                );
+            }
+            polls += 1;
             assert!(
-                Instant::now() < deadline,
-                "only {} of {n} lines arrived",
-                read_lines(&features).len()
+                polls < 400 && started.elapsed() < Duration::from_secs(20),
+                "only {have} of {n} lines of {} arrived within {:?}",
+                file.display(),
+                started.elapsed()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    wait_for(1);
+    wait_for(&mut child, &input, 1);
     // Append two lines, the second in two writes (a partial line must wait for its newline).
     use std::io::Write as _;
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&input)
-        .unwrap();
-    f.write_all(line(2).as_bytes()).unwrap();
-    let third = line(3);
+    let append = |path: &Path| std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    let mut f = append(&input);
+    f.write_all(line("u2", 2).as_bytes()).unwrap();
+    let third = line("u3", 3);
     f.write_all(&third.as_bytes()[..10]).unwrap();
     f.flush().unwrap();
-    wait_for(2);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        read_lines(&features).len(),
-        2,
-        "a partial line was read early"
-    );
+    wait_for(&mut child, &input, 2);
+    // Proof that the partial line was read and held back, not just not read
+    // yet. Each pass of the source reads the first file, then the other, and
+    // sends their records in that order. A line written to the other file now
+    // comes out of a pass that may have read the first file before the
+    // partial write; a second one, written once the first came out, of a
+    // later pass, whose read of the first file saw the partial line: had that
+    // read produced a record, it would have come out before this line.
+    let mut g = append(&other);
+    for (n, i) in [(1, 10), (2, 11)] {
+        g.write_all(line("o", i).as_bytes()).unwrap();
+        g.flush().unwrap();
+        wait_for(&mut child, &other, n);
+    }
+    assert_eq!(of(&input).len(), 2, "a partial line was read early");
     f.write_all(&third.as_bytes()[10..]).unwrap();
     f.flush().unwrap();
-    wait_for(3);
+    wait_for(&mut child, &input, 3);
     let status = terminate(&mut child);
     assert!(status.success());
-    let keys: Vec<String> = read_lines(&features)
+    let keys: Vec<String> = of(&input)
         .iter()
         .map(|f| f["key"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(keys, ["u1", "u2", "u3"]);
+    assert_eq!(of(&other).len(), 2);
+    assert_eq!(read_lines(&features).len(), 5);
+    let dead = read_lines(&dir.path().join("dead.ndjson"));
+    assert!(dead.is_empty(), "the partial line was cut off: {dead:?}");
 }
 
 /// `shardflow run | head -1`: the reader goes away, shardflow stops on its
@@ -590,13 +706,15 @@ kinds = ["features"]
         ),
     )
     .unwrap();
-    let mut child = bin()
-        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        bin()
+            .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)

@@ -14,6 +14,38 @@ use inference_support::*;
 use shardflow::config::Config;
 use shardflow::pipeline::{self, RunOptions, Stats};
 
+/// Polls `state` every 10 ms until `done` says it is reached, at most
+/// `limit` long; `state` panics itself when it sees something that must never
+/// happen. Fails naming `what` and the last state.
+async fn wait_until<T: std::fmt::Debug>(
+    what: &str,
+    limit: Duration,
+    mut state: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    const EVERY: Duration = Duration::from_millis(10);
+    let polls = limit.as_millis() / EVERY.as_millis();
+    let started = Instant::now();
+    let mut last = state();
+    for _ in 0..polls {
+        if done(&last) {
+            return last;
+        }
+        if started.elapsed() > limit {
+            break;
+        }
+        tokio::time::sleep(EVERY).await;
+        last = state();
+    }
+    if done(&last) {
+        return last;
+    }
+    panic!(
+        "not reached within {limit:?} ({:?} waited): {what}; last state: {last:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_stops_the_source_and_the_run_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -29,13 +61,18 @@ async fn a_stalled_server_stops_the_source_and_the_run_recovers() {
     server.stall(true);
     let out = dir.path().join("out.ndjson");
     let count = 30_000u64;
+    let (channel_capacity, batch_size, max_batch, max_in_flight) = (4u64, 256u64, 64u64, 4u64);
+    // One input batch fills every in-flight slot at once.
+    assert_eq!(batch_size, max_in_flight * max_batch);
+    // No checkpoint barrier before the end of the input (1 h): every channel
+    // slot holds a batch, so the stalled pipeline's fill is exact.
     let text = format!(
         r#"
 [pipeline]
 state_dir = "{state}"
-checkpoint_interval = "200ms"
-channel_capacity = 4
-batch_size = 256
+checkpoint_interval = "1h"
+channel_capacity = {channel_capacity}
+batch_size = {batch_size}
 
 [source]
 type = "generator"
@@ -63,7 +100,9 @@ kinds = ["prediction", "late", "dead_letter"]
         out = out.display(),
         inference = sagemaker(
             &server.url,
-            "max_batch = 64\nmax_in_flight = 4\nrequest_timeout = \"30s\""
+            &format!(
+                "max_batch = {max_batch}\nmax_in_flight = {max_in_flight}\nrequest_timeout = \"30s\""
+            )
         ),
     );
     let config = Config::from_str_at(&text, Path::new("test.toml"), |_| None).unwrap();
@@ -73,29 +112,53 @@ kinds = ["prediction", "late", "dead_letter"]
         aws: Some(sdk()),
         ..RunOptions::default()
     };
+    let started = Instant::now();
     let run = tokio::spawn(pipeline::run(config, options, stop_rx, stats.clone()));
 
-    // Stalled: input is read until the channels are full, then not at all.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let read_stalled = stats.records_in.load(Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let read_later = stats.records_in.load(Ordering::SeqCst);
-    assert_eq!(
-        read_stalled, read_later,
-        "the source kept reading while the model was stalled"
-    );
-    // Bounded: 3 channels of 4 batches of 256, plus what each stage holds and
-    // 4 batches of 64 in flight; far from the 30,000 available.
-    assert!(
-        read_stalled <= 8_000,
-        "{read_stalled} records read while stalled"
-    );
-    assert!(read_stalled > 0);
-    assert!(
-        server.requests() <= 4,
-        "{} requests: more than max_in_flight",
-        server.requests()
-    );
+    // Stalled: the batcher sends the first input batch as `max_in_flight`
+    // requests of `max_batch` records, which the server holds, and takes no
+    // more input. Every record counted in (by the decode stage) is then held
+    // on the way there: in that batch, the channel before the batcher
+    // (`channel_capacity` batches), the enrich stage (one batch it cannot
+    // send), the channel before it, and the decode stage (one batch it cannot
+    // send): `2 · channel_capacity + 3` batches. Counted in up to exactly that
+    // with `max_in_flight` requests held, every one of those places is full
+    // and the decode stage is blocked: it reads nothing more from the source.
+    // One record more would be past the bound, which every poll checks.
+    let full = batch_size * (2 * channel_capacity + 3);
+    let state = || {
+        let read = stats.records_in.load(Ordering::SeqCst);
+        let held = server.active();
+        assert!(
+            read <= full,
+            "the source kept reading while the model was stalled: {read} records counted in, \
+             at most {full} fit before the batcher"
+        );
+        assert!(
+            server.requests() <= max_in_flight && held <= max_in_flight,
+            "{} requests ({held} held): more than max_in_flight = {max_in_flight}",
+            server.requests()
+        );
+        (read, held)
+    };
+    let blocked = |&(read, held): &(u64, u64)| read == full && held == max_in_flight;
+    let (read_stalled, _) = wait_until(
+        &format!(
+            "the pipeline filled up to {full} records with {max_in_flight} requests held \
+             (records counted in, requests held)"
+        ),
+        Duration::from_secs(60),
+        state,
+        blocked,
+    )
+    .await;
+    let blocked_after = started.elapsed();
+    // Still exactly there, with nothing answered and the run alive: this is
+    // the backpressure bound, not a moment on the way past it.
+    assert!(blocked(&state()), "{:?}", state());
+    assert_eq!(server.requests(), max_in_flight, "nothing was retried");
+    assert!(!run.is_finished(), "the run ended while the server stalled");
+    assert!(read_stalled < count);
 
     // Recovery: everything flows and the run ends.
     let resumed = Instant::now();
@@ -126,7 +189,7 @@ kinds = ["prediction", "late", "dead_letter"]
     );
     assert_eq!(others, 0);
     eprintln!(
-        "stalled at {read_stalled} records read; after recovery {count} records in {took:?} ({:.0}/s)",
+        "stalled at {read_stalled} records read (blocked after {blocked_after:?}); after recovery {count} records in {took:?} ({:.0}/s)",
         (count - read_stalled) as f64 / took.as_secs_f64()
     );
 }
@@ -141,35 +204,72 @@ async fn batches_in_flight_overlap_and_leave_in_order() {
         "",
         default_sinks(),
     );
-    let server = FaultServer::start(&embedded).await;
-    server.delay(Duration::from_millis(100));
-    let elapsed = |in_flight: usize| {
-        let c = config(
+    let c = |url: &str, in_flight: u64| {
+        config(
             &sagemaker(
-                &server.url,
+                url,
                 &format!("max_batch = 10\nmax_wait = \"1ms\"\nmax_in_flight = {in_flight}"),
             ),
             "",
             default_sinks(),
-        );
-        async move {
-            let started = Instant::now();
-            let out = run_batcher(scorer(&c), &c, records(80, 80), 80).await;
-            let (p, _) = split(&out);
-            let ids: Vec<usize> = p
-                .iter()
-                .map(|p| p.features.id[2..].parse().unwrap())
-                .collect();
-            assert_eq!(ids, (0..80).collect::<Vec<_>>());
-            started.elapsed()
-        }
+        )
     };
-    // 8 batches of 100 ms: ≥ 800 ms one at a time, about 200 ms four at a time.
-    let serial = elapsed(1).await;
-    let parallel = elapsed(4).await;
-    assert!(serial >= Duration::from_millis(800), "{serial:?}");
-    assert!(
-        parallel < serial / 2,
-        "in flight {parallel:?} vs serial {serial:?}"
+    let in_order = |out: &[shardflow::record::Output]| {
+        let (p, _) = split(out);
+        let ids: Vec<usize> = p
+            .iter()
+            .map(|p| p.features.id[2..].parse().unwrap())
+            .collect();
+        assert_eq!(ids, (0..80).collect::<Vec<_>>());
+    };
+
+    // One at a time: 8 batches of 100 ms, never two at the server at once.
+    let server = FaultServer::start(&embedded).await;
+    server.delay(Duration::from_millis(100));
+    let serial = c(&server.url, 1);
+    let started = Instant::now();
+    in_order(&run_batcher(scorer(&serial), &serial, records(80, 80), 80).await);
+    let took = started.elapsed();
+    assert_eq!(server.requests(), 8);
+    assert_eq!(
+        server.max_active(),
+        1,
+        "max_in_flight = 1 overlapped requests"
+    );
+    assert!(took >= Duration::from_millis(800), "{took:?}");
+
+    // Four at a time: with the server answering nothing, four requests
+    // arrive together and no fifth; once it answers, all 8 batches leave in
+    // input order.
+    let server = FaultServer::start(&embedded).await;
+    server.stall(true);
+    let parallel = c(&server.url, 4);
+    let run = tokio::spawn({
+        let parallel = parallel.clone();
+        async move { run_batcher(scorer(&parallel), &parallel, records(80, 80), 80).await }
+    });
+    let held = wait_until(
+        "4 requests held at once by the stalled server (held, requests)",
+        Duration::from_secs(30),
+        || {
+            let seen = (server.active(), server.requests());
+            assert!(seen.1 <= 4, "{seen:?}: more than max_in_flight = 4");
+            seen
+        },
+        |&(held, _)| held == 4,
+    )
+    .await;
+    assert_eq!(held, (4, 4));
+    server.stall(false);
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the batcher finishes once the server answers")
+        .unwrap();
+    in_order(&out);
+    assert_eq!(server.requests(), 8);
+    assert_eq!(
+        server.max_active(),
+        4,
+        "more than max_in_flight = 4 at once"
     );
 }
