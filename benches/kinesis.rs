@@ -322,7 +322,7 @@ async fn put_batch(
     first: u64,
     count: u64,
 ) -> Vec<(String, Instant)> {
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now_ms = shardflow::time::now_millis();
     let entries: Vec<_> = (first..first + count)
         .map(|n| {
             let key = n % 1000;

@@ -12,7 +12,8 @@ use serde::{Deserialize, Deserializer};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::record::{KindSet, Millis, OutputKind};
+use crate::record::{KindSet, OutputKind};
+use crate::time::{Duration, Millis, TomlTime};
 
 /// A configuration error, located in its file where possible.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,93 +36,6 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-/// A length of time written as `"250ms"`, `"5s"`, `"1m"`, `"1h"` or `"1d"`
-/// (a bare integer is milliseconds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Duration(Millis);
-
-impl Duration {
-    pub const fn from_millis(ms: Millis) -> Self {
-        Duration(ms)
-    }
-    pub const fn millis(self) -> Millis {
-        self.0
-    }
-    pub fn std(self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.0.max(0) as u64)
-    }
-
-    /// Parses `"<integer><unit>"`, unit one of ms, s, m, h, d.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (digits, unit) = text.split_at(split);
-        let bad = || {
-            format!(
-                "invalid duration {text:?}: expected a whole number and a unit, one of ms, s, m, h, d (e.g. \"250ms\", \"5s\", \"1h\")"
-            )
-        };
-        if digits.is_empty() {
-            return Err(bad());
-        }
-        let n: i64 = digits.parse().map_err(|_| bad())?;
-        let scale = match unit.trim() {
-            // Zero needs no unit: `"0"` reads as what it says.
-            "" if n == 0 => 1,
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            _ => return Err(bad()),
-        };
-        n.checked_mul(scale)
-            .map(Duration)
-            .ok_or_else(|| format!("duration {text:?} is too large"))
-    }
-}
-
-impl fmt::Display for Duration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0;
-        for (unit, scale) in [
-            ("d", 86_400_000),
-            ("h", 3_600_000),
-            ("m", 60_000),
-            ("s", 1_000),
-        ] {
-            if ms != 0 && ms % scale == 0 {
-                return write!(f, "{}{unit}", ms / scale);
-            }
-        }
-        write!(f, "{ms}ms")
-    }
-}
-
-impl<'de> Deserialize<'de> for Duration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Millis(i64),
-        }
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom(
-                "expected a duration such as \"250ms\", \"5s\", \"1m\", \"1h\" or a number of milliseconds",
-            )
-        })? {
-            Raw::Text(t) => Duration::parse(&t).map_err(serde::de::Error::custom),
-            Raw::Millis(ms) if ms >= 0 => Ok(Duration(ms)),
-            Raw::Millis(ms) => Err(serde::de::Error::custom(format!(
-                "duration must not be negative, got {ms}"
-            ))),
-        }
-    }
-}
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -183,10 +97,10 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             state_dir: PathBuf::from("./state"),
-            checkpoint_interval: Duration(5_000),
+            checkpoint_interval: Duration::from_millis(5_000),
             channel_capacity: 16,
             batch_size: 256,
-            progress_interval: Duration(5_000),
+            progress_interval: Duration::from_millis(5_000),
             state_cache_entries: 1_000_000,
         }
     }
@@ -345,7 +259,7 @@ pub struct S3ClientConfig {
 }
 
 fn default_prune_slack() -> Duration {
-    Duration(3_600_000)
+    Duration::from_millis(3_600_000)
 }
 fn default_s3_concurrency() -> usize {
     8
@@ -416,11 +330,17 @@ impl S3SourceConfig {
     }
 
     pub fn from_millis(&self) -> Result<Option<Millis>, String> {
-        self.from.as_ref().map(time_value_millis).transpose()
+        self.from
+            .as_ref()
+            .map(|v| crate::time::toml_millis(v, TomlTime::Bound))
+            .transpose()
     }
 
     pub fn to_millis(&self) -> Result<Option<Millis>, String> {
-        self.to.as_ref().map(time_value_millis).transpose()
+        self.to
+            .as_ref()
+            .map(|v| crate::time::toml_millis(v, TomlTime::Bound))
+            .transpose()
     }
 }
 
@@ -465,7 +385,7 @@ fn default_s3_max_bytes() -> u64 {
     128 << 20
 }
 fn default_s3_max_age() -> Duration {
-    Duration(300_000)
+    Duration::from_millis(300_000)
 }
 fn default_s3_part_bytes() -> u64 {
     8 << 20
@@ -517,31 +437,6 @@ impl S3SinkConfig {
             max_attempts: self.max_attempts,
         }
     }
-}
-
-/// An RFC 3339 time or epoch milliseconds from TOML.
-pub fn time_value_millis(value: &toml::Value) -> Result<Millis, String> {
-    match value {
-        toml::Value::Integer(ms) => Ok(*ms),
-        toml::Value::String(s) => parse_time(s),
-        toml::Value::Datetime(d) => chrono::DateTime::parse_from_rfc3339(&d.to_string())
-            .map(|t| t.timestamp_millis())
-            .map_err(|e| format!("time {d} needs a date, a time and an offset: {e}")),
-        other => Err(format!(
-            "a time must be an RFC 3339 string or epoch milliseconds, got {other}"
-        )),
-    }
-}
-
-/// `2024-05-01T10:00:00Z` or epoch milliseconds, as written on the command line.
-pub fn parse_time(text: &str) -> Result<Millis, String> {
-    let text = text.trim();
-    if let Ok(ms) = text.parse::<i64>() {
-        return Ok(ms);
-    }
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|t| t.timestamp_millis())
-        .map_err(|e| format!("time {text:?} is neither RFC 3339 nor epoch milliseconds: {e}"))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -668,10 +563,10 @@ fn default_consumer_name() -> String {
     "shardflow".into()
 }
 fn default_stall_timeout() -> Duration {
-    Duration(30_000)
+    Duration::from_millis(30_000)
 }
 fn default_shard_refresh_interval() -> Duration {
-    Duration(30_000)
+    Duration::from_millis(30_000)
 }
 fn default_shard_buffer() -> usize {
     4
@@ -680,19 +575,10 @@ fn default_shard_buffer() -> usize {
 impl KinesisSourceConfig {
     /// `timestamp` as epoch milliseconds (validated at load).
     pub fn timestamp_millis(&self) -> Result<Option<Millis>, String> {
-        match &self.timestamp {
-            None => Ok(None),
-            Some(toml::Value::Integer(ms)) => Ok(Some(*ms)),
-            Some(toml::Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
-                .map(|t| Some(t.timestamp_millis()))
-                .map_err(|e| format!("timestamp {s:?} is not RFC 3339: {e}")),
-            Some(toml::Value::Datetime(d)) => chrono::DateTime::parse_from_rfc3339(&d.to_string())
-                .map(|t| Some(t.timestamp_millis()))
-                .map_err(|e| format!("timestamp {d} needs a date, a time and an offset: {e}")),
-            Some(other) => Err(format!(
-                "timestamp must be an RFC 3339 string or epoch milliseconds, got {other}"
-            )),
-        }
+        self.timestamp
+            .as_ref()
+            .map(|v| crate::time::toml_millis(v, TomlTime::KinesisTimestamp))
+            .transpose()
     }
 }
 
@@ -716,7 +602,7 @@ fn default_max_attempts() -> u32 {
 }
 
 fn default_poll_interval() -> Duration {
-    Duration(200)
+    Duration::from_millis(200)
 }
 
 impl FileSourceConfig {
@@ -757,7 +643,7 @@ impl Default for GeneratorConfig {
             rate: 1_000.0,
             keys: 1_000,
             skew: 1.0,
-            out_of_orderness: Duration(2_000),
+            out_of_orderness: Duration::from_millis(2_000),
             partitions: 2,
             count: None,
             start_time: None,
@@ -881,9 +767,9 @@ pub struct WatermarkConfig {
 impl Default for WatermarkConfig {
     fn default() -> Self {
         WatermarkConfig {
-            max_out_of_orderness: Duration(5_000),
-            idle_timeout: Duration(30_000),
-            allowed_lateness: Duration(0),
+            max_out_of_orderness: Duration::from_millis(5_000),
+            idle_timeout: Duration::from_millis(30_000),
+            allowed_lateness: Duration::from_millis(0),
         }
     }
 }
@@ -1126,7 +1012,7 @@ impl Default for InferenceConfig {
             backend: Backend::None,
             model: None,
             max_batch: 32,
-            max_wait: Duration(5),
+            max_wait: Duration::from_millis(5),
             max_in_flight: 4,
             endpoint_name: None,
             target_variant: None,
@@ -1135,13 +1021,13 @@ impl Default for InferenceConfig {
             content_type: ContentType::Json,
             json_key: JsonKey::Instances,
             csv_output_columns: vec!["score".into()],
-            request_timeout: Duration(5_000),
+            request_timeout: Duration::from_millis(5_000),
             max_retries: 3,
-            retry_base: Duration(1_000),
+            retry_base: Duration::from_millis(1_000),
             breaker_error_rate: 0.5,
-            breaker_window: Duration(60_000),
+            breaker_window: Duration::from_millis(60_000),
             breaker_min_requests: 20,
-            breaker_cooldown: Duration(30_000),
+            breaker_cooldown: Duration::from_millis(30_000),
             fallback: FallbackKind::DeadLetter,
             fallback_score: None,
             fallback_model: None,
@@ -2049,19 +1935,6 @@ kinds = ["features", "window"]
         Config::from_str_at(text, Path::new("test.toml"), |n| {
             (n == "SET").then(|| "yes".into())
         })
-    }
-
-    #[test]
-    fn durations_parse_and_print() {
-        assert_eq!(Duration::parse("250ms").unwrap().millis(), 250);
-        assert_eq!(Duration::parse("5s").unwrap().millis(), 5_000);
-        assert_eq!(Duration::parse("1h").unwrap().millis(), 3_600_000);
-        assert!(Duration::parse("5").is_err());
-        assert_eq!(Duration::parse("0").unwrap().millis(), 0);
-        assert!(Duration::parse("s").is_err());
-        assert!(Duration::parse("1.5s").is_err());
-        assert_eq!(Duration(90_000).to_string(), "90s");
-        assert_eq!(Duration(60_000).to_string(), "1m");
     }
 
     #[test]

@@ -14,7 +14,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use smallvec::SmallVec;
 
 use crate::config::{FieldSpec, FieldType, SchemaConfig};
-use crate::record::{DeadLetter, Event, FieldValue, Millis, Position, RawRecord};
+use crate::record::{DeadLetter, Event, FieldValue, Position, RawRecord};
+use crate::time::Millis;
 
 /// A compiled `[schema]`.
 #[derive(Debug, Clone)]
@@ -166,18 +167,15 @@ impl Decoder {
                 .map_err(|_| format!("field {name}: timestamp {n} is out of range"))?,
             Scalar::F64(f) => {
                 if !f.is_finite() || f.abs() > 9.2e18 {
-                    return Err(format!("field {name}: timestamp {f} is not a finite number of milliseconds"));
+                    return Err(format!(
+                        "field {name}: timestamp {f} is not a finite number of milliseconds"
+                    ));
                 }
                 f.floor() as i64
             }
-            Scalar::Str(text) => match text.trim().parse::<i64>() {
-                Ok(n) => n,
-                Err(_) => chrono::DateTime::parse_from_rfc3339(text.trim())
-                    .map(|dt| dt.timestamp_millis())
-                    .map_err(|e| {
-                        format!("field {name}: {text:?} is neither RFC 3339 nor epoch milliseconds ({e})")
-                    })?,
-            },
+            Scalar::Str(text) => crate::time::parse_epoch_or_rfc3339(&text).map_err(|e| {
+                format!("field {name}: {text:?} is neither RFC 3339 nor epoch milliseconds ({e})")
+            })?,
             other => {
                 return Err(format!(
                     "field {name} must be an RFC 3339 string or epoch milliseconds, got {}",

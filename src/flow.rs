@@ -53,8 +53,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::record::{DeadLetter, Event, Millis, OutputKind, PartitionStatus, Position};
+use crate::record::{DeadLetter, Event, OutputKind, PartitionStatus, Position};
 use crate::state::StateDelta;
+use crate::time::Millis;
 
 /// A boxed, sendable future: what the methods of the stages' traits
 /// (sources, models, sinks) return.

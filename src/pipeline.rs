@@ -32,12 +32,13 @@ use crate::flow::{Barrier, Decoded, Message};
 // `shardflow::flow::Stats`.
 pub use crate::flow::Stats;
 use crate::inference;
-use crate::record::{KindSet, Millis, Output, OutputKind, Position, RawOutput};
+use crate::record::{KindSet, Output, OutputKind, Position, RawOutput};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, DecodedRecord, SourceContext, SourceMessage};
 use crate::state::{StateDelta, StateStore};
 use crate::telemetry::StageClock;
+use crate::time::{now_millis, Millis};
 
 /// Options a run takes besides the config.
 #[derive(Debug, Clone, Default)]
@@ -68,13 +69,13 @@ pub struct RunSummary {
     pub last_checkpoint: u64,
 }
 
-/// Runs the pipeline until the input ends or `shutdown` becomes true, then
-/// drains, commits a final checkpoint and returns.
 /// A stage's downstream neighbour is gone: it failed (and says why itself).
 #[derive(Debug, thiserror::Error)]
 #[error("{0} stopped early")]
 struct DownstreamGone(&'static str);
 
+/// Runs the pipeline until the input ends or `shutdown` becomes true, then
+/// drains, commits a final checkpoint and returns.
 pub async fn run(
     config: Config,
     options: RunOptions,
@@ -550,7 +551,7 @@ struct ProcessingClock {
 
 impl ProcessingClock {
     fn now(&self) -> Millis {
-        source::now_millis() - self.stalled.as_millis() as Millis
+        now_millis() - self.stalled.as_millis() as Millis
     }
 
     /// Sends `message` downstream, counting the wait as stalled time.

@@ -13,8 +13,7 @@ use bytes::Bytes;
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
-/// Epoch milliseconds, the only unit of time inside shardflow.
-pub type Millis = i64;
+use crate::time::Millis;
 
 /// Where a record came from: its partition (shard, file, archive group) and
 /// its place in that partition.

@@ -1,22 +1,15 @@
-//! Logs, metrics and health endpoints.
+//! Logs and metrics.
 //!
 //! Logs go to stderr (human-readable, or JSON with `--log-format json`) so
 //! that stdout stays pure NDJSON for the stdout sink. Metrics are kept by the
-//! `metrics` facade and served in Prometheus text format on `/metrics`, next
-//! to `/healthz` (the process is up) and `/readyz` (the pipeline is running).
+//! `metrics` facade in the Prometheus recorder installed here;
+//! `crate::serve::telemetry` serves it on `/metrics`, next to `/healthz` and
+//! `/readyz`.
 
 use std::io::IsTerminal as _;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
-
-use crate::flow::Stats;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum LogFormat {
@@ -74,47 +67,15 @@ impl StageClock {
     }
 
     /// A batch whose oldest record arrived at `arrival` (epoch ms) leaves now.
-    pub fn left(&self, arrival: Option<crate::record::Millis>) {
+    pub fn left(&self, arrival: Option<crate::time::Millis>) {
         if let Some(arrival) = arrival {
-            self.since(arrival, crate::source::now_millis());
+            self.since(arrival, crate::time::now_millis());
         }
     }
 
     /// Something that began at `from` ended at `to` (epoch ms).
-    pub fn since(&self, from: crate::record::Millis, to: crate::record::Millis) {
+    pub fn since(&self, from: crate::time::Millis, to: crate::time::Millis) {
         self.0
             .record(to.saturating_sub(from).max(0) as f64 / 1000.0);
     }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
-pub async fn serve(
-    addr: SocketAddr,
-    handle: PrometheusHandle,
-    stats: Arc<Stats>,
-) -> anyhow::Result<SocketAddr> {
-    let app = Router::new()
-        .route("/metrics", get(move || std::future::ready(handle.render())))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = stats.ready.load(Ordering::Relaxed);
-                std::future::ready(if ready {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                })
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok(bound)
 }

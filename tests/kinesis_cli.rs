@@ -79,7 +79,7 @@ async fn wait_predictions(dir: &Path, n: usize, child: &mut Child) {
 }
 
 fn events(range: std::ops::Range<u64>) -> Vec<(String, Vec<u8>)> {
-    let now = chrono::Utc::now().timestamp_millis() as u64;
+    let now = shardflow::time::now_millis() as u64;
     range
         .map(|i| {
             let key = format!("user{}", i % 17);

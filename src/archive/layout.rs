@@ -12,22 +12,14 @@
 //! re-uploads overwrite instead of duplicating. Sorting these names sorts
 //! objects in the order the pipeline wrote them, whatever their hour.
 
-use chrono::{DateTime, Datelike as _, Timelike as _, Utc};
-
-use crate::record::Millis;
+use crate::time::Millis;
 
 const HOUR: Millis = 3_600_000;
 
 /// `YYYY/MM/DD/HH/` of a time (UTC).
 pub fn hour_path(t: Millis) -> String {
-    let dt = DateTime::<Utc>::from_timestamp_millis(t).unwrap_or_default();
-    format!(
-        "{:04}/{:02}/{:02}/{:02}/",
-        dt.year(),
-        dt.month(),
-        dt.day(),
-        dt.hour()
-    )
+    let (year, month, day, hour) = crate::time::utc_date_hour(t);
+    format!("{year:04}/{month:02}/{day:02}/{hour:02}/")
 }
 
 /// The file name of one of shardflow's archive objects.
@@ -73,9 +65,7 @@ fn parse_hour(y: &str, m: &str, d: &str, h: &str) -> Option<Millis> {
         return None;
     }
     let text = format!("{y}-{m}-{d}T{h}:00:00Z");
-    DateTime::parse_from_rfc3339(&text)
-        .ok()
-        .map(|t| t.timestamp_millis())
+    crate::time::parse_rfc3339(&text).ok()
 }
 
 fn parse_name(name: &str) -> Option<Written> {

@@ -20,10 +20,10 @@ pub struct ReplayArgs {
     config: PathBuf,
     /// Only events at or after this time (RFC 3339 or epoch ms); objects
     /// filed in hours well before it are not read.
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = shardflow::time::parse_time)]
     from: Option<i64>,
     /// Only events before this time.
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = shardflow::time::parse_time)]
     to: Option<i64>,
     /// Write training rows (each event's features as of that event, plus
     /// [replay] label) to this file: Parquet if it ends in .parquet,
@@ -39,10 +39,6 @@ pub struct ReplayArgs {
     /// No progress on stderr.
     #[arg(long)]
     quiet: bool,
-}
-
-fn parse_time(text: &str) -> Result<i64, String> {
-    shardflow::config::parse_time(text)
 }
 
 /// Exit 0 with the summary once the archive was read, 1 when the replay

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use shardflow::config::Config;
 use shardflow::flow::Stats;
 use shardflow::pipeline::{self, RunOptions};
+use shardflow::serve::{self, Part, Telemetry};
 use shardflow::sink::stdout::StdoutClosed;
 use shardflow::telemetry;
 
@@ -65,9 +66,15 @@ async fn run(config: Config, options: RunOptions, metrics_addr: String) -> anyho
         let addr: SocketAddr = metrics_addr
             .parse()
             .map_err(|e| anyhow::anyhow!("--metrics-addr {metrics_addr:?}: {e}"))?;
-        let handle = telemetry::install_metrics()?;
-        let bound = telemetry::serve(addr, handle, stats.clone()).await?;
-        tracing::info!(target: LOG_TARGET, %bound, "metrics on http://{bound}/metrics");
+        let metrics = telemetry::install_metrics()?;
+        let parts = [(
+            addr,
+            Part::Telemetry(Telemetry::new(metrics, stats.clone())),
+        )];
+        for (addr, site) in serve::by_address(parts) {
+            // Served until the process ends.
+            serve::serve(addr, site).await?;
+        }
     }
     let shutdown = super::stop_on_signal(
         "shutdown requested: draining and committing a final checkpoint (signal again to exit at once)",

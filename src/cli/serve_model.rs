@@ -1,12 +1,13 @@
 //! `shardflow serve-model`: serves the config's embedded model over HTTP
-//! with the SageMaker container contract (see `inference::server`) until
+//! with the SageMaker container contract (see `serve::model`) until
 //! SIGINT/SIGTERM; exit 0.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use shardflow::inference::{self, server};
+use shardflow::inference;
+use shardflow::serve::{self, Container};
 
 use super::LOG_TARGET;
 
@@ -51,9 +52,8 @@ pub fn main(args: ServeModelArgs) -> ExitCode {
         Err(e) => return super::invalid(format_args!("--addr {:?}: {e}", args.addr)),
     };
     let names = inference::feature_names(&config);
-    let describe = inference::Model::describe(&model);
-    let router = match server::router(model, names, &args.variant) {
-        Ok(r) => r,
+    let site = match Container::new(model, names, &args.variant) {
+        Ok(container) => serve::router([container.into()]),
         Err(e) => return super::invalid(format_args!("{e:#}")),
     };
     let runtime = match super::runtime() {
@@ -61,13 +61,10 @@ pub fn main(args: ServeModelArgs) -> ExitCode {
         Err(code) => return code,
     };
     let result = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        let bound = listener.local_addr()?;
-        tracing::info!(target: LOG_TARGET, model = %describe, "serving on http://{bound} (GET /ping, POST /invocations, POST /endpoints/{{name}}/invocations)");
-        eprintln!("listening on http://{bound}");
-        server::serve(listener, router, super::wait_for_signal()).await?;
+        let server = serve::serve(addr, site).await?;
+        eprintln!("listening on http://{}", server.addr());
+        super::wait_for_signal().await;
+        server.stop().await?;
         tracing::info!(target: LOG_TARGET, "stopped");
         anyhow::Ok(())
     });

@@ -16,12 +16,16 @@
 //! continue from the stored revision of every not-yet-purged window.
 
 mod aggregate;
+mod cache;
 mod operator;
 pub mod rules;
+mod snapshot;
+mod timers;
 mod watermark;
 mod window;
 
-pub use operator::{EngineStats, PREFETCH_AHEAD};
+pub use cache::PREFETCH_AHEAD;
+pub use operator::EngineStats;
 pub use watermark::{IdleClock, PartitionMark, PartitionStatus, Watermarks};
 pub use window::Geometry;
 
@@ -30,11 +34,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, DEFAULT_MAX_DISTINCT};
-use crate::record::{
-    Event, FeatureNames, FeatureRecord, FeatureVector, LateRecord, Millis, Output,
-};
+use crate::record::{Event, FeatureNames, FeatureRecord, FeatureVector, LateRecord, Output};
 use crate::state::rocks_meta_key;
 use crate::state::{Cf, StateDelta, StateError, StateStore};
+use crate::time::Millis;
 
 use aggregate::FeatureSlot;
 use operator::{Operator, SpecPlan};
@@ -83,7 +86,7 @@ impl Default for EngineOptions {
             cache_capacity: 1_000_000,
             event_time_only: false,
             window_results: true,
-            inline_record_max: operator::INLINE_RECORD_MAX,
+            inline_record_max: snapshot::INLINE_RECORD_MAX,
             fire_chunk_keys: usize::MAX,
         }
     }

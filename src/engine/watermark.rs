@@ -37,8 +37,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::record::Millis;
 pub use crate::record::PartitionStatus;
+use crate::time::Millis;
 
 /// Where a partition's idle clock stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,9 +9,9 @@
 
 pub mod batcher;
 pub mod embedded;
+pub mod invocations;
 pub mod resilience;
 pub mod sagemaker;
-pub mod server;
 
 use std::sync::Arc;
 

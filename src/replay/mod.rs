@@ -26,10 +26,10 @@ use tokio::sync::watch;
 use crate::config::{Config, SinkConfig, SourceConfig};
 use crate::flow::Stats;
 use crate::pipeline::{self, RunOptions};
-use crate::record::Millis;
 use crate::source::s3::ArchiveProgress;
 use crate::source::ArchiveOptions;
 use crate::state::StateStore;
+use crate::time::Millis;
 
 /// What the command line asks of a replay.
 #[derive(Debug, Clone, Default)]
@@ -103,7 +103,7 @@ pub async fn run(
         None => std::env::temp_dir().join(format!(
             "shardflow-replay-{}-{}",
             std::process::id(),
-            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+            crate::time::now_nanos()
         )),
     };
     {

@@ -30,7 +30,8 @@ use crate::archive::{self, layout};
 use crate::aws::{self, error_text};
 use crate::config::S3SinkConfig;
 use crate::flow::BoxFuture;
-use crate::record::{Millis, Output};
+use crate::record::Output;
+use crate::time::{now_millis, Millis};
 
 struct Multipart {
     key: String,
@@ -109,7 +110,7 @@ impl S3Sink {
             first_checkpoint,
             seq,
             opened: Instant::now(),
-            opened_wall: crate::source::now_millis(),
+            opened_wall: now_millis(),
             time: None,
             encoder: GzEncoder::new(
                 Vec::with_capacity(self.config.part_bytes as usize + (1 << 20)),

@@ -13,10 +13,11 @@ use bytes::Bytes;
 use tokio::fs::File;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
-use super::{now_millis, Source, SourceContext};
+use super::{Source, SourceContext};
 use crate::config::FileSourceConfig;
 use crate::flow::BoxFuture;
 use crate::record::{PartitionStatus, Position, RawRecord};
+use crate::time::now_millis;
 
 pub struct FileSource {
     config: FileSourceConfig,

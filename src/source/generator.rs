@@ -16,10 +16,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Zipf};
 
-use super::{now_millis, Source, SourceContext};
+use super::{Source, SourceContext};
 use crate::config::{FieldSpec, FieldType, GeneratorConfig, SchemaConfig};
 use crate::flow::BoxFuture;
-use crate::record::{Millis, PartitionStatus, Position, RawRecord};
+use crate::record::{PartitionStatus, Position, RawRecord};
+use crate::time::{now_millis, Millis};
 
 /// Event-time clock rate when `rate = 0` (unthrottled): 10 k events per simulated second.
 const UNTHROTTLED_CLOCK_RATE: f64 = 10_000.0;

@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::SourceConfig;
 use crate::flow::BoxFuture;
-use crate::record::{DeadLetter, Event, Millis, PartitionStatus, Position, RawRecord};
+use crate::record::{DeadLetter, Event, PartitionStatus, Position, RawRecord};
+use crate::time::Millis;
 
 /// What a source sends downstream.
 #[derive(Debug)]
@@ -149,9 +150,4 @@ pub fn build_with(
         }
         SourceConfig::Kinesis(c) => Box::new(kinesis::KinesisSource::new(c.clone())),
     })
-}
-
-/// Wall-clock epoch milliseconds: a record's arrival time.
-pub fn now_millis() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }

@@ -205,7 +205,7 @@ impl StateStore {
             }
         }
         if store.get(Cf::Meta, META_CREATED)?.is_none() {
-            let now = chrono::Utc::now().timestamp_millis().max(0).to_string();
+            let now = crate::time::now_millis().max(0).to_string();
             let mut w = WriteOptions::default();
             w.set_sync(true);
             store

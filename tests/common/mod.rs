@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use shardflow::config::Config;
 use shardflow::engine::Engine;
-use shardflow::record::{Event, FieldValue, Millis, Output, Position};
+use shardflow::record::{Event, FieldValue, Output, Position};
 use shardflow::state::StateStore;
+use shardflow::time::Millis;
 
 /// Schema fields in order: `amount` (index 0), `merchant` (index 1).
 pub fn config(ooo: i64, idle: i64, lateness: i64, features: &str) -> Config {

@@ -111,7 +111,7 @@ impl FaultServer {
             .expect("the test config names a model file");
         let model = inference::load_embedded(config, path).expect("model loads");
         let router =
-            inference::server::router(model, inference::feature_names(config), "AllTraffic")
+            shardflow::serve::model::router(model, inference::feature_names(config), "AllTraffic")
                 .expect("router");
         let plan = Arc::new(Mutex::new(Plan::default()));
         let (stall, stall_rx) = watch::channel(false);
@@ -131,7 +131,7 @@ impl FaultServer {
         let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let inner_addr = inner.local_addr().unwrap();
         let mut rx = shutdown_rx.clone();
-        tokio::spawn(inference::server::serve(inner, app, async move {
+        tokio::spawn(shardflow::serve::serve_on(inner, app, async move {
             let _ = rx.wait_for(|s| *s).await;
         }));
 

@@ -37,8 +37,9 @@ use tokio::time::Instant;
 
 use super::deagg::{deaggregate, Deaggregated};
 use crate::aws::{error_text, Backoff};
-use crate::record::{Millis, PartitionStatus, Position, RawRecord};
-use crate::source::{now_millis, SourceMessage};
+use crate::record::{PartitionStatus, Position, RawRecord};
+use crate::source::SourceMessage;
+use crate::time::{now_millis, Millis};
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,13 +52,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use self::objects::{Item, Layout, Splitter};
-use super::{now_millis, DecodedRecord, Source, SourceContext, SourceMessage};
+use super::{DecodedRecord, Source, SourceContext, SourceMessage};
 use crate::archive::layout::{self, KeyInfo};
 use crate::aws::{self, error_text};
 use crate::config::{ArchiveFormat, Compression, S3SourceConfig, SchemaConfig};
 use crate::decode::Decoder;
 use crate::flow::BoxFuture;
-use crate::record::{DeadLetter, Millis, Position, RawRecord};
+use crate::record::{DeadLetter, Position, RawRecord};
+use crate::time::{now_millis, Millis};
 
 /// An object being read ahead: its reference, the channel its reader
 /// fills, and the reader's task.
@@ -133,8 +134,8 @@ impl Source for S3Source {
             (None, None) => String::new(),
             (f, t) => format!(
                 ", events in [{}, {})",
-                f.map_or("-∞".into(), fmt_time),
-                t.map_or("+∞".into(), fmt_time)
+                f.map_or("-∞".into(), crate::time::format_rfc3339_millis),
+                t.map_or("+∞".into(), crate::time::format_rfc3339_millis)
             ),
         };
         format!(
@@ -165,12 +166,6 @@ impl Source for S3Source {
             }
         })
     }
-}
-
-fn fmt_time(t: Millis) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(t)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_else(|| t.to_string())
 }
 
 /// Lists the archive's objects in the time range, in reading order:

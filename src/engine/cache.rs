@@ -1,0 +1,169 @@
+//! The state cache: which (spec, key) states are in memory over RocksDB.
+//! It owns the map of states, loading on a miss, dirty tracking, eviction
+//! after a commit, and prefetching.
+//!
+//! The invariants:
+//!
+//! * **Evicted only when clean.** An entry is evicted only when it is clean
+//!   with respect to a *committed* checkpoint: it is not dirty, and its last
+//!   snapshot is committed. So a read that falls through to RocksDB always
+//!   finds the latest value. Purged (empty) states are dropped the same way,
+//!   after their deletes are committed. The cache therefore holds every
+//!   state touched since the last committed checkpoint, and `capacity` is a
+//!   soft bound: state changed since the last commit always stays in memory.
+//! * **Dirty once per snapshot.** A state is dirty from its first change
+//!   after a snapshot until the next snapshot encodes it. [`touch`] marks it
+//!   and lists it in `dirty` once.
+//! * **A miss reads the store only when the store may have it.**
+//!   `store_may_have` is true once the store may hold a state that is not in
+//!   memory: after a restore that found key state, or after the first
+//!   eviction. Until then a miss is a new state, with no read.
+//! * **Prefetching only warms the CPU cache.** No result depends on it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+use smol_str::SmolStr;
+
+use crate::state::StateStore;
+
+use super::operator::{EngineStats, KeyState, Operator, SpecPlan};
+use super::EngineError;
+
+/// Keys whose states are loaded into the CPU cache ahead of use
+/// ([`Engine::prefetch`](super::Engine::prefetch)): enough to overlap many
+/// misses, few enough that their lines are still cached when used.
+pub const PREFETCH_AHEAD: usize = 32;
+
+/// A key's states, one slot per window spec (indexed by spec id). `None`:
+/// not in memory, because it never existed, was purged and dropped, or was
+/// evicted (then the store has it). Held inline, so an event reaches the
+/// states of all its specs with one probe and no further pointer chase.
+pub(super) type KeyStates = SmallVec<[Option<KeyState>; 2]>;
+
+/// foldhash: per-process seeded and several times faster than SipHash on
+/// short keys; this map is hit for every event and every firing. Keys up to
+/// 23 bytes are stored inline ([`SmolStr`]), so comparing the probed entry's
+/// key does not chase a pointer to another cache line.
+pub(super) type States = HashMap<SmolStr, KeyStates, foldhash::fast::RandomState>;
+
+/// The slots of `key`, made (all empty) if it has none in memory.
+#[inline]
+pub(super) fn key_states<'a>(states: &'a mut States, key: &str, specs: usize) -> &'a mut KeyStates {
+    states
+        .entry(SmolStr::new(key))
+        .or_insert_with(|| (0..specs).map(|_| None).collect())
+}
+
+/// The stored state of `(spec, key)`, when the store may have one.
+fn load_stored(
+    store: &StateStore,
+    store_may_have: bool,
+    plan: &SpecPlan,
+    key: &str,
+) -> Result<Option<KeyState>, EngineError> {
+    if !store_may_have {
+        return Ok(None);
+    }
+    match store.load_key(plan.id, key)? {
+        Some(record) => Ok(Some(KeyState::decode(plan, key, &record, store)?)),
+        None => Ok(None),
+    }
+}
+
+/// The cached state of `(spec, key)` in its slot, else the stored one (read
+/// into the slot), else `missing()` if that gives one.
+pub(super) fn slot_state<'a>(
+    slot: &'a mut Option<KeyState>,
+    (store, store_may_have): (&StateStore, bool),
+    plan: &SpecPlan,
+    key: &str,
+    stats: &mut EngineStats,
+    missing: impl FnOnce() -> Option<KeyState>,
+) -> Result<Option<&'a mut KeyState>, EngineError> {
+    if slot.is_none() {
+        *slot = match load_stored(store, store_may_have, plan, key)? {
+            Some(st) => {
+                stats.cache_loads += 1;
+                Some(st)
+            }
+            None => missing(),
+        };
+    }
+    Ok(slot.as_mut())
+}
+
+/// Marks `st` dirty, listing it in `dirty` if it was not yet.
+#[inline]
+pub(super) fn touch(
+    dirty: &mut Vec<(u16, Arc<str>)>,
+    spec: u16,
+    key: &Arc<str>,
+    st: &mut KeyState,
+) {
+    if !st.dirty {
+        st.dirty = true;
+        dirty.push((spec, key.clone()));
+    }
+}
+
+impl Operator {
+    /// Starts loading the states of `keys` (the next few events' keys)
+    /// into the CPU cache. Each lookup is independent of the others, so
+    /// their cache misses overlap instead of stalling the events one by one.
+    pub(super) fn prefetch<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        for key in keys {
+            if let Some(slots) = self.states.get(key) {
+                for st in slots.iter().flatten() {
+                    st.windows.prefetch();
+                }
+            }
+        }
+    }
+
+    /// Checkpoint `id` is durable: drop purged states and, above capacity,
+    /// clean ones.
+    pub(super) fn committed(&mut self, id: u64) {
+        self.committed = self.committed.max(id);
+        let committed = self.committed;
+        let clean = |st: &KeyState| !st.dirty && st.snapshot_id <= committed;
+        let mut len = 0;
+        self.states.retain(|_, slots| {
+            for slot in slots.iter_mut() {
+                if slot.as_ref().is_some_and(|st| st.is_empty() && clean(st)) {
+                    *slot = None;
+                }
+            }
+            let held = slots.iter().flatten().count();
+            len += held;
+            held > 0
+        });
+        if len <= self.capacity {
+            return;
+        }
+        let before = len;
+        self.states.retain(|_, slots| {
+            for slot in slots.iter_mut() {
+                if len > self.capacity && slot.as_ref().is_some_and(clean) {
+                    *slot = None;
+                    len -= 1;
+                }
+            }
+            slots.iter().any(Option::is_some)
+        });
+        if len < before {
+            // Evicted states now live only in RocksDB: misses must read it.
+            self.stats.cache_evictions += (before - len) as u64;
+            self.store_may_have = true;
+        }
+    }
+
+    /// Number of (spec, key) states in memory.
+    pub(super) fn cached_states(&self) -> usize {
+        self.states
+            .values()
+            .map(|s| s.iter().flatten().count())
+            .sum()
+    }
+}

@@ -1,0 +1,383 @@
+//! Timers and firing. This module owns the in-memory timer index, the
+//! visits at due timers (fire, then purge), re-firing after an event, the
+//! chunking of a firing burst, and switching window results on. When a
+//! timer is due and what a visit fires or purges is decided by [`rules`].
+//!
+//! Each (spec, key) has one timer: the earliest window end at which
+//! something happens to it (its next window with data becomes due, or its
+//! oldest slice or revision is purged), or an earlier one, because a timer
+//! moving later keeps its earlier visit, which reschedules it. Timers live
+//! in a `BTreeMap` ordered by that end, so firing is a range scan from the
+//! smallest end. A key whose timer moves earlier leaves a stale entry
+//! behind, which is skipped when reached (lazy deletion). Each key's timer
+//! is persisted in its `windows` record, and a restore rebuilds the index
+//! from those records ([`restore`]).
+//!
+//! Without window results (no sink takes them), a key's timer is when its
+//! whole state expires. The per-event vectors never depended on firing, and
+//! the slices that expire before that are dropped by the key's next event
+//! or by that visit. So a busy key is visited once per expiry horizon
+//! rather than once per slice.
+//!
+//! The invariants:
+//!
+//! * **No missed visit.** A key's `timer` is never later than its next due
+//!   time, and a key with `timer = Some(at)` has an entry at `(at, spec)` in
+//!   the index, whether its state is in memory or was evicted. A visit acts
+//!   only when the entry matches the key's `timer`, and it then spends it.
+//! * **Fire before purge.** A visit fires the due windows with data before
+//!   it purges, so with `allowed_lateness = 0` a window still fires at the
+//!   watermark that purges it.
+//! * **Re-fires first.** The fired windows an event updated are emitted
+//!   ([`Operator::refire`]) before anything that the event's watermark
+//!   advance makes due ([`Operator::fire`]); the engine calls them in that
+//!   order.
+//! * **Bounded bursts.** [`Operator::fire`] visits at most `max_keys` keys a
+//!   call. The due keys it leaves stay at the front of their entry, ahead of
+//!   any keys that visits rescheduled to the same instant.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::record::{Output, Value, WindowResult};
+use crate::state::codec::write_slice_key;
+use crate::state::{Cf, StateDelta, StateStore};
+
+use super::aggregate::Acc;
+use super::cache::{key_states, slot_state, touch, PREFETCH_AHEAD};
+use super::operator::{EngineStats, KeyState, Operator, SpecPlan};
+use super::rules;
+use super::window::Geometry;
+use super::EngineError;
+
+/// The timer index: the keys of each spec whose timer is at an instant,
+/// ordered by that instant (a window end or a purge time).
+pub(super) type Timers = BTreeMap<(i64, u16), Vec<Arc<str>>>;
+
+/// The index of the timers stored in `store`'s records, for `specs` specs.
+pub(super) fn restore(store: &StateStore, specs: usize) -> Result<Timers, EngineError> {
+    let mut timers: Timers = BTreeMap::new();
+    for (due, spec, key) in store.load_timers()? {
+        if usize::from(spec) >= specs {
+            return Err(EngineError::Corrupt(format!(
+                "timer for unknown window spec {spec}"
+            )));
+        }
+        timers.entry((due, spec)).or_default().push(Arc::from(key));
+    }
+    Ok(timers)
+}
+
+impl KeyState {
+    /// The earliest window end at which something must happen to the key.
+    ///
+    /// Without window results (`results` false) nothing needs to happen
+    /// until the whole state expires, when its newest slice is purged:
+    /// older slices are dropped on the way, by the key's next event or that
+    /// visit. One visit per expiry instead of one per slice; a key that
+    /// goes quiet is still purged on time.
+    fn next_due(&self, geo: &Geometry, lateness: i64, results: bool) -> Option<i64> {
+        let (fire, slice) = if results {
+            let fire = self
+                .windows
+                .first_data_window_after(geo, self.fired)
+                .map(|j| geo.end_of(j));
+            (fire, self.windows.slices.front())
+        } else {
+            (None, self.windows.slices.back())
+        };
+        let slice = slice.map(|s| geo.purge_due_of_slice(s.idx, lateness));
+        let rev = self
+            .revisions
+            .front()
+            .map(|(j, _)| geo.purge_due_of_window(*j, lateness));
+        [fire, slice, rev].into_iter().flatten().min()
+    }
+
+    /// Takes the next revision of window `j`.
+    fn next_revision(&mut self, j: i64) -> u32 {
+        self.revisions_changed = true;
+        match self.revisions.binary_search_by_key(&j, |r| r.0) {
+            Ok(p) => {
+                let r = self.revisions[p].1;
+                self.revisions[p].1 = rules::next_revision(r);
+                r
+            }
+            Err(p) => {
+                self.revisions.insert(p, (j, rules::next_revision(0)));
+                0
+            }
+        }
+    }
+}
+
+/// Drops the slices of `key` that are purged at watermark `w`, queueing the
+/// deletes of those already stored.
+pub(super) fn purge_slices(
+    pending: &mut StateDelta,
+    plan: &SpecPlan,
+    key: &str,
+    st: &mut KeyState,
+    w: i64,
+    lateness: i64,
+) {
+    let geo = plan.geo;
+    st.windows.purge(&geo, w, lateness, |idx| {
+        pending.delete_with(Cf::Slices, |b| {
+            write_slice_key(b, plan.id, key, idx.saturating_mul(geo.slide))
+        });
+    });
+}
+
+/// Makes sure the key is visited by its next due time. A pending visit
+/// that comes earlier is kept (the visit reschedules): a busy key moves its
+/// due time on with every event, and an entry per move would cost a timer
+/// entry, and later a visit to skip it, per event.
+pub(super) fn reschedule(
+    timers: &mut Timers,
+    plan: &SpecPlan,
+    (lateness, results): (i64, bool),
+    key: &Arc<str>,
+    st: &mut KeyState,
+) {
+    let due = st.next_due(&plan.geo, lateness, results);
+    match (st.timer, due) {
+        (Some(pending), Some(d)) if pending <= d => {}
+        (_, due) => {
+            st.timer = due;
+            if let Some(d) = due {
+                timers.entry((d, plan.id)).or_default().push(key.clone());
+            }
+        }
+    }
+}
+
+/// Emits every feature of window `j` if it holds events: revision 0 on the
+/// first firing, the next revision when `refire`.
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    plan: &SpecPlan,
+    key: &Arc<str>,
+    st: &mut KeyState,
+    scratch: &mut Acc,
+    j: i64,
+    refire: bool,
+    stats: &mut EngineStats,
+    out: &mut Vec<Output>,
+) {
+    let geo = plan.geo;
+    if !st.windows.window(&geo, &plan.slots, j, scratch) {
+        return;
+    }
+    let revision = if refire { st.next_revision(j) } else { 0 };
+    let (start, end) = (geo.start_of(j), geo.end_of(j));
+    st.windows.values_of_merged(
+        &geo,
+        &plan.slots,
+        j,
+        scratch,
+        |slot, value: Option<Value>| {
+            stats.window_results += 1;
+            out.push(Output::Window(WindowResult {
+                key: key.clone(),
+                feature: slot.name.clone(),
+                window_start: start,
+                window_end: end,
+                value,
+                revision,
+            }));
+        },
+    );
+}
+
+impl Operator {
+    /// Step 5, first half: re-fires the fired windows the last event updated.
+    pub(super) fn refire(&mut self, out: &mut Vec<Output>) {
+        let Operator {
+            specs,
+            states,
+            timers,
+            dirty,
+            scratch,
+            refire,
+            stats,
+            lateness,
+            results,
+            ..
+        } = self;
+        for (spec, key, lo, hi) in refire.drain(..) {
+            let si = usize::from(spec);
+            let plan = &specs[si];
+            let Some(st) = states.get_mut(&*key).and_then(|s| s[si].as_mut()) else {
+                continue;
+            };
+            for j in lo..=hi {
+                emit(plan, &key, st, &mut scratch[si], j, true, stats, out);
+            }
+            touch(dirty, spec, &key, st);
+            reschedule(timers, plan, (*lateness, *results), &key, st);
+        }
+    }
+
+    /// Step 5, second half: visits the keys whose timer is due at `w`, at
+    /// most `max_keys` of them. Returns true when due keys remain (the
+    /// caller hands `out` on and calls again), so that a burst (the end of
+    /// input, a watermark jump after idleness) becomes bounded chunks.
+    pub(super) fn fire(
+        &mut self,
+        w: i64,
+        max_keys: usize,
+        out: &mut Vec<Output>,
+    ) -> Result<bool, EngineError> {
+        let mut budget = max_keys.max(1);
+        while let Some(entry) = self.timers.first_entry() {
+            let (due, spec) = *entry.key();
+            if !rules::due(due, w) {
+                break;
+            }
+            if budget == 0 {
+                return Ok(true);
+            }
+            let mut keys = entry.remove();
+            let rest = (keys.len() > budget).then(|| keys.split_off(budget));
+            budget -= keys.len();
+            for chunk in keys.chunks(PREFETCH_AHEAD) {
+                self.prefetch(chunk.iter().map(|k| &**k));
+                for key in chunk {
+                    self.visit(usize::from(spec), key, due, w, out)?;
+                }
+            }
+            if let Some(mut rest) = rest {
+                // Visits reschedule later than `due`, but keep whatever
+                // landed here behind the keys still waiting.
+                let slot = self.timers.entry((due, spec)).or_default();
+                rest.append(slot);
+                *slot = rest;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn visit(
+        &mut self,
+        si: usize,
+        key: &Arc<str>,
+        due: i64,
+        w: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        let Operator {
+            specs,
+            states,
+            timers,
+            dirty,
+            scratch,
+            stats,
+            lateness,
+            results,
+            pending,
+            store,
+            store_may_have,
+            ..
+        } = self;
+        let plan = &specs[si];
+        let geo = plan.geo;
+        // One hash lookup: every firing visits a key, usually a cache miss.
+        let slots = if *store_may_have {
+            key_states(states, key, specs.len())
+        } else {
+            match states.get_mut(&**key) {
+                Some(slots) => slots,
+                None => return Ok(()), // a stale entry of a dropped state
+            }
+        };
+        let Some(st) = slot_state(
+            &mut slots[si],
+            (store, *store_may_have),
+            plan,
+            key,
+            stats,
+            || None,
+        )?
+        else {
+            return Ok(());
+        };
+        if st.timer != Some(due) {
+            return Ok(()); // a stale entry: the key's timer moved
+        }
+        st.timer = None; // this visit is spent
+        stats.timer_visits += 1;
+        let last_due = geo.last_due_window(w);
+        if *results {
+            while let Some(j) = st
+                .windows
+                .first_data_window_after(&geo, st.fired)
+                .filter(|&j| j <= last_due)
+            {
+                emit(plan, key, st, &mut scratch[si], j, false, stats, out);
+                if !rules::purged(geo.end_of(j), *lateness, w) {
+                    st.revisions.push_back((j, rules::next_revision(0)));
+                    st.revisions_changed = true;
+                }
+                st.fired = j;
+            }
+        }
+        st.fired = st.fired.max(last_due);
+        purge_slices(pending, plan, key, st, w, *lateness);
+        while let Some((j, _)) = st.revisions.front() {
+            if !rules::purged(geo.end_of(*j), *lateness, w) {
+                break;
+            }
+            st.revisions.pop_front();
+            st.revisions_changed = true;
+        }
+        touch(dirty, plan.id, key, st);
+        reschedule(timers, plan, (*lateness, *results), key, st);
+        Ok(())
+    }
+
+    /// Window results were off when the restored state was written and are
+    /// on now. Timers then only waited for purges: every stored key gets
+    /// the timer of its next window with data. Windows that came due while
+    /// results were off count as handled; results start with the windows
+    /// that come due from now on.
+    pub(super) fn start_window_results(&mut self, w: i64) -> Result<(), EngineError> {
+        let keys: Vec<(u16, Arc<str>)> = self
+            .timers
+            .iter()
+            .flat_map(|(&(_, spec), keys)| keys.iter().map(move |k| (spec, k.clone())))
+            .collect();
+        for (spec, key) in keys {
+            let si = usize::from(spec);
+            let plan = &self.specs[si];
+            let slots = key_states(&mut self.states, &key, self.specs.len());
+            let Some(st) = slot_state(
+                &mut slots[si],
+                (&self.store, self.store_may_have),
+                plan,
+                &key,
+                &mut self.stats,
+                || None,
+            )?
+            else {
+                continue;
+            };
+            st.fired = st.fired.max(plan.geo.last_due_window(w));
+            touch(&mut self.dirty, spec, &key, st);
+            reschedule(
+                &mut self.timers,
+                plan,
+                (self.lateness, self.results),
+                &key,
+                st,
+            );
+        }
+        Ok(())
+    }
+
+    /// Number of timer entries in memory (including stale ones).
+    pub(super) fn timer_entries(&self) -> usize {
+        self.timers.values().map(Vec::len).sum()
+    }
+}
