@@ -35,6 +35,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../tests/emulator/mod.rs"]
 mod emulator;
+#[path = "../tests/harness/mod.rs"]
+mod harness;
 
 use std::collections::HashMap;
 use std::io::BufRead as _;
@@ -151,10 +153,7 @@ async fn latency(rate: u64, secs: u64) {
         ),
     )
     .unwrap();
-    let metrics_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let metrics_addr = harness::free_addr();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardflow"))
         .current_dir(dir.path())
         .args([
@@ -221,7 +220,7 @@ async fn latency(rate: u64, secs: u64) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let stages = scrape(&metrics_addr).map(|page| stage_quantiles(&page));
+    let stages = harness::scrape(&metrics_addr).map(|page| stage_quantiles(&page));
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -251,21 +250,6 @@ async fn latency(rate: u64, secs: u64) {
     for (stage, p50, p99, count) in stages.unwrap_or_default() {
         println!("  {stage:<9} p50 ≤ {p50:>6.3} s   p99 ≤ {p99:>6.3} s   ({count} batches)");
     }
-}
-
-/// `GET /metrics` of the binary.
-fn scrape(addr: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body.split_once("\r\n\r\n")?.1.to_owned())
 }
 
 /// Per stage, the upper bounds of the buckets holding the median and the

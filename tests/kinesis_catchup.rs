@@ -7,9 +7,9 @@
 //! where the records' time went (`shardflow_stage_seconds` per stage).
 
 mod emulator;
+mod harness;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
@@ -78,36 +78,6 @@ fn count_lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn start(config: &Path, metrics: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_shardflow"))
-        .args(["run", "--config"])
-        .arg(config)
-        .args(["--metrics-addr", metrics, "--quiet"])
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("shardflow did not stop within 30 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_up_from_trim_horizon_marks_no_record_late() {
     let emu = emulator::Emulator::start(emulator::options()).await;
@@ -141,11 +111,8 @@ async fn catch_up_from_trim_horizon_marks_no_record_late() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("catchup.toml");
     std::fs::write(&config_path, config(dir.path(), &emu.url())).unwrap();
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    let mut child = start(&config_path, &metrics);
+    let metrics = harness::free_addr();
+    let mut run = harness::Proc::run(dir.path(), &config_path, &metrics, "run.log");
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let seen = count_lines(&dir.path().join("features.ndjson"))
@@ -153,28 +120,24 @@ async fn catch_up_from_trim_horizon_marks_no_record_late() {
         if seen >= total {
             break;
         }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("shardflow exited early: {status}");
-        }
-        if Instant::now() > deadline {
-            stop(child);
-            panic!("{seen} of {total} records came out within 180 s");
-        }
+        run.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "{seen} of {total} records came out within 180 s:\n{}",
+            run.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let page = scrape(&metrics).expect("the metrics endpoint answers");
-    stop(child);
+    let page = harness::scrape(&metrics).expect("the metrics endpoint answers");
+    run.terminate(30).await;
 
     // Where the records' time went, stage by stage (one sample per batch).
     for stage in ["source", "decode", "engine", "sink"] {
-        let count = page
+        let count: f64 = page
             .lines()
-            .find(|l| {
-                l.starts_with("shardflow_stage_seconds_count")
-                    && l.contains(&format!("stage=\"{stage}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
+            .filter(|l| l.contains(&format!("stage=\"{stage}\"")))
+            .map(|l| harness::metric_sum(l, "shardflow_stage_seconds_count"))
+            .sum();
         assert!(
             count > 0.0,
             "no shardflow_stage_seconds sample for {stage}:\n{page}"
@@ -186,19 +149,4 @@ async fn catch_up_from_trim_horizon_marks_no_record_late() {
     let features = count_lines(&dir.path().join("features.ndjson"));
     assert_eq!(late, 0, "{late} of {total} records came out late");
     assert_eq!(features, total);
-}
-
-/// `GET /metrics`, or `None` when nothing answers.
-fn scrape(addr: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body.split_once("\r\n\r\n")?.1.to_owned())
 }
