@@ -20,7 +20,8 @@
 //!
 //!   With `--metrics-addr` on, it also prints `shardflow_stage_seconds` per
 //!   stage (`source` is the emulator's share, from ApproximateArrivalTimestamp
-//!   to receipt), and `SHARDFLOW_BENCH_CHECKPOINT` (default `5s`) sets the
+//!   to receipt; ferrokinesis stamps whole seconds, so it reads up to 1 s
+//!   high there), and `SHARDFLOW_BENCH_CHECKPOINT` (default `5s`) sets the
 //!   checkpoint interval: a short one makes the file sinks fsync often.
 //!
 //! ```sh

@@ -267,7 +267,7 @@ impl Replayed {
         events: &[(Option<i64>, shardflow::record::Event)],
         out: &mut Vec<Output>,
     ) {
-        // As the pipeline's enrich stage does.
+        // As the pipeline's engine stage does.
         for chunk in events.chunks(PREFETCH_AHEAD) {
             self.engine.prefetch(chunk.iter().map(|(_, e)| &*e.key));
             for (w, e) in chunk {

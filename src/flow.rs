@@ -28,25 +28,10 @@
 //!
 //! # Checkpoint barriers
 //!
-//! Every `checkpoint_interval` the decode stage sends a [`Barrier`] carrying
-//! the position of the last record of each partition it passed on
-//! ([`Barrier::positions`]). The barrier travels in the same channels, behind
-//! those records, so every stage meets it after all the records it covers:
-//!
-//! 1. the engine puts its state delta since the previous barrier in
-//!    [`Barrier::delta`] (first advancing event time to +∞ when
-//!    [`Barrier::end_of_input`] is set);
-//! 2. the inference stage closes its open batch and passes the barrier once
-//!    every batch before it has been emitted;
-//! 3. the fan-out asks every sink to flush, with a channel for its
-//!    acknowledgement, and hands the barrier and those acknowledgements on;
-//! 4. the committer, in barrier order, waits until every sink acknowledged,
-//!    then writes the delta, the positions and the checkpoint id in one
-//!    RocksDB `WriteBatch`.
-//!
-//! State and positions are therefore committed together, and only once the
-//! sinks hold every output produced before them. Nothing follows a barrier
-//! with [`Barrier::last`] set: the run ends once it is committed.
+//! A [`Barrier`] travels in the same channels, behind the records it covers.
+//! What it carries, what each stage does with it, when its checkpoint is
+//! committed and what a crash replays is the checkpoint protocol, stated in
+//! [`crate::checkpoint`].
 
 use std::future::Future;
 use std::pin::Pin;

@@ -6,6 +6,7 @@
 
 pub mod archive;
 pub mod aws;
+pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod engine;

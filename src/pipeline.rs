@@ -2,18 +2,18 @@
 //! shutdown is asked for.
 //!
 //! ```text
-//! source ─▶ decode ─▶ enrich ─▶ [inference] ─▶ fan-out ─▶ sink tasks
+//! source ─▶ decode ─▶ engine ─▶ [inference] ─▶ fan-out ─▶ sink tasks
 //!   (records)  │ + barriers                         │ acks
 //!              └───────────────────────────────────▶ committer ─▶ RocksDB
 //! ```
 //!
 //! What travels on these arrows (batches, checkpoint barriers, the state
-//! delta a barrier collects) and how a checkpoint walks from the decode stage
-//! to the committer is in [`crate::flow`]. This file creates the channels,
-//! builds and spawns the stages, injects the barriers (decode stage), commits
-//! them (committer) and drains everything on shutdown.
+//! delta a barrier collects) is in [`crate::flow`]; the checkpoint protocol,
+//! barrier injection and the committer are in [`crate::checkpoint`]. This
+//! file creates the channels, builds and spawns the stages (decode, engine,
+//! fan-out; inference and sinks from their modules) and drains everything
+//! on shutdown.
 
-use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,20 +23,21 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::checkpoint::{self, Barriers, PendingCommit};
 use crate::config::Config;
 use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions, PREFETCH_AHEAD};
-use crate::flow::{Barrier, Decoded, Message};
+use crate::flow::{Decoded, Message};
 // Re-exported only for tests/inference_backpressure.rs, which imports
 // `pipeline::Stats` and is being edited elsewhere; drop once it imports
 // `shardflow::flow::Stats`.
 pub use crate::flow::Stats;
 use crate::inference;
-use crate::record::{KindSet, Output, OutputKind, Position, RawOutput};
+use crate::record::{KindSet, Output, OutputKind, RawOutput};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, SinkMessage};
 use crate::source::{self, DecodedRecord, SourceContext, SourceMessage};
-use crate::state::{StateDelta, StateStore};
+use crate::state::StateStore;
 use crate::telemetry::StageClock;
 use crate::time::{now_millis, Millis};
 
@@ -211,8 +212,7 @@ pub async fn run(
             decoder,
             DecodeSettings {
                 interval,
-                first_barrier: last_checkpoint + 1,
-                resume_from,
+                barriers: Barriers::new(last_checkpoint, resume_from),
                 range,
             },
             source_rx,
@@ -221,19 +221,19 @@ pub async fn run(
         )),
     ));
 
-    let (enriched_tx, enriched_rx) = mpsc::channel(cap);
+    let (engine_tx, engine_rx) = mpsc::channel(cap);
     let committed = Arc::new(AtomicU64::new(last_checkpoint));
     tasks.push((
-        "enrich",
+        "engine",
         // RocksDB reads on cache misses block: not on the runtime's workers.
         on_own_thread(
             "shardflow-engine",
-            enrich_stage(
+            engine_stage(
                 engine,
                 subscribed.contains(OutputKind::Raw),
                 committed.clone(),
                 decoded_rx,
-                enriched_tx,
+                engine_tx,
                 stats.clone(),
             ),
         ),
@@ -250,13 +250,13 @@ pub async fn run(
                     model,
                     inf,
                     keep_features,
-                    enriched_rx,
+                    engine_rx,
                     tx,
                 )),
             ));
             rx
         }
-        None => enriched_rx,
+        None => engine_rx,
     };
 
     let (commit_tx, commit_rx) = mpsc::channel(commit_cap);
@@ -270,7 +270,12 @@ pub async fn run(
             stats.clone(),
         )),
     ));
-    let committer = tokio::spawn(committer_stage(store, commit_rx, committed, stats.clone()));
+    let committer = tokio::spawn(checkpoint::committer_stage(
+        store,
+        commit_rx,
+        committed,
+        stats.clone(),
+    ));
 
     stats.ready.store(true, Ordering::Relaxed);
     let progress = (options.progress && std::io::stderr().is_terminal())
@@ -347,10 +352,8 @@ where
 struct DecodeSettings {
     /// Time between checkpoint barriers.
     interval: Duration,
-    /// Id of the next barrier (the last committed checkpoint + 1).
-    first_barrier: u64,
-    /// Positions of the last committed checkpoint.
-    resume_from: Vec<Position>,
+    /// Barrier injection, from the last committed checkpoint.
+    barriers: Barriers,
     /// Replay only: `--from`/`--to` on event time.
     range: Option<EventTimeRange>,
 }
@@ -368,15 +371,11 @@ async fn decode_stage(
 ) -> anyhow::Result<()> {
     let DecodeSettings {
         interval,
-        first_barrier: mut next_barrier,
-        resume_from,
+        barriers,
         range,
     } = settings;
-    let mut passing = Passing {
-        positions: resume_from
-            .into_iter()
-            .map(|p| (p.partition.clone(), p))
-            .collect(),
+    let mut state = DecodeState {
+        barriers,
         replayed_watermark: None,
         range,
         stats,
@@ -384,16 +383,14 @@ async fn decode_stage(
         dead: metrics::counter!("shardflow_dead_letters_total", "stage" => "decode"),
     };
     let decoded = StageClock::new("decode");
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = Barriers::ticker(interval);
     loop {
         let sent = tokio::select! {
             // The ticker first: under a backlog input is always ready, and
             // barriers must still go out every `checkpoint_interval`.
             biased;
             _ = ticker.tick() => {
-                let b = passing.barrier(next_barrier, None);
-                next_barrier += 1;
+                let b = state.barriers.next(None);
                 output.send(Message::Barrier(b)).await
             }
             message = input.recv() => match message {
@@ -406,19 +403,19 @@ async fn decode_stage(
                             event: decoder.decode(raw),
                         })
                         .collect();
-                    let batch = passing.pass_on(batch);
+                    let batch = state.pass_on(batch);
                     decoded.left(arrival);
                     output.send(Message::Batch(batch)).await
                 }
                 Some(SourceMessage::Decoded(batch)) => {
-                    output.send(Message::Batch(passing.pass_on(batch))).await
+                    output.send(Message::Batch(state.pass_on(batch))).await
                 }
                 Some(SourceMessage::Bad(d)) => {
-                    passing.count(0, 1);
+                    state.count(0, 1);
                     output.send(Message::Batch(vec![Decoded::Unreadable(Box::new(d))])).await
                 }
                 Some(SourceMessage::End { exhausted }) => {
-                    let b = passing.barrier(next_barrier, Some(exhausted));
+                    let b = state.barriers.next(Some(exhausted));
                     let _ = output.send(Message::Barrier(b)).await;
                     return Ok(());
                 }
@@ -435,10 +432,12 @@ async fn decode_stage(
     }
 }
 
-/// What the decode stage keeps between batches.
-struct Passing {
-    /// The last position passed on, per partition.
-    positions: HashMap<Arc<str>, Position>,
+/// What the decode stage keeps between batches: the last positions passed
+/// on (for its barriers), the replay's last archived watermark, the replay's
+/// range filter and its counters.
+struct DecodeState {
+    /// The barriers' ids and the last position passed on, per partition.
+    barriers: Barriers,
     /// Replay: the last live-run watermark passed on.
     /// `None` before the first archived record: that one is passed on even
     /// at −∞, so the engine follows the archive's watermark from the start.
@@ -449,16 +448,12 @@ struct Passing {
     dead: metrics::Counter,
 }
 
-impl Passing {
+impl DecodeState {
     /// The batch for the engine: positions noted, replay watermarks
     /// interleaved, events outside the replay's range left out, counted.
     fn pass_on(&mut self, batch: Vec<DecodedRecord>) -> Vec<Decoded> {
-        // Barriers fall between batches, so only each partition's last
-        // position in the batch is ever read.
-        note_last_positions(
-            batch.iter().map(DecodedRecord::position),
-            &mut self.positions,
-        );
+        self.barriers
+            .passed_on(batch.iter().map(DecodedRecord::position));
         let records = batch.len() as u64;
         let mut dead = 0;
         let mut out = Vec::with_capacity(batch.len());
@@ -498,50 +493,10 @@ impl Passing {
             self.stats.dead_letters.fetch_add(dead, Ordering::Relaxed);
         }
     }
-
-    /// A barrier after everything passed on; `end`: the input ended
-    /// (`Some(true)` when exhausted).
-    fn barrier(&self, id: u64, end: Option<bool>) -> Barrier {
-        let mut positions: Vec<Position> = self.positions.values().cloned().collect();
-        positions.sort_by(|a, b| a.partition.cmp(&b.partition));
-        Barrier {
-            id,
-            positions,
-            end_of_input: end == Some(true),
-            last: end.is_some(),
-            delta: None,
-        }
-    }
-}
-
-/// Records in `positions` the last position of each partition in `batch`:
-/// one map update per partition, not one per record. A batch usually holds
-/// records of a few partitions (a shard, an archive object), so the
-/// partitions seen are kept in a short list compared by pointer first, and
-/// in a set only when there are many.
-fn note_last_positions<'a>(
-    batch: impl DoubleEndedIterator<Item = &'a Position>,
-    positions: &mut HashMap<Arc<str>, Position>,
-) {
-    const LIST_MAX: usize = 16;
-    let mut list: Vec<&Arc<str>> = Vec::new();
-    let mut set: HashSet<&str> = HashSet::new();
-    for position in batch.rev() {
-        let p = &position.partition;
-        if list.iter().any(|s| Arc::ptr_eq(s, p) || s[..] == p[..]) {
-            continue;
-        }
-        if list.len() < LIST_MAX {
-            list.push(p);
-        } else if !set.insert(&p[..]) {
-            continue;
-        }
-        positions.insert(p.clone(), position.clone());
-    }
 }
 
 /// Processing time for the engine's idle clocks: the wall clock less the
-/// time the enrich stage spent waiting for downstream. While the pipeline
+/// time the engine stage spent waiting for downstream. While the pipeline
 /// backpressures, no record can arrive, so that time must not make a
 /// partition idle (its records are waiting behind the stall).
 #[derive(Default)]
@@ -571,7 +526,7 @@ impl ProcessingClock {
 /// plus the state delta each barrier carries to the committer. A firing
 /// burst leaves in chunks of `fire_chunk_keys` keys, each sent (and so
 /// backpressured) before the next is made.
-async fn enrich_stage(
+async fn engine_stage(
     mut engine: Engine,
     emit_raw: bool,
     committed: Arc<AtomicU64>,
@@ -585,7 +540,7 @@ async fn enrich_stage(
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut clock = ProcessingClock::default();
-    let enriched = StageClock::new("engine");
+    let clock_out = StageClock::new("engine");
     let mut seen_commit = 0;
     loop {
         let mut out = Vec::new();
@@ -610,11 +565,11 @@ async fn enrich_stage(
                     });
                     let mut items = batch.into_iter();
                     loop {
-                        let n = enrich_batch(&mut engine, &mut items, emit_raw, clock.now(), &mut out)?;
+                        let n = process_batch(&mut engine, &mut items, emit_raw, clock.now(), &mut out)?;
                         events.increment(n);
                         stats.events.fetch_add(n, Ordering::Relaxed);
                         if items.as_slice().is_empty() {
-                            enriched.left(arrival);
+                            clock_out.left(arrival);
                             break;
                         }
                         // A burst stopped the batch: hand it on before the next event.
@@ -674,7 +629,7 @@ async fn hand_on(
 /// item leaves a firing burst pending (the caller hands `out` on, drains
 /// the burst and calls again with the rest). Returns how many events it
 /// processed.
-fn enrich_batch(
+fn process_batch(
     engine: &mut Engine,
     items: &mut std::vec::IntoIter<Decoded>,
     emit_raw: bool,
@@ -729,8 +684,6 @@ fn enrich_batch(
     }
     Ok(events)
 }
-
-type PendingCommit = (Barrier, Vec<oneshot::Receiver<anyhow::Result<()>>>);
 
 /// Hands outputs to the sinks that subscribe to them and barriers to all.
 async fn fanout_stage(
@@ -803,52 +756,6 @@ async fn fanout_stage(
     Ok(())
 }
 
-/// Commits checkpoints in order once every sink acknowledged them. Returns
-/// the id of the last commit.
-async fn committer_stage(
-    store: StateStore,
-    mut pending: mpsc::Receiver<PendingCommit>,
-    committed: Arc<AtomicU64>,
-    stats: Arc<Stats>,
-) -> anyhow::Result<u64> {
-    let durations = metrics::histogram!("shardflow_checkpoint_duration_seconds");
-    let commits = metrics::counter!("shardflow_checkpoints_total");
-    let mut last = store.committed_checkpoint()?;
-    while let Some((barrier, acks)) = pending.recv().await {
-        let started = Instant::now();
-        for ack in acks {
-            match ack.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return Err(e.context(format!(
-                        "checkpoint {} not committed: a sink failed",
-                        barrier.id
-                    )))
-                }
-                Err(_) => anyhow::bail!("checkpoint {} not committed: a sink stopped", barrier.id),
-            }
-        }
-        let delta = barrier.delta.unwrap_or_else(StateDelta::empty);
-        let store2 = store.clone();
-        let positions = barrier.positions;
-        let id = barrier.id;
-        tokio::task::spawn_blocking(move || store2.commit(id, delta, &positions))
-            .await
-            .context("commit task panicked")?
-            .with_context(|| format!("committing checkpoint {id}"))?;
-        last = id;
-        committed.store(id, Ordering::Release);
-        commits.increment(1);
-        durations.record(started.elapsed().as_secs_f64());
-        stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(checkpoint = id, "checkpoint committed");
-        if barrier.last {
-            break;
-        }
-    }
-    Ok(last)
-}
-
 /// A progress line on stderr every `every`.
 async fn progress_task(stats: Arc<Stats>, every: Duration) {
     let started = Instant::now();
@@ -873,7 +780,6 @@ async fn progress_task(stats: Arc<Stats>, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::RawRecord;
 
     /// A stage that blocks its thread does not block the runtime: here it
     /// waits, blocking, for what a task on the (single-threaded) runtime
@@ -902,43 +808,5 @@ mod tests {
         });
         let e = stage.await.unwrap().unwrap_err();
         assert!(e.to_string().contains("panicked"), "{e}");
-    }
-
-    /// The same positions as noting every record in order, for batches of
-    /// a few partitions (the list) and of many (the set), with partition
-    /// names shared and not shared.
-    #[test]
-    fn last_positions_match_noting_every_record() {
-        for partitions in [1usize, 3, 16, 17, 40] {
-            let names: Vec<Arc<str>> = (0..partitions).map(|p| format!("p{p}").into()).collect();
-            let batch: Vec<RawRecord> = (0..500u64)
-                .map(|i| {
-                    let p = (i * 7 + i / 5) as usize % partitions;
-                    // Every third record carries its own copy of the name.
-                    let name = if i % 3 == 0 {
-                        Arc::from(&names[p][..])
-                    } else {
-                        names[p].clone()
-                    };
-                    RawRecord {
-                        position: Position::new(name, i.to_string()),
-                        arrival: 0,
-                        bytes: bytes::Bytes::new(),
-                        replay_watermark: None,
-                    }
-                })
-                .collect();
-            let start: HashMap<Arc<str>, Position> =
-                [(Arc::from("other"), Position::new("other".into(), "1"))]
-                    .into_iter()
-                    .collect();
-            let mut every = start.clone();
-            for raw in &batch {
-                every.insert(raw.position.partition.clone(), raw.position.clone());
-            }
-            let mut last = start;
-            note_last_positions(batch.iter().map(|r| &r.position), &mut last);
-            assert_eq!(last, every, "{partitions} partitions");
-        }
     }
 }

@@ -119,7 +119,7 @@ kinds = ["prediction", "late", "dead_letter"]
     // requests of `max_batch` records, which the server holds, and takes no
     // more input. Every record counted in (by the decode stage) is then held
     // on the way there: in that batch, the channel before the batcher
-    // (`channel_capacity` batches), the enrich stage (one batch it cannot
+    // (`channel_capacity` batches), the engine stage (one batch it cannot
     // send), the channel before it, and the decode stage (one batch it cannot
     // send): `2 · channel_capacity + 3` batches. Counted in up to exactly that
     // with `max_in_flight` requests held, every one of those places is full

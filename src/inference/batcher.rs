@@ -1,4 +1,4 @@
-//! The micro-batcher between enrichment and sinks.
+//! The micro-batcher between the engine stage and the sinks.
 //!
 //! Feature records are collected into a batch that closes at `max_batch`
 //! records, when its first record has waited `max_wait`, or at a checkpoint
@@ -39,8 +39,8 @@ use crate::config::InferenceConfig;
 use crate::flow::Message;
 use crate::record::{DeadLetter, FeatureRecord, FeatureVector, Output, Position, PredictionRecord};
 
-/// One place in the output order.
-enum Slot {
+/// One place in the output order: a batch being scored, or outputs ready to go.
+enum Queued {
     /// Outputs that need no model: emitted as soon as they reach the front.
     Ready(Vec<Output>),
     /// A batch being scored.
@@ -51,7 +51,7 @@ struct Batcher {
     scorer: Arc<Scorer>,
     config: InferenceConfig,
     output: mpsc::Sender<Message<Output>>,
-    queue: VecDeque<Slot>,
+    queue: VecDeque<Queued>,
     /// `Scoring` slots in `queue`.
     scoring: usize,
     pending: Vec<FeatureRecord>,
@@ -111,7 +111,7 @@ pub async fn run(
         };
         let front = async {
             match b.queue.front_mut() {
-                Some(Slot::Scoring(h)) => h.await,
+                Some(Queued::Scoring(h)) => h.await,
                 _ => std::future::pending().await,
             }
         };
@@ -224,7 +224,7 @@ impl Batcher {
         }
         if !self.ready.is_empty() {
             self.queue
-                .push_back(Slot::Ready(std::mem::take(&mut self.ready)));
+                .push_back(Queued::Ready(std::mem::take(&mut self.ready)));
         }
         self.emit_ready().await
     }
@@ -235,7 +235,7 @@ impl Batcher {
         self.deadline = None;
         if !self.ready.is_empty() {
             self.queue
-                .push_back(Slot::Ready(std::mem::take(&mut self.ready)));
+                .push_back(Queued::Ready(std::mem::take(&mut self.ready)));
         }
         if self.pending.is_empty() {
             return;
@@ -260,7 +260,7 @@ impl Batcher {
         }
         let scorer = self.scorer.clone();
         self.queue
-            .push_back(Slot::Scoring(tokio::spawn(score(scorer, records))));
+            .push_back(Queued::Scoring(tokio::spawn(score(scorer, records))));
         self.scoring += 1;
         self.in_flight.set(self.scoring as f64);
     }
@@ -268,8 +268,8 @@ impl Batcher {
     /// Waits for the front slot and emits it.
     async fn emit_front(&mut self) -> Result<(), Closed> {
         match self.queue.pop_front() {
-            Some(Slot::Ready(outputs)) => self.send(outputs).await,
-            Some(Slot::Scoring(handle)) => {
+            Some(Queued::Ready(outputs)) => self.send(outputs).await,
+            Some(Queued::Scoring(handle)) => {
                 self.scoring -= 1;
                 let outputs = match handle.await {
                     Ok(outputs) => outputs,
@@ -289,7 +289,7 @@ impl Batcher {
 
     /// Emits the `Ready` slots at the front, without waiting on any scoring.
     async fn emit_ready(&mut self) -> Result<(), Closed> {
-        while let Some(Slot::Ready(_)) = self.queue.front() {
+        while let Some(Queued::Ready(_)) = self.queue.front() {
             self.emit_front().await?;
         }
         Ok(())
