@@ -1,6 +1,8 @@
 //! Drives the `shardflow` binary the way a user does: `check` on shipped and
 //! broken configs, `run` over files with good and bad lines, SIGTERM.
 
+mod harness;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -42,18 +44,6 @@ fn read_written_lines(path: &Path) -> Vec<serde_json::Value> {
                 .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", path.display()))
         })
         .collect()
-}
-
-/// The value of a counter or gauge in a Prometheus text page (summed over
-/// its labels), 0 when it is not there.
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
@@ -385,7 +375,7 @@ kinds = ["prediction"]
         let mut polls = 0;
         loop {
             let written = read_written_lines(&predictions).len();
-            let committed = metric(
+            let committed = harness::metric_sum(
                 &http_get(&addr, "/metrics").1,
                 "shardflow_checkpoints_total",
             );

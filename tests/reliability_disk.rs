@@ -125,14 +125,7 @@ fn euid() -> u32 {
 fn skipped(reason: &str) {
     let line = format!("[reliability] disk faults: SKIPPED, not run: {reason}");
     let _ = writeln!(std::io::stderr(), "\n{line}");
-    if let Some(dir) = harness::report_dir() {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("report.txt"))
-            .unwrap();
-        writeln!(f, "{line}").unwrap();
-    }
+    harness::append_report(&line);
 }
 
 fn feature_ids(dir: &Path) -> usize {

@@ -35,6 +35,11 @@ pub fn report_dir() -> Option<PathBuf> {
 /// so `make test` shows the numbers too.
 pub fn report(line: &str) {
     eprintln!("[reliability] {line}");
+    append_report(line);
+}
+
+/// Appends `line` to `report.txt` in the report directory, if there is one.
+pub fn append_report(line: &str) {
     if let Some(dir) = report_dir() {
         use std::io::Write as _;
         let mut f = std::fs::OpenOptions::new()
