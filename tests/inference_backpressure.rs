@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use inference_support::*;
 use shardflow::config::Config;
-use shardflow::pipeline::{self, RunOptions, Stats};
+use shardflow::flow::Stats;
+use shardflow::pipeline::{self, RunOptions};
 
 /// Polls `state` every 10 ms until `done` says it is reached, at most
 /// `limit` long; `state` panics itself when it sees something that must never

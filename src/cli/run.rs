@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use shardflow::config::Config;
+use shardflow::config::{Config, SourceConfig};
 use shardflow::flow::Stats;
 use shardflow::pipeline::{self, RunOptions};
 use shardflow::serve::{self, Part, Telemetry};
@@ -41,6 +41,11 @@ pub fn main(args: RunArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if matches!(config.source(), SourceConfig::S3(_)) {
+        return super::failed(format_args!(
+            "an s3 source (an archive) is read by `shardflow replay`, not `run`"
+        ));
+    }
     let runtime = match super::runtime() {
         Ok(r) => r,
         Err(code) => return code,

@@ -20,33 +20,19 @@
 //!   eviction. Until then a miss is a new state, with no read.
 //! * **Prefetching only warms the CPU cache.** No result depends on it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use smallvec::SmallVec;
 use smol_str::SmolStr;
 
 use crate::state::StateStore;
 
-use super::operator::{EngineStats, KeyState, Operator, SpecPlan};
+use super::operator::{EngineStats, KeyState, KeyStates, Operator, SpecPlan, States};
 use super::EngineError;
 
 /// Keys whose states are loaded into the CPU cache ahead of use
 /// ([`Engine::prefetch`](super::Engine::prefetch)): enough to overlap many
 /// misses, few enough that their lines are still cached when used.
 pub const PREFETCH_AHEAD: usize = 32;
-
-/// A key's states, one slot per window spec (indexed by spec id). `None`:
-/// not in memory, because it never existed, was purged and dropped, or was
-/// evicted (then the store has it). Held inline, so an event reaches the
-/// states of all its specs with one probe and no further pointer chase.
-pub(super) type KeyStates = SmallVec<[Option<KeyState>; 2]>;
-
-/// foldhash: per-process seeded and several times faster than SipHash on
-/// short keys; this map is hit for every event and every firing. Keys up to
-/// 23 bytes are stored inline ([`SmolStr`]), so comparing the probed entry's
-/// key does not chase a pointer to another cache line.
-pub(super) type States = HashMap<SmolStr, KeyStates, foldhash::fast::RandomState>;
 
 /// The slots of `key`, made (all empty) if it has none in memory.
 #[inline]

@@ -17,6 +17,7 @@
 
 mod aggregate;
 mod cache;
+mod ingest;
 mod operator;
 pub mod rules;
 mod snapshot;

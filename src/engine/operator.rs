@@ -4,10 +4,13 @@
 //! is due, it asks [`rules`].
 //!
 //! This file holds the operator's data ([`Operator`], [`KeyState`],
-//! [`SpecPlan`]) and the per-event path ([`Operator::add_event`]: steps 2
-//! and 3 of the engine's per-event order). The other three jobs each have a
-//! file, with an `impl Operator` block on the same struct:
+//! [`SpecPlan`], the maps [`States`] and [`Timers`]) and nothing that acts
+//! on it, so every file below imports it and it imports none of them. Each
+//! job has a file, with an `impl Operator` block on the same struct:
 //!
+//! * [`ingest`](super::ingest): building the operator and the per-event
+//!   path ([`Operator::add_event`]: steps 2 and 3 of the engine's
+//!   per-event order).
 //! * [`cache`](super::cache): which states are in memory. It loads a state
 //!   on a miss, tracks dirty states, evicts clean states after a commit and
 //!   prefetches.
@@ -24,18 +27,16 @@
 //! the same fields to the others anyway. So the fields are `pub(super)`, and
 //! each field's doc names the file that owns it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::record::{Event, Value};
+use smallvec::SmallVec;
+use smol_str::SmolStr;
+
 use crate::state::{StateDelta, StateStore};
 
 use super::aggregate::{Acc, FeatureSlot};
-use super::cache::{key_states, slot_state, touch, States};
-use super::rules;
-use super::timers::{purge_slices, reschedule, Timers};
 use super::window::{Geometry, KeyWindows};
-use super::EngineError;
 
 /// The features sharing one window spec, and so one set of slices.
 #[derive(Clone, Debug)]
@@ -87,7 +88,7 @@ pub(super) struct KeyState {
 }
 
 impl KeyState {
-    fn new() -> KeyState {
+    pub(super) fn new() -> KeyState {
         KeyState {
             windows: KeyWindows::default(),
             fired: i64::MIN,
@@ -146,119 +147,24 @@ pub(super) struct Operator {
 }
 
 impl Operator {
-    pub(super) fn new(
-        specs: Vec<SpecPlan>,
-        lateness: i64,
-        results: bool,
-        store: StateStore,
-        (capacity, inline_max): (usize, usize),
-    ) -> Result<Operator, EngineError> {
-        let timers = super::timers::restore(&store, specs.len())?;
-        let store_may_have = store.has_key_state()?;
-        Ok(Operator {
-            states: States::default(),
-            scratch: specs.iter().map(|s| Acc::empty(&s.slots)).collect(),
-            specs,
-            lateness,
-            results,
-            timers,
-            dirty: Vec::new(),
-            pending: StateDelta::empty(),
-            store,
-            store_may_have,
-            committed: 0,
-            capacity: capacity.max(1),
-            inline_max,
-            refire: Vec::new(),
-            stats: EngineStats::default(),
-        })
-    }
-
-    /// Steps 2 and 3 for an event that is not late: adds it to its slice in
-    /// every spec where one of its windows is live, and writes the feature
-    /// values of the earliest-ending live window into `values`.
-    pub(super) fn add_event(
-        &mut self,
-        event: &Event,
-        seq: u64,
-        w_before: i64,
-        values: &mut [Option<Value>],
-    ) -> Result<(), EngineError> {
-        let t = event.event_time;
-        let Operator {
-            specs,
-            states,
-            timers,
-            dirty,
-            scratch,
-            refire,
-            stats,
-            lateness,
-            results,
-            pending,
-            store,
-            store_may_have,
-            ..
-        } = self;
-        // One hash lookup per event for all specs: the map is the engine's
-        // largest structure and its probe is usually a cache miss.
-        let slots = key_states(states, &event.key, specs.len());
-        for (si, plan) in specs.iter().enumerate() {
-            let geo = plan.geo;
-            if geo.is_late(t, w_before, *lateness) {
-                continue;
-            }
-            let Some(st) = slot_state(
-                &mut slots[si],
-                (store, *store_may_have),
-                plan,
-                &event.key,
-                stats,
-                || Some(KeyState::new()),
-            )?
-            else {
-                continue; // never: a missing state is created
-            };
-            let live = geo.first_live_window(w_before, *lateness);
-            // Windows before `live` are purged, so all were handled when the
-            // watermark passed them (firing never comes after purging, see
-            // `rules`).
-            st.fired = st.fired.max(live.saturating_sub(1));
-            // Without window results the key's timer waits for its whole
-            // state to expire; older slices go here. (With them, every
-            // purge was due at a timer already visited: nothing to do.)
-            purge_slices(pending, plan, &event.key, st, w_before, *lateness);
-            let s = geo.slice_of(t);
-            let outcome = st.windows.add(&geo, &plan.slots, s, event, seq);
-            if outcome.distinct_overflowed {
-                stats.distinct_overflows += 1;
-                if stats.distinct_overflows.is_power_of_two() {
-                    tracing::warn!(
-                        key = &*event.key,
-                        overflows = stats.distinct_overflows,
-                        "a distinct_count slice exceeded max_distinct; windows containing it report null"
-                    );
-                }
-            }
-            touch(dirty, plan.id, &event.key, st);
-            let j = s.max(live);
-            st.windows
-                .values(&geo, &plan.slots, j, &mut scratch[si], |slot, v| {
-                    if let Some(dst) = values.get_mut(slot.index) {
-                        *dst = v;
-                    }
-                });
-            let again = rules::refired(s..=geo.last_window_of_slice(s), live, st.fired);
-            if *results && !again.is_empty() {
-                refire.push((plan.id, event.key.clone(), *again.start(), *again.end()));
-            }
-            reschedule(timers, plan, (*lateness, *results), &event.key, st);
-        }
-        Ok(())
-    }
-
     /// Whether window results are produced.
     pub(super) fn window_results(&self) -> bool {
         self.results
     }
 }
+
+/// A key's states, one slot per window spec (indexed by spec id). `None`:
+/// not in memory, because it never existed, was purged and dropped, or was
+/// evicted (then the store has it). Held inline, so an event reaches the
+/// states of all its specs with one probe and no further pointer chase.
+pub(super) type KeyStates = SmallVec<[Option<KeyState>; 2]>;
+
+/// foldhash: per-process seeded and several times faster than SipHash on
+/// short keys; this map is hit for every event and every firing. Keys up to
+/// 23 bytes are stored inline ([`SmolStr`]), so comparing the probed entry's
+/// key does not chase a pointer to another cache line.
+pub(super) type States = HashMap<SmolStr, KeyStates, foldhash::fast::RandomState>;
+
+/// The timer index: the keys of each spec whose timer is at an instant,
+/// ordered by that instant (a window end or a purge time).
+pub(super) type Timers = BTreeMap<(i64, u16), Vec<Arc<str>>>;

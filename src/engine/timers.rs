@@ -45,14 +45,10 @@ use crate::state::{Cf, StateDelta, StateStore};
 
 use super::aggregate::Acc;
 use super::cache::{key_states, slot_state, touch, PREFETCH_AHEAD};
-use super::operator::{EngineStats, KeyState, Operator, SpecPlan};
+use super::operator::{EngineStats, KeyState, Operator, SpecPlan, Timers};
 use super::rules;
 use super::window::Geometry;
 use super::EngineError;
-
-/// The timer index: the keys of each spec whose timer is at an instant,
-/// ordered by that instant (a window end or a purge time).
-pub(super) type Timers = BTreeMap<(i64, u16), Vec<Arc<str>>>;
 
 /// The index of the timers stored in `store`'s records, for `specs` specs.
 pub(super) fn restore(store: &StateStore, specs: usize) -> Result<Timers, EngineError> {

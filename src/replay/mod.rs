@@ -25,9 +25,8 @@ use tokio::sync::watch;
 
 use crate::config::{Config, SinkConfig, SourceConfig};
 use crate::flow::Stats;
-use crate::pipeline::{self, RunOptions};
-use crate::source::s3::ArchiveProgress;
-use crate::source::ArchiveOptions;
+use crate::pipeline::{self, ExtraSink, RunOptions};
+use crate::source::s3::{ArchiveProgress, S3Source};
 use crate::state::StateStore;
 use crate::time::Millis;
 
@@ -119,20 +118,20 @@ pub async fn run(
     config.pipeline.state_dir = dir.clone();
     let progress = Arc::new(ArchiveProgress::default());
     let stats = Arc::new(Stats::default());
+    let source = S3Source::new(src, &config.schema, from, to, progress.clone());
+    let mut extra_sinks = Vec::new();
+    if let Some(path) = args.export.clone() {
+        let export = export::ExportSink::create(&export::ExportOptions { path }, &config)?;
+        extra_sinks.push(ExtraSink {
+            kinds: export.kinds(),
+            sink: Box::new(export),
+            label: "export",
+        });
+    }
     let options = RunOptions {
-        reset_state: false,
-        progress: false,
-        aws: None,
-        replay: true,
-        archive: ArchiveOptions {
-            from,
-            to,
-            progress: progress.clone(),
-        },
-        export: args
-            .export
-            .clone()
-            .map(|path| export::ExportOptions { path }),
+        source: Some(Box::new(source)),
+        extra_sinks,
+        ..RunOptions::default()
     };
     let display = args.progress.then(|| {
         progress::spawn(

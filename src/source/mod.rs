@@ -115,34 +115,31 @@ pub trait Source: Send {
     /// Reads until the input ends or shutdown is signalled, then sends
     /// [`SourceMessage::End`]. An error is fatal to the pipeline.
     fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, anyhow::Result<()>>;
+    /// Whether the source replays a recorded run: its records carry the
+    /// watermark that run had ([`RawRecord::replay_watermark`]), which the
+    /// engine follows, and its partitions are never idle by wall clock.
+    fn replays_watermarks(&self) -> bool {
+        false
+    }
+    /// Only events in this range are wanted (an archive's `from`/`to`):
+    /// the pipeline leaves the others out and counts them.
+    fn event_time_range(&self) -> Option<EventTimeRange> {
+        None
+    }
 }
 
-/// What a replay changes about its (S3) source.
-#[derive(Debug, Clone, Default)]
-pub struct ArchiveOptions {
-    /// `--from` / `--to`, overriding the config's range.
-    pub from: Option<Millis>,
-    pub to: Option<Millis>,
-    pub progress: std::sync::Arc<s3::ArchiveProgress>,
-}
+/// `[from, to)` on event time, each end optional.
+pub type EventTimeRange = (Option<Millis>, Option<Millis>);
 
 /// Builds the configured source.
 pub fn build(config: &crate::config::Config) -> anyhow::Result<Box<dyn Source>> {
-    build_with(config, &ArchiveOptions::default())
-}
-
-/// Builds the configured source; an S3 source takes `archive`.
-pub fn build_with(
-    config: &crate::config::Config,
-    archive: &ArchiveOptions,
-) -> anyhow::Result<Box<dyn Source>> {
     Ok(match config.source() {
         SourceConfig::S3(c) => Box::new(s3::S3Source::new(
             c.clone(),
             &config.schema,
-            archive.from,
-            archive.to,
-            archive.progress.clone(),
+            None,
+            None,
+            Default::default(),
         )),
         SourceConfig::File(c) => Box::new(file::FileSource::new(c.clone())),
         SourceConfig::Generator(c) => {

@@ -1,0 +1,205 @@
+//! The engine stage: events through the window engine into feature
+//! records, window results and late events, on a thread of its own (a
+//! cache miss reads RocksDB); the state delta each barrier collects.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::engine::{Engine, PREFETCH_AHEAD};
+use crate::flow::{Decoded, Message, Stats};
+use crate::record::{Output, RawOutput};
+use crate::telemetry::StageClock;
+use crate::time::{now_millis, Millis};
+
+/// Processing time for the engine's idle clocks: the wall clock less the
+/// time the engine stage spent waiting for downstream. While the pipeline
+/// backpressures, no record can arrive, so that time must not make a
+/// partition idle (its records are waiting behind the stall).
+#[derive(Default)]
+struct ProcessingClock {
+    stalled: Duration,
+}
+
+impl ProcessingClock {
+    fn now(&self) -> Millis {
+        now_millis() - self.stalled.as_millis() as Millis
+    }
+
+    /// Sends `message` downstream, counting the wait as stalled time.
+    async fn send<T>(
+        &mut self,
+        output: &mpsc::Sender<Message<T>>,
+        message: Message<T>,
+    ) -> Result<(), mpsc::error::SendError<Message<T>>> {
+        let started = Instant::now();
+        let sent = output.send(message).await;
+        self.stalled += started.elapsed();
+        sent
+    }
+}
+
+/// Runs the window engine: feature records, window results and late events,
+/// plus the state delta each barrier carries to the committer. A firing
+/// burst leaves in chunks of `fire_chunk_keys` keys, each sent (and so
+/// backpressured) before the next is made.
+pub(super) async fn engine_stage(
+    mut engine: Engine,
+    emit_raw: bool,
+    committed: Arc<AtomicU64>,
+    mut input: mpsc::Receiver<Message<Decoded>>,
+    output: mpsc::Sender<Message<Output>>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    let events = metrics::counter!("shardflow_events_total");
+    let watermark = metrics::gauge!("shardflow_watermark_ms");
+    // Processing time drives idleness; a few ticks a second are plenty.
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut clock = ProcessingClock::default();
+    let clock_out = StageClock::new("engine");
+    let mut seen_commit = 0;
+    loop {
+        let mut out = Vec::new();
+        let mut barrier = None;
+        tokio::select! {
+            // The ticker first: under a backlog input is always ready, and
+            // eviction and idleness must still run on time.
+            biased;
+            _ = ticker.tick() => {
+                let c = committed.load(Ordering::Acquire);
+                if c > seen_commit {
+                    engine.committed(c);
+                    seen_commit = c;
+                }
+                engine.on_tick(clock.now(), &mut out)?;
+            }
+            message = input.recv() => match message {
+                Some(Message::Batch(batch)) => {
+                    let arrival = batch.iter().find_map(|d| match d {
+                        Decoded::Event(e) => Some(e.arrival),
+                        _ => None,
+                    });
+                    let mut items = batch.into_iter();
+                    loop {
+                        let n = process_batch(&mut engine, &mut items, emit_raw, clock.now(), &mut out)?;
+                        events.increment(n);
+                        stats.events.fetch_add(n, Ordering::Relaxed);
+                        if items.as_slice().is_empty() {
+                            clock_out.left(arrival);
+                            break;
+                        }
+                        // A burst stopped the batch: hand it on before the next event.
+                        if !hand_on(&mut engine, &mut clock, &output, std::mem::take(&mut out)).await? {
+                            return Ok(());
+                        }
+                    }
+                }
+                Some(Message::Barrier(mut b)) => {
+                    if b.end_of_input {
+                        engine.finish(&mut out)?;
+                        if !hand_on(&mut engine, &mut clock, &output, std::mem::take(&mut out)).await? {
+                            return Ok(());
+                        }
+                    }
+                    b.delta = Some(engine.snapshot(b.id)?);
+                    barrier = Some(b);
+                }
+                None => return Ok(()),
+            },
+        }
+        let wm = engine.watermark();
+        stats.watermark.store(wm, Ordering::Relaxed);
+        watermark.set(wm as f64);
+        if !hand_on(&mut engine, &mut clock, &output, out).await? {
+            return Ok(());
+        }
+        if let Some(b) = barrier {
+            if clock.send(&output, Message::Barrier(b)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Sends `out` downstream, then the rest of a pending firing burst chunk
+/// by chunk. False when downstream is gone.
+async fn hand_on(
+    engine: &mut Engine,
+    clock: &mut ProcessingClock,
+    output: &mpsc::Sender<Message<Output>>,
+    mut out: Vec<Output>,
+) -> anyhow::Result<bool> {
+    loop {
+        if !out.is_empty() && clock.send(output, Message::Batch(out)).await.is_err() {
+            return Ok(false);
+        }
+        if !engine.firing() {
+            return Ok(true);
+        }
+        out = Vec::new();
+        engine.fire_more(&mut out)?;
+    }
+}
+
+/// Runs a batch through the engine into `out`, until it is consumed or an
+/// item leaves a firing burst pending (the caller hands `out` on, drains
+/// the burst and calls again with the rest). Returns how many events it
+/// processed.
+fn process_batch(
+    engine: &mut Engine,
+    items: &mut std::vec::IntoIter<Decoded>,
+    emit_raw: bool,
+    now: Millis,
+    out: &mut Vec<Output>,
+) -> anyhow::Result<u64> {
+    let mut events = 0;
+    out.reserve(items.len());
+    while !items.as_slice().is_empty() {
+        let ahead = items.as_slice();
+        let ahead = &ahead[..ahead.len().min(PREFETCH_AHEAD)];
+        engine.prefetch(ahead.iter().filter_map(|d| match d {
+            Decoded::Event(e) => Some(&*e.key),
+            _ => None,
+        }));
+        for _ in 0..PREFETCH_AHEAD {
+            let Some(d) = items.next() else { break };
+            match d {
+                Decoded::Event(e) => {
+                    events += 1;
+                    if emit_raw {
+                        out.push(Output::Raw(RawOutput {
+                            position: e.position.clone(),
+                            event_time: Some(e.event_time),
+                            watermark: engine.watermark(),
+                            data: e.raw.clone(),
+                        }));
+                    }
+                    engine.process(&e, now, out)?;
+                }
+                Decoded::Dead(d) => {
+                    if emit_raw {
+                        out.push(Output::Raw(RawOutput {
+                            position: d.position.clone(),
+                            event_time: None,
+                            watermark: engine.watermark(),
+                            data: d.raw.clone(),
+                        }));
+                    }
+                    out.push(Output::DeadLetter(*d));
+                }
+                Decoded::Unreadable(d) => out.push(Output::DeadLetter(*d)),
+                Decoded::Advance(w) => engine.advance_to(w, out)?,
+                Decoded::Partition(name, status) => {
+                    engine.partition_status(&name, status, now, out)?
+                }
+            }
+            if engine.firing() {
+                return Ok(events);
+            }
+        }
+    }
+    Ok(events)
+}
