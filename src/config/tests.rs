@@ -359,3 +359,84 @@ fn the_readme_reference_lists_exactly_the_accepted_keys() {
         );
     }
 }
+
+/// A README default written as a TOML value (`16`, `"5s"`, `false`,
+/// `["score"]`) is what the code defaults to: setting the key to it
+/// changes nothing. (Defaults written in words, `none`, `now`, `AWS
+/// chain`, are not checked.)
+#[test]
+fn the_readme_defaults_are_the_code_defaults() {
+    let base = "[schema]\nkey = \"k\"\ntimestamp = \"t\"\n[[sinks]]\ntype = \"stdout\"\nkinds = [\"features\"]\n";
+    let generator = "[source]\ntype = \"generator\"\n";
+    // (README table, the table's header and required keys, what it parses into)
+    type Section = fn(&Config) -> String;
+    let tables: &[(&str, String, Section)] = &[
+        ("[pipeline]", format!("{generator}{base}[pipeline]\n"), |c| format!("{:?}", c.pipeline)),
+        ("[source] generator", format!("{base}{generator}"), |c| format!("{:?}", c.source())),
+        ("[source] file", format!("{base}[source]\ntype = \"file\"\npath = \"x\"\n"), |c| format!("{:?}", c.source())),
+        ("[source] kinesis", format!("{base}[source]\ntype = \"kinesis\"\nstream_name = \"s\"\n"), |c| format!("{:?}", c.source())),
+        ("[source] s3", format!("{base}[source]\ntype = \"s3\"\nbucket = \"bucket\"\n"), |c| format!("{:?}", c.source())),
+        ("[schema]", format!("{generator}[[sinks]]\ntype = \"stdout\"\nkinds = [\"features\"]\n[schema]\nkey = \"k\"\ntimestamp = \"t\"\n"), |c| format!("{:?}", c.schema)),
+        ("[watermark]", format!("{generator}{base}[watermark]\n"), |c| format!("{:?}", c.watermark)),
+        ("[inference]", format!("{generator}{base}[inference]\nbackend = \"sagemaker\"\nendpoint_name = \"e\"\n"), |c| format!("{:?}", c.inference)),
+    ];
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut checked = 0;
+    for (table, text, section) in tables {
+        let plain = parse(text).unwrap_or_else(|e| panic!("{table}: {e}"));
+        for (key, default) in readme_defaults(&readme, table) {
+            if text.contains(&format!("\n{key} = ")) {
+                continue;
+            }
+            let with = parse(&format!("{text}{key} = {default}\n"))
+                .unwrap_or_else(|e| panic!("README {table} {key} = {default}: {e}"));
+            assert_eq!(
+                section(&with),
+                section(&plain),
+                "README {table}: {key} defaults to {default}, the code to something else"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 40,
+        "only {checked} defaults checked: has the README's table shape changed?"
+    );
+}
+
+/// `(key, default)` of the rows of one README table whose default cell is
+/// a TOML value in backticks.
+fn readme_defaults(readme: &str, table: &str) -> Vec<(String, String)> {
+    let (heading, variant) = table.split_once(' ').unwrap_or((table, ""));
+    let start = readme.find(&format!("### `{heading}`")).unwrap();
+    let mut section = &readme[start..];
+    if !variant.is_empty() {
+        section = &section[section.find(&format!("`type = \"{variant}\"`")).unwrap()..];
+    }
+    let mut rows = Vec::new();
+    let mut in_table = false;
+    for line in section.lines().skip(1) {
+        if line.starts_with("### ") {
+            break;
+        }
+        if line.starts_with("| `") {
+            in_table = true;
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let (key, default) = (cells[1], cells[2]);
+            let literal = default.len() > 2
+                && default.starts_with('`')
+                && default.ends_with('`')
+                && !default[1..default.len() - 1].contains('`');
+            if literal && !key.contains('/') {
+                rows.push((
+                    key.trim_matches('`').to_string(),
+                    default.trim_matches('`').to_string(),
+                ));
+            }
+        } else if in_table && !line.starts_with('|') {
+            break;
+        }
+    }
+    rows
+}

@@ -16,6 +16,23 @@
 //! [`crate::sink`]. This file creates the channels, spawns the stages and
 //! drains everything on shutdown.
 //!
+//! # Backpressure: what bounds memory
+//!
+//! - Every arrow is a bounded channel of `channel_capacity` batches, each of
+//!   at most `batch_size` records: a slow stage makes the one before it
+//!   wait, back to the source, which stops reading (a Kinesis shard holds
+//!   at most `shard_buffer` batches, an archive `concurrency` objects).
+//! - A firing burst (the end of input, a watermark jump after idleness, an
+//!   archived watermark) leaves the engine in chunks of `batch_size` keys,
+//!   each sent, and so backpressured, before the next is made.
+//! - The batcher has at most `max_in_flight` batches of `max_batch` being
+//!   scored; while all are busy it takes no input.
+//! - The commit queue holds `channel_capacity` checkpoints, more when a sink
+//!   batches across checkpoints (the S3 archive's `max_age` over the
+//!   interval, at most 1,024), so that sink's held acknowledgements fit.
+//! - Time the engine waits for downstream does not count as processing
+//!   time: a backpressured partition is not idle.
+//!
 //! Every command runs this one pipeline: a replay is a run whose source
 //! (the archive), event-time range and extra sinks (the training export)
 //! its caller passes in [`RunOptions`]; nothing here knows about replay.
