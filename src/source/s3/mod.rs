@@ -39,6 +39,7 @@
 //! start of the object, skipping what was already handed on.
 
 mod archived;
+pub use archived::{archived_event, Interner};
 mod fetch;
 pub mod objects;
 
