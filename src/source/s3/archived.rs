@@ -15,6 +15,7 @@ use crate::record::{Position, RawRecord};
 use crate::source::DecodedRecord;
 use crate::time::Millis;
 
+/// One line of shardflow's archive (only `raw` lines are input records).
 #[derive(Deserialize)]
 struct ArchiveLine<'a> {
     #[serde(borrow)]

@@ -147,8 +147,6 @@ fn bad(bucket: &str, key: &str, offset: u64, reason: String, raw: Bytes) -> Dead
     }
 }
 
-/// One line of shardflow's archive (only `raw` lines are input records).
-
 /// Decodes one object (blocking thread), handing records on in batches.
 fn decode_object(
     reader: ChunkReader,
