@@ -75,6 +75,7 @@
 
 mod committer;
 mod positions;
+pub mod remote;
 
 use std::time::Duration;
 

@@ -69,6 +69,16 @@ fn describe(config: &Config) -> anyhow::Result<String> {
                 .join(", ")
         }
     ));
+    if let Some(store) = &config.checkpoint_store {
+        let shardflow::config::CheckpointStoreConfig::S3(c) = store.get_ref();
+        out.push_str(&format!(
+            "state:     {}, every {} checkpoint(s) also in {} (the newest {} kept)\n",
+            config.pipeline.state_dir.display(),
+            c.every,
+            store.get_ref().describe(),
+            c.retain
+        ));
+    }
     let w = &config.watermark;
     out.push_str(&format!(
         "watermark: out-of-orderness {}, idle after {}, allowed lateness {}\n",

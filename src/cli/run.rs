@@ -26,9 +26,14 @@ pub struct RunArgs {
     /// Where to serve Prometheus /metrics, /healthz and /readyz ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:9898", env = "SHARDFLOW_METRICS_ADDR")]
     metrics_addr: String,
-    /// Discard state written by an incompatible config instead of refusing to start.
-    #[arg(long)]
+    /// Start from empty state: discard what the state directory holds (state
+    /// of an incompatible config, or older than the remote checkpoints).
+    #[arg(long, conflicts_with = "restore_remote")]
     reset_state: bool,
+    /// With a [checkpoint_store]: discard the local state and start from the
+    /// newest remote checkpoint.
+    #[arg(long)]
+    restore_remote: bool,
     /// No progress line on stderr.
     #[arg(long)]
     quiet: bool,
@@ -52,6 +57,7 @@ pub fn main(args: RunArgs) -> ExitCode {
     };
     let options = RunOptions {
         reset_state: args.reset_state,
+        restore_remote: args.restore_remote,
         progress: !args.quiet,
         ..RunOptions::default()
     };

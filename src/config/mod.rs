@@ -20,6 +20,7 @@
 //!
 //! - `env.rs`: `${VAR}` substitution into parsed strings
 //! - `pipeline.rs`: `[pipeline]`
+//! - `checkpoint_store.rs`: `[checkpoint_store]`
 //! - `source.rs`: `[source]` (file, generator, kinesis; s3 in `s3.rs`)
 //! - `s3.rs`: the S3 client keys, the archive as a source and as a sink
 //! - `schema.rs`: `[schema]`
@@ -28,6 +29,7 @@
 //! - `sink.rs`: `[[sinks]]`
 //! - `replay.rs`: `[replay]` and the config a replay runs
 
+mod checkpoint_store;
 mod env;
 mod inference;
 mod pipeline;
@@ -53,6 +55,7 @@ use crate::record::{KindSet, OutputKind};
 
 use env::{env_reference_outside_string, substitute_env_in, NOT_A_STRING_HINT};
 
+pub use checkpoint_store::{CheckpointStoreConfig, S3CheckpointStoreConfig};
 pub use inference::{Backend, ContentType, FallbackKind, InferenceConfig, JsonKey, ShadowConfig};
 pub use pipeline::PipelineConfig;
 pub use replay::ReplayConfig;
@@ -99,6 +102,9 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// Where checkpoints are also kept, off this machine.
+    #[serde(default)]
+    pub checkpoint_store: Option<Spanned<CheckpointStoreConfig>>,
     pub source: Spanned<SourceConfig>,
     pub schema: SchemaConfig,
     #[serde(default)]
@@ -202,6 +208,11 @@ impl Config {
         let at = |span: std::ops::Range<usize>, msg: String| Err((Some(span), msg));
         if let Some(msg) = self.pipeline.problem() {
             return Err((None, msg));
+        }
+        if let Some(store) = &self.checkpoint_store {
+            if let Some(msg) = store.get_ref().problem() {
+                return at(store.span(), msg);
+            }
         }
         if let Some(msg) = self.source.get_ref().problem() {
             return at(self.source.span(), msg);

@@ -73,6 +73,9 @@ impl Config {
     /// Errors when there is no archive to replay.
     pub fn for_replay(&self) -> Result<Config, String> {
         let mut c = self.clone();
+        // A replay's state is its own (temporary, or --state-dir), never
+        // the live run's checkpoints.
+        c.checkpoint_store = None;
         if let Some(r) = &self.replay {
             let span = r.span();
             let r = r.get_ref();

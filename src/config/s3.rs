@@ -89,7 +89,7 @@ fn default_prune_slack() -> Duration {
 fn default_s3_concurrency() -> usize {
     8
 }
-fn default_s3_attempts() -> u32 {
+pub(super) fn default_s3_attempts() -> u32 {
     5
 }
 
@@ -106,7 +106,7 @@ impl S3ClientConfig {
 }
 
 /// A bucket name S3 accepts (3-63 lowercase letters, digits, dots, hyphens).
-fn bucket_problem(bucket: &str) -> Option<String> {
+pub(super) fn bucket_problem(bucket: &str) -> Option<String> {
     let ok = (3..=63).contains(&bucket.len())
         && bucket
             .chars()

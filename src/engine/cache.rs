@@ -18,15 +18,18 @@
 //!   `store_may_have` is true once the store may hold a state that is not in
 //!   memory: after a restore that found key state, or after the first
 //!   eviction. Until then a miss is a new state, with no read.
+//! * **A key is hashed once per stay in memory.** Its entry's MD5 hash,
+//!   which starts every stored key of it, is computed when the entry is
+//!   made; the per-event path and the checkpoints use it as it is.
 //! * **Prefetching only warms the CPU cache.** No result depends on it.
 
 use std::sync::Arc;
 
 use smol_str::SmolStr;
 
-use crate::state::StateStore;
+use crate::state::{hash_key, StateStore};
 
-use super::operator::{EngineStats, KeyState, KeyStates, Operator, SpecPlan, States};
+use super::operator::{EngineStats, KeyEntry, KeyRef, KeyState, Operator, SpecPlan, States};
 use super::EngineError;
 
 /// Keys whose states are loaded into the CPU cache ahead of use
@@ -34,12 +37,14 @@ use super::EngineError;
 /// misses, few enough that their lines are still cached when used.
 pub const PREFETCH_AHEAD: usize = 32;
 
-/// The slots of `key`, made (all empty) if it has none in memory.
+/// The entry of `key`, made (all slots empty, the key hashed) if it has none
+/// in memory.
 #[inline]
-pub(super) fn key_states<'a>(states: &'a mut States, key: &str, specs: usize) -> &'a mut KeyStates {
-    states
-        .entry(SmolStr::new(key))
-        .or_insert_with(|| (0..specs).map(|_| None).collect())
+pub(super) fn key_states<'a>(states: &'a mut States, key: &str, specs: usize) -> &'a mut KeyEntry {
+    states.entry(SmolStr::new(key)).or_insert_with(|| KeyEntry {
+        hash: hash_key(key),
+        slots: (0..specs).map(|_| None).collect(),
+    })
 }
 
 /// The stored state of `(spec, key)`, when the store may have one.
@@ -47,24 +52,25 @@ fn load_stored(
     store: &StateStore,
     store_may_have: bool,
     plan: &SpecPlan,
-    key: &str,
+    (hash, key): KeyRef<'_>,
 ) -> Result<Option<KeyState>, EngineError> {
     if !store_may_have {
         return Ok(None);
     }
-    match store.load_key(plan.id, key)? {
-        Some(record) => Ok(Some(KeyState::decode(plan, key, &record, store)?)),
+    match store.load_key(hash, plan.id, key)? {
+        Some(record) => Ok(Some(KeyState::decode(plan, (hash, key), &record, store)?)),
         None => Ok(None),
     }
 }
 
 /// The cached state of `(spec, key)` in its slot, else the stored one (read
-/// into the slot), else `missing()` if that gives one.
+/// into the slot), else `missing()` if that gives one. `hash` is the key's
+/// [`KeyEntry::hash`].
 pub(super) fn slot_state<'a>(
     slot: &'a mut Option<KeyState>,
     (store, store_may_have): (&StateStore, bool),
     plan: &SpecPlan,
-    key: &str,
+    key: KeyRef<'_>,
     stats: &mut EngineStats,
     missing: impl FnOnce() -> Option<KeyState>,
 ) -> Result<Option<&'a mut KeyState>, EngineError> {
@@ -100,8 +106,8 @@ impl Operator {
     /// their cache misses overlap instead of stalling the events one by one.
     pub(super) fn prefetch<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
         for key in keys {
-            if let Some(slots) = self.states.get(key) {
-                for st in slots.iter().flatten() {
+            if let Some(entry) = self.states.get(key) {
+                for st in entry.slots.iter().flatten() {
                     st.windows.prefetch();
                 }
             }
@@ -115,13 +121,13 @@ impl Operator {
         let committed = self.committed;
         let clean = |st: &KeyState| !st.dirty && st.snapshot_id <= committed;
         let mut len = 0;
-        self.states.retain(|_, slots| {
-            for slot in slots.iter_mut() {
+        self.states.retain(|_, entry| {
+            for slot in entry.slots.iter_mut() {
                 if slot.as_ref().is_some_and(|st| st.is_empty() && clean(st)) {
                     *slot = None;
                 }
             }
-            let held = slots.iter().flatten().count();
+            let held = entry.slots.iter().flatten().count();
             len += held;
             held > 0
         });
@@ -129,14 +135,14 @@ impl Operator {
             return;
         }
         let before = len;
-        self.states.retain(|_, slots| {
-            for slot in slots.iter_mut() {
+        self.states.retain(|_, entry| {
+            for slot in entry.slots.iter_mut() {
                 if len > self.capacity && slot.as_ref().is_some_and(clean) {
                     *slot = None;
                     len -= 1;
                 }
             }
-            slots.iter().any(Option::is_some)
+            entry.slots.iter().any(Option::is_some)
         });
         if len < before {
             // Evicted states now live only in RocksDB: misses must read it.
@@ -149,7 +155,7 @@ impl Operator {
     pub(super) fn cached_states(&self) -> usize {
         self.states
             .values()
-            .map(|s| s.iter().flatten().count())
+            .map(|e| e.slots.iter().flatten().count())
             .sum()
     }
 }

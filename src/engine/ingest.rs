@@ -7,7 +7,7 @@ use crate::state::{StateDelta, StateStore};
 
 use super::aggregate::Acc;
 use super::cache::{key_states, slot_state, touch};
-use super::operator::{EngineStats, KeyState, Operator, SpecPlan, States};
+use super::operator::{EngineStats, KeyEntry, KeyState, Operator, SpecPlan, States};
 use super::rules;
 use super::timers::{purge_slices, reschedule};
 use super::EngineError;
@@ -68,8 +68,9 @@ impl Operator {
             ..
         } = self;
         // One hash lookup per event for all specs: the map is the engine's
-        // largest structure and its probe is usually a cache miss.
-        let slots = key_states(states, &event.key, specs.len());
+        // largest structure and its probe is usually a cache miss. The MD5
+        // hash of stored keys comes with the entry (made once per key).
+        let KeyEntry { hash, slots } = key_states(states, &event.key, specs.len());
         for (si, plan) in specs.iter().enumerate() {
             let geo = plan.geo;
             if geo.is_late(t, w_before, *lateness) {
@@ -79,7 +80,7 @@ impl Operator {
                 &mut slots[si],
                 (store, *store_may_have),
                 plan,
-                &event.key,
+                (hash, &event.key),
                 stats,
                 || Some(KeyState::new()),
             )?
@@ -94,7 +95,7 @@ impl Operator {
             // Without window results the key's timer waits for its whole
             // state to expire; older slices go here. (With them, every
             // purge was due at a timer already visited: nothing to do.)
-            purge_slices(pending, plan, &event.key, st, w_before, *lateness);
+            purge_slices(pending, plan, (hash, &event.key), st, w_before, *lateness);
             let s = geo.slice_of(t);
             let outcome = st.windows.add(&geo, &plan.slots, s, event, seq);
             if outcome.distinct_overflowed {

@@ -159,11 +159,32 @@ impl Operator {
 /// states of all its specs with one probe and no further pointer chase.
 pub(super) type KeyStates = SmallVec<[Option<KeyState>; 2]>;
 
+/// What the cache holds of a key: its states and the MD5 hash that starts
+/// each of its stored keys ([`hash_key`](crate::state::hash_key)).
+///
+/// The hash is computed when the entry is made (the key's first event or
+/// visit since it was last in memory), not per event or per checkpoint
+/// write. It is kept here, once per key, rather than in each [`KeyState`]:
+/// there it would cost 16 bytes per inline slot of [`KeyStates`], used or
+/// not (32 per key), here 16 per key whatever the number of specs.
+pub(super) struct KeyEntry {
+    pub(super) hash: [u8; 16],
+    pub(super) slots: KeyStates,
+}
+
+// The hash costs 16 bytes per key, no padding (a map bucket, key and
+// entry, was 336 bytes without it when this was written).
+const _: () = assert!(std::mem::size_of::<KeyEntry>() == std::mem::size_of::<KeyStates>() + 16);
+
+/// A key as its stored state is addressed: its [`KeyEntry::hash`] and the
+/// key itself.
+pub(super) type KeyRef<'a> = (&'a [u8; 16], &'a str);
+
 /// foldhash: per-process seeded and several times faster than SipHash on
 /// short keys; this map is hit for every event and every firing. Keys up to
 /// 23 bytes are stored inline ([`SmolStr`]), so comparing the probed entry's
 /// key does not chase a pointer to another cache line.
-pub(super) type States = HashMap<SmolStr, KeyStates, foldhash::fast::RandomState>;
+pub(super) type States = HashMap<SmolStr, KeyEntry, foldhash::fast::RandomState>;
 
 /// The timer index: the keys of each spec whose timer is at an instant,
 /// ordered by that instant (a window end or a purge time).

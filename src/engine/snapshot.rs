@@ -40,7 +40,7 @@ use crate::state::codec::{write_key_prefix, write_slice_key, Reader, WindowRecor
 use crate::state::{Cf, StateDelta, StateStore};
 
 use super::aggregate::Acc;
-use super::operator::{KeyState, Operator, SpecPlan};
+use super::operator::{KeyEntry, KeyRef, KeyState, Operator, SpecPlan};
 use super::window::{KeyWindows, Slice};
 use super::EngineError;
 
@@ -55,11 +55,11 @@ pub(super) const INLINE_RECORD_MAX: usize = 1024;
 impl KeyState {
     /// Puts the key's `windows` record into `delta`: its slices inline, or
     /// the mark that they are in the slices column family (`separate`).
-    fn put_record(&self, plan: &SpecPlan, key: &str, delta: &mut StateDelta) {
+    fn put_record(&self, plan: &SpecPlan, (hash, key): KeyRef<'_>, delta: &mut StateDelta) {
         let slide = plan.geo.slide;
         delta.put_with(
             Cf::Windows,
-            |b| write_key_prefix(b, plan.id, key),
+            |b| write_key_prefix(b, hash, plan.id, key),
             |b| {
                 encode_into(b, |w| {
                     let revisions = self.revisions.iter().copied();
@@ -90,7 +90,7 @@ impl KeyState {
     /// the record does not hold them.
     pub(super) fn decode(
         plan: &SpecPlan,
-        key: &str,
+        (hash, key): KeyRef<'_>,
         record: &[u8],
         store: &StateStore,
     ) -> Result<KeyState, EngineError> {
@@ -101,7 +101,7 @@ impl KeyState {
         let slices: Vec<(i64, &[u8])> = match record.inline {
             Some(inline) => inline,
             None => {
-                stored_slices = store.load_slices(plan.id, key)?;
+                stored_slices = store.load_slices(hash, plan.id, key)?;
                 stored_slices.iter().map(|(s, b)| (*s, &b[..])).collect()
             }
         };
@@ -133,17 +133,18 @@ impl KeyState {
 /// Encodes the changes of one dirty `(spec, key)` state into `delta`.
 fn snapshot_key(
     plan: &SpecPlan,
-    (key, st): (&str, &mut KeyState),
+    (key, st): (KeyRef<'_>, &mut KeyState),
     (id, inline_max): (u64, usize),
     delta: &mut StateDelta,
 ) {
     let spec = plan.id;
+    let (hash, name) = key;
     st.dirty = false;
     st.snapshot_id = id;
     if st.is_empty() {
         // Separate slices were deleted as they were purged.
         if st.stored {
-            delta.delete_with(Cf::Windows, |b| write_key_prefix(b, spec, key));
+            delta.delete_with(Cf::Windows, |b| write_key_prefix(b, hash, spec, name));
             st.stored = false;
         }
         st.separate = false;
@@ -180,7 +181,7 @@ fn snapshot_key(
         let start = slice.idx.saturating_mul(plan.geo.slide);
         delta.put_with(
             Cf::Slices,
-            |b| write_slice_key(b, spec, key, start),
+            |b| write_slice_key(b, hash, spec, name, start),
             |b| encode_into(b, |w| slice.acc.encode(w)),
         );
         slice.dirty = false;
@@ -215,9 +216,10 @@ impl Operator {
         // busy stream), one pass over the map in memory order beats a hash
         // lookup, usually a cache miss, per dirty state.
         if dirty.len().saturating_mul(2) >= self.states.len() {
-            for (key, slots) in &mut self.states {
+            for (key, KeyEntry { hash, slots }) in &mut self.states {
                 for (plan, slot) in self.specs.iter().zip(slots.iter_mut()) {
                     if let Some(st) = slot.as_mut().filter(|st| st.dirty) {
+                        let key = (&*hash, key.as_str());
                         snapshot_key(plan, (key, st), (id, self.inline_max), &mut delta);
                     }
                 }
@@ -225,11 +227,13 @@ impl Operator {
         } else {
             for (spec, key) in dirty.drain(..) {
                 let si = usize::from(spec);
-                let slot = self.states.get_mut(&*key).and_then(|s| s[si].as_mut());
-                if let Some(st) = slot.filter(|st| st.dirty) {
+                let Some(KeyEntry { hash, slots }) = self.states.get_mut(&*key) else {
+                    continue;
+                };
+                if let Some(st) = slots[si].as_mut().filter(|st| st.dirty) {
                     snapshot_key(
                         &self.specs[si],
-                        (&key, st),
+                        ((hash, &key), st),
                         (id, self.inline_max),
                         &mut delta,
                     );

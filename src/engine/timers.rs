@@ -45,7 +45,7 @@ use crate::state::{Cf, StateDelta, StateStore};
 
 use super::aggregate::Acc;
 use super::cache::{key_states, slot_state, touch, PREFETCH_AHEAD};
-use super::operator::{EngineStats, KeyState, Operator, SpecPlan, Timers};
+use super::operator::{EngineStats, KeyEntry, KeyRef, KeyState, Operator, SpecPlan, Timers};
 use super::rules;
 use super::window::Geometry;
 use super::EngineError;
@@ -112,7 +112,7 @@ impl KeyState {
 pub(super) fn purge_slices(
     pending: &mut StateDelta,
     plan: &SpecPlan,
-    key: &str,
+    (hash, key): KeyRef<'_>,
     st: &mut KeyState,
     w: i64,
     lateness: i64,
@@ -120,7 +120,7 @@ pub(super) fn purge_slices(
     let geo = plan.geo;
     st.windows.purge(&geo, w, lateness, |idx| {
         pending.delete_with(Cf::Slices, |b| {
-            write_slice_key(b, plan.id, key, idx.saturating_mul(geo.slide))
+            write_slice_key(b, hash, plan.id, key, idx.saturating_mul(geo.slide))
         });
     });
 }
@@ -204,7 +204,7 @@ impl Operator {
         for (spec, key, lo, hi) in refire.drain(..) {
             let si = usize::from(spec);
             let plan = &specs[si];
-            let Some(st) = states.get_mut(&*key).and_then(|s| s[si].as_mut()) else {
+            let Some(st) = states.get_mut(&*key).and_then(|e| e.slots[si].as_mut()) else {
                 continue;
             };
             for j in lo..=hi {
@@ -280,11 +280,11 @@ impl Operator {
         let plan = &specs[si];
         let geo = plan.geo;
         // One hash lookup: every firing visits a key, usually a cache miss.
-        let slots = if *store_may_have {
+        let KeyEntry { hash, slots } = if *store_may_have {
             key_states(states, key, specs.len())
         } else {
             match states.get_mut(&**key) {
-                Some(slots) => slots,
+                Some(entry) => entry,
                 None => return Ok(()), // a stale entry of a dropped state
             }
         };
@@ -292,7 +292,7 @@ impl Operator {
             &mut slots[si],
             (store, *store_may_have),
             plan,
-            key,
+            (hash, key),
             stats,
             || None,
         )?
@@ -320,7 +320,7 @@ impl Operator {
             }
         }
         st.fired = st.fired.max(last_due);
-        purge_slices(pending, plan, key, st, w, *lateness);
+        purge_slices(pending, plan, (hash, key), st, w, *lateness);
         while let Some((j, _)) = st.revisions.front() {
             if !rules::purged(geo.end_of(*j), *lateness, w) {
                 break;
@@ -347,12 +347,12 @@ impl Operator {
         for (spec, key) in keys {
             let si = usize::from(spec);
             let plan = &self.specs[si];
-            let slots = key_states(&mut self.states, &key, self.specs.len());
+            let KeyEntry { hash, slots } = key_states(&mut self.states, &key, self.specs.len());
             let Some(st) = slot_state(
                 &mut slots[si],
                 (&self.store, self.store_may_have),
                 plan,
-                &key,
+                (hash, &key),
                 &mut self.stats,
                 || None,
             )?

@@ -60,13 +60,15 @@ use crate::record::{KindSet, OutputKind};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, Sink};
 use crate::source::{self, Source, SourceContext};
-use crate::state::StateStore;
 
 /// Options a run takes besides the config.
 #[derive(Default)]
 pub struct RunOptions {
-    /// Wipe state whose fingerprint does not match instead of refusing to start.
+    /// Start from empty state (wiping what the state directory holds).
     pub reset_state: bool,
+    /// With a `[checkpoint_store]`: drop the local state for the newest
+    /// remote checkpoint.
+    pub restore_remote: bool,
     /// Print a progress line on stderr (when it is a terminal).
     pub progress: bool,
     /// AWS configuration for SageMaker, instead of the standard chain
@@ -109,12 +111,11 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<RunSummary> {
-    let store = StateStore::open(
-        &config.pipeline.state_dir,
-        &config.state_fingerprint(),
-        options.reset_state,
-    )
-    .with_context(|| format!("opening state in {}", config.pipeline.state_dir.display()))?;
+    let choice = checkpoint::remote::StateChoice {
+        reset: options.reset_state,
+        restore_remote: options.restore_remote,
+    };
+    let (store, remote) = checkpoint::remote::prepare(&config, choice).await?;
     let last_checkpoint = store.committed_checkpoint()?;
     let resume_from = store.committed_positions()?;
     if last_checkpoint > 0 {
@@ -298,10 +299,12 @@ pub async fn run(
             stats.clone(),
         )),
     ));
+    let uploader = remote.map(|r| r.spawn(store.clone(), last_checkpoint));
     let committer = tokio::spawn(checkpoint::committer_stage(
         store,
         commit_rx,
         committed,
+        uploader.as_ref().map(|u| u.handle()),
         stats.clone(),
     ));
 
@@ -341,6 +344,9 @@ pub async fn run(
         return Err(e);
     }
     let last = committed?;
+    if let Some(u) = uploader {
+        u.finish(last).await?;
+    }
     Ok(RunSummary {
         records_in: stats.records_in.load(Ordering::Relaxed),
         dead_letters: stats.dead_letters.load(Ordering::Relaxed),

@@ -1,6 +1,10 @@
 //! Byte layouts of RocksDB keys and values.
 //!
-//! Keys are encoded so that byte order equals logical order: integers are
+//! A key of the `windows` and `slices` column families starts with the
+//! 16-byte MD5 hash of the entity key, as Kinesis reads it (a big-endian
+//! 128-bit integer), so that the keys of one shard's hash range are one
+//! contiguous run of the column family ([`HashRange`](super::HashRange)).
+//! After the hash, byte order equals logical order: integers are
 //! big-endian with the sign bit flipped, and a string is escaped (`0x00`
 //! becomes `0x00 0xFF`) and terminated by `0x00 0x01`, so that no encoded
 //! string is a prefix of another and `"a" < "ab" < "b"` still holds.
@@ -154,35 +158,49 @@ impl Writer {
     }
 }
 
-/// `(spec, key)`: the prefix of a key's slices and its window metadata.
-pub fn key_prefix(spec: u16, key: &str) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(key.len() + 12);
-    write_key_prefix(&mut buf, spec, key);
+/// Bytes of the MD5 hash that starts every `windows` and `slices` key.
+pub const KEY_HASH_LEN: usize = 16;
+
+/// `(md5(key), spec, key)`: a key's `windows` record, and the prefix of its
+/// slices. `hash` is [`hash_key(key)`](super::hash_key); the caller passes
+/// it so that a key is hashed once while in memory, not at every write.
+pub fn key_prefix(hash: &[u8; KEY_HASH_LEN], spec: u16, key: &str) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(key.len() + KEY_HASH_LEN + 12);
+    write_key_prefix(&mut buf, hash, spec, key);
     buf
 }
 
 /// Appends [`key_prefix`] to `buf`.
-pub fn write_key_prefix(buf: &mut Vec<u8>, spec: u16, key: &str) {
+pub fn write_key_prefix(buf: &mut Vec<u8>, hash: &[u8; KEY_HASH_LEN], spec: u16, key: &str) {
+    buf.extend_from_slice(hash);
     put_u16_ordered(buf, spec);
     put_str_ordered(buf, key);
 }
 
-/// `(spec, key, slice_start)` in the slices column family.
-pub fn slice_key(spec: u16, key: &str, slice_start: i64) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(key.len() + 20);
-    write_slice_key(&mut buf, spec, key, slice_start);
+/// `(md5(key), spec, key, slice_start)` in the slices column family.
+pub fn slice_key(hash: &[u8; KEY_HASH_LEN], spec: u16, key: &str, slice_start: i64) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(key.len() + KEY_HASH_LEN + 20);
+    write_slice_key(&mut buf, hash, spec, key, slice_start);
     buf
 }
 
 /// Appends [`slice_key`] to `buf`.
-pub fn write_slice_key(buf: &mut Vec<u8>, spec: u16, key: &str, slice_start: i64) {
-    write_key_prefix(buf, spec, key);
+pub fn write_slice_key(
+    buf: &mut Vec<u8>,
+    hash: &[u8; KEY_HASH_LEN],
+    spec: u16,
+    key: &str,
+    slice_start: i64,
+) {
+    write_key_prefix(buf, hash, spec, key);
     put_i64_ordered(buf, slice_start);
 }
 
-/// Inverse of [`key_prefix`].
+/// Inverse of [`key_prefix`], without the hash. The hash is not checked
+/// against the key: that would cost an MD5 per record of every full scan.
 pub fn parse_key_prefix(bytes: &[u8]) -> Result<(u16, String), CodecError> {
     let mut r = Reader::new(bytes);
+    r.take(KEY_HASH_LEN)?;
     let spec = r.u16_ordered()?;
     let key = r.str_ordered()?;
     if !r.is_empty() {
@@ -195,7 +213,7 @@ pub fn parse_key_prefix(bytes: &[u8]) -> Result<(u16, String), CodecError> {
 const SLICES_INLINE: u8 = 0;
 const SLICES_SEPARATE: u8 = 1;
 
-/// A `(spec, key)` record of the `windows` column family:
+/// A `(md5(key), spec, key)` record of the `windows` column family:
 ///
 /// `fired i64 | timer (u8 0 | u8 1, i64) | n u32, (window i64, revision u32)ⁿ |
 ///  SLICES_SEPARATE | SLICES_INLINE, m u32, (slice_start i64, len u32, acc)ᵐ`
@@ -296,9 +314,11 @@ impl<'a> WindowRecord<'a> {
     }
 }
 
-/// Inverse of [`slice_key`].
+/// Inverse of [`slice_key`], without the hash (unchecked, as in
+/// [`parse_key_prefix`]).
 pub fn parse_slice_key(bytes: &[u8]) -> Result<(u16, String, i64), CodecError> {
     let mut r = Reader::new(bytes);
+    r.take(KEY_HASH_LEN)?;
     let spec = r.u16_ordered()?;
     let key = r.str_ordered()?;
     let start = r.i64_ordered()?;
@@ -317,35 +337,48 @@ pub fn parse_slice_start(bytes: &[u8], prefix_len: usize) -> Result<i64, CodecEr
 mod tests {
     use super::*;
 
+    const H: [u8; KEY_HASH_LEN] = [7; KEY_HASH_LEN];
+
     #[test]
-    fn byte_order_is_logical_order() {
+    fn byte_order_is_logical_order_after_the_hash() {
         let keys = ["", "\0", "\0a", "a", "a\0", "ab", "b"];
-        let mut encoded: Vec<_> = keys.iter().map(|k| key_prefix(1, k)).collect();
+        let mut encoded: Vec<_> = keys.iter().map(|k| key_prefix(&H, 1, k)).collect();
         let sorted = encoded.clone();
         encoded.sort();
         assert_eq!(encoded, sorted);
         let times = [i64::MIN, -5, -1, 0, 1, 60_000, i64::MAX];
-        let enc: Vec<_> = times.iter().map(|t| slice_key(0, "k", *t)).collect();
+        let enc: Vec<_> = times.iter().map(|t| slice_key(&H, 0, "k", *t)).collect();
         let mut s = enc.clone();
         s.sort();
         assert_eq!(enc, s);
     }
 
+    /// The hash decides the order before spec and key do.
+    #[test]
+    fn the_hash_comes_first() {
+        let mut low = H;
+        low[15] -= 1;
+        assert!(key_prefix(&low, u16::MAX, "z") < key_prefix(&H, 0, ""));
+        assert!(slice_key(&low, 9, "z", i64::MAX) < slice_key(&H, 0, "", i64::MIN));
+        assert_eq!(&key_prefix(&H, 3, "k")[..KEY_HASH_LEN], &H);
+    }
+
     #[test]
     fn keys_round_trip() {
         for key in ["", "u1", "a\0b\0"] {
-            let p = key_prefix(3, key);
+            let p = key_prefix(&H, 3, key);
             assert_eq!(parse_key_prefix(&p).unwrap(), (3, key.to_string()));
             assert_eq!(
-                parse_slice_start(&slice_key(3, key, 99), p.len()).unwrap(),
+                parse_slice_start(&slice_key(&H, 3, key, 99), p.len()).unwrap(),
                 99
             );
             assert_eq!(
-                parse_slice_key(&slice_key(3, key, -99)).unwrap(),
+                parse_slice_key(&slice_key(&H, 3, key, -99)).unwrap(),
                 (3, key.to_string(), -99)
             );
         }
         assert!(parse_key_prefix(&[1, 2, 3]).is_err());
+        assert!(parse_key_prefix(&key_prefix(&H, 3, "k")[..KEY_HASH_LEN + 1]).is_err());
         assert!(parse_slice_key(&[0, 1]).is_err());
     }
 

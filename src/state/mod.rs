@@ -6,11 +6,14 @@
 //! acknowledged everything before the barrier. State and positions therefore
 //! always agree, which is what makes a restart count no event twice.
 //!
-//! Column families (keys in [`codec`]; byte order equals logical order):
-//! - `windows`: `(spec, key)` → the key's firing cursor, revisions, timer
-//!   and, unless they grew large, its slices ([`codec::WindowRecord`])
-//! - `slices`:  `(spec, key, slice_start)` → a slice's accumulators, for the
-//!   keys whose slices are too large to rewrite at every checkpoint
+//! Column families (keys in [`codec`]; after the hash, byte order equals
+//! logical order):
+//! - `windows`: `(md5(key), spec, key)` → the key's firing cursor,
+//!   revisions, timer and, unless they grew large, its slices
+//!   ([`codec::WindowRecord`])
+//! - `slices`:  `(md5(key), spec, key, slice_start)` → a slice's
+//!   accumulators, for the keys whose slices are too large to rewrite at
+//!   every checkpoint
 //! - `meta`:    fingerprint, layout version, checkpoint id, positions, engine
 //!   watermarks, and what a source keeps between runs (the Kinesis consumer ARN)
 //!
@@ -19,10 +22,22 @@
 //! them commits. After a crash they are produced again from the replayed
 //! input (the watermark they were judged against is restored with the
 //! state), with the same ids, so persisting them would only add a write.
+//!
+//! The MD5 hash in front is the one Kinesis routes a record by, so the state
+//! of a shard's [`HashRange`] is one key range of each column family:
+//! [`StateStore::export_range`], [`StateStore::ingest_range`] and
+//! [`StateStore::delete_range`] move it between stores (`ranges.rs`).
+//!
+//! [`remote`] copies the whole DB to S3 and back: RocksDB checkpoints
+//! ([`StateStore::create_checkpoint`]) uploaded as content-addressed files
+//! plus one manifest per checkpoint, so a new host can start from them.
 
 pub mod codec;
+mod ranges;
+pub mod remote;
 mod rocks;
 
+pub use ranges::{hash_key, HashRange, HashRangeError};
 pub use rocks::{KeyCounts, StateStore};
 
 /// The meta key of the engine's watermark state.

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
     IteratorMode, Options, WriteBatch, WriteBufferManager, WriteOptions, DB,
@@ -14,9 +15,10 @@ use crate::record::Position;
 
 const META_FINGERPRINT: &[u8] = b"fingerprint";
 /// How keys and values are laid out. State from before this key existed is
-/// layout 1 (slices and timers in their own column families).
+/// layout 1 (slices and timers in their own column families); layout 2 had
+/// no MD5 hash of the entity key in front of `windows` and `slices` keys.
 const META_LAYOUT: &[u8] = b"layout";
-const LAYOUT: &str = "2";
+const LAYOUT: &str = "3";
 /// When this state was created (epoch ms): names a run's archive objects
 /// apart from those of an earlier state (e.g. after `--reset-state`).
 const META_CREATED: &[u8] = b"created_at";
@@ -232,7 +234,13 @@ impl StateStore {
         &self.inner.dir
     }
 
-    fn cf(&self, cf: Cf) -> Result<&ColumnFamily, StateError> {
+    /// The DB, for the other `impl StateStore` blocks of this module's
+    /// siblings (`ranges.rs`).
+    pub(super) fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    pub(super) fn cf(&self, cf: Cf) -> Result<&ColumnFamily, StateError> {
         self.inner
             .db
             .cf_handle(cf.name())
@@ -333,6 +341,31 @@ impl StateStore {
         Ok(())
     }
 
+    /// Creates a RocksDB checkpoint of the whole DB in `dir`, which must
+    /// not exist (its parent must): SST files are hard-linked (so `dir`
+    /// should be on the same file system as the state), the MANIFEST,
+    /// OPTIONS and CURRENT files are copied, and memtables are flushed
+    /// first, so the checkpoint holds every commit made before the call
+    /// and never part of one (a commit is one `WriteBatch`). To know which
+    /// commit it holds, call this from the task that commits, between
+    /// commits: it then holds [`committed_checkpoint`](Self::committed_checkpoint).
+    ///
+    /// [`StateStore::open`] opens such a directory (or a copy of it) as a
+    /// state directory of its own.
+    pub fn create_checkpoint(&self, dir: &Path) -> Result<(), StateError> {
+        if dir.symlink_metadata().is_ok() {
+            return Err(StateError::Io {
+                dir: dir.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a checkpoint directory must not exist yet",
+                ),
+            });
+        }
+        Checkpoint::new(&self.inner.db)?.create_checkpoint(dir)?;
+        Ok(())
+    }
+
     /// Every persisted timer `(due, spec, key)`, read from the window
     /// records (restore only; a full scan).
     pub(crate) fn load_timers(&self) -> Result<Vec<(i64, u16, String)>, StateError> {
@@ -375,19 +408,26 @@ impl StateStore {
         })
     }
 
-    /// A key's window record ([`codec::WindowRecord`]).
-    pub(crate) fn load_key(&self, spec: u16, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        self.get(Cf::Windows, &key_prefix(spec, key))
+    /// A key's window record ([`codec::WindowRecord`]); `hash` is
+    /// [`hash_key(key)`](super::hash_key).
+    pub(crate) fn load_key(
+        &self,
+        hash: &[u8; 16],
+        spec: u16,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, StateError> {
+        self.get(Cf::Windows, &key_prefix(hash, spec, key))
     }
 
     /// The slices `(slice_start, bytes)` of a key whose record keeps them
     /// in the slices column family.
     pub(crate) fn load_slices(
         &self,
+        hash: &[u8; 16],
         spec: u16,
         key: &str,
     ) -> Result<Vec<(i64, Vec<u8>)>, StateError> {
-        let prefix = key_prefix(spec, key);
+        let prefix = key_prefix(hash, spec, key);
         let mut slices = Vec::new();
         let iter = self.inner.db.iterator_cf(
             self.cf(Cf::Slices)?,
@@ -518,6 +558,28 @@ mod tests {
         );
         let store = StateStore::open(dir.path(), "fp", true).expect("reset opens it");
         drop(store);
+        StateStore::open(dir.path(), "fp", false).expect("and it stays readable");
+    }
+
+    /// Layout 2 keys have no hash in front: refused the same way.
+    #[test]
+    fn state_of_layout_2_is_refused_unless_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), "fp", false).unwrap();
+        let meta = store.cf(Cf::Meta).unwrap();
+        store.inner.db.put_cf(meta, META_LAYOUT, "2").unwrap();
+        drop(store);
+        let err = StateStore::open(dir.path(), "fp", false)
+            .err()
+            .expect("layout 2 is refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("uses state layout 2")
+                && text.contains(&format!("reads layout {LAYOUT}"))
+                && text.contains("--reset-state"),
+            "{text}"
+        );
+        drop(StateStore::open(dir.path(), "fp", true).expect("reset opens it"));
         StateStore::open(dir.path(), "fp", false).expect("and it stays readable");
     }
 }

@@ -300,10 +300,13 @@ impl Running {
     }
 }
 
-/// Every line of an NDJSON file.
+/// Every complete line of an NDJSON file (a running sink's last line may
+/// still be half-written: it is left for the next read).
 pub fn lines(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()

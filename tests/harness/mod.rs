@@ -106,6 +106,21 @@ impl Proc {
         log_name: &str,
         level: &str,
     ) -> Proc {
+        Proc::run_with(dir, config, metrics, log_name, level, &[], &[])
+    }
+
+    /// [`Proc::run_with_log_level`] with more arguments after the config
+    /// and metrics address, and environment variables set after (and so
+    /// over) [`AWS_ENV`].
+    pub fn run_with(
+        dir: &Path,
+        config: &Path,
+        metrics: &str,
+        log_name: &str,
+        level: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let log = dir.join(log_name);
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -117,7 +132,9 @@ impl Proc {
             .args(["run", "--config"])
             .arg(config)
             .args(["--metrics-addr", metrics])
+            .args(args)
             .envs(AWS_ENV)
+            .envs(env.iter().copied())
             .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(stderr)
