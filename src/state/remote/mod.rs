@@ -315,6 +315,36 @@ impl Inner {
         format!("{}{rel}", self.root)
     }
 
+    /// GetObject of `key`; `None` when there is no such object.
+    async fn get_object(
+        &self,
+        key: &str,
+    ) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, RemoteError> {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(self.s3_error("GetObject", key, &e)),
+        }
+    }
+
+    /// An S3 failure that is not an SDK error (a body that broke off, a
+    /// request the SDK would not build).
+    fn failure(&self, op: &'static str, key: &str, reason: impl std::fmt::Display) -> RemoteError {
+        RemoteError::S3 {
+            store: self.label.clone(),
+            op,
+            key: key.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
+
     fn s3_error<E, R>(&self, op: &'static str, key: &str, e: &SdkError<E, R>) -> RemoteError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -393,26 +423,14 @@ impl Inner {
     /// of another format.
     async fn read_manifest(&self, id: u64) -> Result<Result<Manifest, String>, RemoteError> {
         let key = self.key(&manifest_key(id));
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                return Ok(Err(format!("manifest {key} is gone")));
-            }
-            Err(e) => return Err(self.s3_error("GetObject", &key, &e)),
+        let Some(out) = self.get_object(&key).await? else {
+            return Ok(Err(format!("manifest {key} is gone")));
         };
-        let bytes = out.body.collect().await.map_err(|e| RemoteError::S3 {
-            store: self.label.clone(),
-            op: "GetObject",
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.failure("GetObject", &key, e))?;
         match manifest::Manifest::parse(&bytes.into_bytes(), id) {
             Ok(Ok(m)) => Ok(Ok(m)),
             Ok(Err(found)) => Err(RemoteError::UnsupportedFormat {
@@ -451,22 +469,12 @@ impl Inner {
                 .iter()
                 .map(|rel| ObjectIdentifier::builder().key(self.key(rel)).build())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| RemoteError::S3 {
-                    store: self.label.clone(),
-                    op: "DeleteObjects",
-                    key: self.root.clone(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| self.failure("DeleteObjects", &self.root, e))?;
             let delete = Delete::builder()
                 .set_objects(Some(objects))
                 .quiet(true)
                 .build()
-                .map_err(|e| RemoteError::S3 {
-                    store: self.label.clone(),
-                    op: "DeleteObjects",
-                    key: self.root.clone(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| self.failure("DeleteObjects", &self.root, e))?;
             let out = self
                 .client
                 .delete_objects()

@@ -177,22 +177,11 @@ impl Inner {
     /// Downloads one file to `path` (synced), hashing it on the way.
     async fn fetch_file(&self, f: &ManifestFile, path: &Path) -> Result<u64, Fetch> {
         let key = self.key(&f.key);
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(out) => out,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                return Err(Fetch::Damaged(format!(
-                    "file {} ({key}) is missing",
-                    f.name
-                )));
-            }
-            Err(e) => return Err(Fetch::Failed(self.s3_error("GetObject", &key, &e))),
+        let Some(out) = self.get_object(&key).await.map_err(Fetch::Failed)? else {
+            return Err(Fetch::Damaged(format!(
+                "file {} ({key}) is missing",
+                f.name
+            )));
         };
         let io = |e| Fetch::Failed(self.io_error(path, e));
         let mut file = tokio::fs::File::create(path).await.map_err(io)?;
@@ -200,14 +189,7 @@ impl Inner {
         let mut hasher = Hasher::default();
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| {
-                Fetch::Failed(RemoteError::S3 {
-                    store: self.label.clone(),
-                    op: "GetObject",
-                    key: key.clone(),
-                    reason: e.to_string(),
-                })
-            })?;
+            let chunk = chunk.map_err(|e| Fetch::Failed(self.failure("GetObject", &key, e)))?;
             size += chunk.len() as u64;
             if size > f.size {
                 return Err(Fetch::Damaged(format!(
