@@ -1,5 +1,7 @@
 //! The records that flow between stages, in one place.
 //!
+//! One concept, one file: about 540 lines of code, its tests below.
+//!
 //! `RawRecord` leaves a source, `Event` leaves the decoder, and `Output` is
 //! everything a sink can be given. Every output carries a deterministic id so
 //! that a consumer can deduplicate what an at-least-once restart produces

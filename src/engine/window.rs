@@ -1,5 +1,7 @@
 //! Window assignment and the per-key slice store.
 //!
+//! One concept, one file: about 500 lines of code, its tests below.
+//!
 //! A window spec (size, slide) is kept as slices of length `slide` (a
 //! tumbling window is a sliding one with `slide == size`). Window `j` is the
 //! window whose *last* slice has index `j`: it covers slices `j-n+1 ..= j`

@@ -1,6 +1,8 @@
 //! `backend = "sagemaker"`: a SageMaker real-time endpoint, called with
 //! `InvokeEndpoint`.
 //!
+//! One concept, one file: about 480 lines of code, its tests below.
+//!
 //! Wire formats, one request per batch:
 //!
 //! - `content_type = "application/json"`: `{"instances": [[f1, f2, …], …]}`

@@ -1,5 +1,7 @@
 //! Training rows as a Parquet file (`--export FILE.parquet`).
 //!
+//! One concept, one file: about 500 lines of code, its tests below.
+//!
 //! The columns are those of the NDJSON export, typed:
 //!
 //! | column | Parquet type |
