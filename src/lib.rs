@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod aws;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod decode;
 pub mod engine;

@@ -1,9 +1,10 @@
 //! AWS clients: the one place an AWS SDK client is configured.
 //!
 //! [`sdk_config`] builds the shared [`SdkConfig`] every client starts from;
-//! `kinesis.rs`, `s3.rs` and `sagemaker.rs` each add what their service
-//! needs on top. Everything not set here (credentials, profiles, retries
-//! unless `max_attempts` is given) comes from the standard AWS chain.
+//! `kinesis.rs`, `s3.rs`, `sagemaker.rs` and `dynamodb.rs` each add what
+//! their service needs on top. Everything not set here (credentials,
+//! profiles, retries unless `max_attempts` is given) comes from the standard
+//! AWS chain.
 //!
 //! - HTTP: smithy's hyper 1 client on rustls with `ring` (no aws-lc C
 //!   build). Its TLS offers `h2` first by ALPN, so Kinesis' SubscribeToShard
@@ -19,6 +20,7 @@
 //! loops around AWS calls, and [`error_text`], an AWS error in one line.
 
 mod backoff;
+pub mod dynamodb;
 mod error;
 pub mod kinesis;
 pub mod s3;
