@@ -1,4 +1,5 @@
-//! `backend = "embedded"`: a linear or logistic model evaluated in process.
+//! `backend = "embedded"`: a model evaluated in process: linear or logistic
+//! (this module), or an ONNX file (`type = "onnx"`, see [`super::onnx`]).
 //!
 //! The model lives in a small TOML or JSON file (see `config/models/`):
 //!
@@ -13,6 +14,9 @@
 //! [impute]                 # value used when a feature is null (missing); without one the
 //! amount_max_1h = 0.0      # prediction is null and says which feature was missing
 //! ```
+//!
+//! An ONNX model is scored on tokio's blocking pool, a batch as one tensor;
+//! a linear one inline, since it costs less than the hand-off.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +26,7 @@ use anyhow::{bail, Context as _};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::onnx::{OnnxModel, OnnxSpec};
 use super::{BatchPrediction, Model};
 use crate::flow::BoxFuture;
 use crate::record::FeatureVector;
@@ -56,9 +61,19 @@ fn default_threshold() -> f64 {
 }
 
 pub struct EmbeddedModel {
-    spec: ModelSpec,
     name: Arc<str>,
     variant: Option<Arc<str>>,
+    kind: Kind,
+}
+
+enum Kind {
+    Linear(Linear),
+    /// Shared with the blocking-pool task that runs it.
+    Onnx(Arc<OnnxModel>),
+}
+
+struct Linear {
+    spec: ModelSpec,
     /// Weight, imputed value and name for each feature slot, in vector order.
     terms: Vec<(f64, Option<f64>, Arc<str>)>,
 }
@@ -68,13 +83,25 @@ impl EmbeddedModel {
     pub fn load(path: &Path, features: &[&str]) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read model file {}", path.display()))?;
-        let spec: ModelSpec = if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text).with_context(|| format!("model file {}", path.display()))?
-        } else {
-            toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("model file {}: {}", path.display(), e))?
-        };
-        Self::from_spec(spec, features).with_context(|| format!("model file {}", path.display()))
+        let json = path.extension().is_some_and(|e| e == "json");
+        let context = || format!("model file {}", path.display());
+        if model_type(&text, json).as_deref() == Some("onnx") {
+            let spec: OnnxSpec = parse(&text, json).with_context(context)?;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            return Self::from_onnx_spec(spec, dir, features).with_context(context);
+        }
+        let spec: ModelSpec = parse(&text, json).with_context(context)?;
+        Self::from_spec(spec, features).with_context(context)
+    }
+
+    /// An ONNX model, its file relative to `dir`.
+    pub fn from_onnx_spec(spec: OnnxSpec, dir: &Path, features: &[&str]) -> anyhow::Result<Self> {
+        let model = OnnxModel::load(&spec, dir, features)?;
+        Ok(EmbeddedModel {
+            name: Arc::from(spec.name.as_str()),
+            variant: spec.version.as_deref().map(Arc::from),
+            kind: Kind::Onnx(Arc::new(model)),
+        })
     }
 
     pub fn from_spec(spec: ModelSpec, features: &[&str]) -> anyhow::Result<Self> {
@@ -113,22 +140,45 @@ impl EmbeddedModel {
         Ok(EmbeddedModel {
             name: Arc::from(spec.name.as_str()),
             variant: spec.version.as_deref().map(Arc::from),
-            spec,
-            terms,
+            kind: Kind::Linear(Linear { spec, terms }),
         })
     }
 
     /// The columns of a CSV answer, in order: `score,label` for a logistic
     /// model, `value` for a linear one (the keys of [`Self::score`]'s object).
+    /// An ONNX model answers `score,label`.
     pub fn output_columns(&self) -> &'static [&'static str] {
-        match self.spec.kind {
-            ModelType::Logistic => &["score", "label"],
-            ModelType::Linear => &["value"],
+        match &self.kind {
+            Kind::Linear(l) if l.spec.kind == ModelType::Linear => &["value"],
+            Kind::Linear(_) | Kind::Onnx(_) => &["score", "label"],
         }
     }
 
-    /// Scores one vector.
+    /// Scores one vector (an ONNX model: a batch of one; a failure is a
+    /// null score with the `error`).
     pub fn score(&self, v: &FeatureVector) -> serde_json::Value {
+        match &self.kind {
+            Kind::Linear(l) => l.score(v),
+            Kind::Onnx(_) => match self.score_batch(&[v]) {
+                Ok(mut p) => p.pop().unwrap_or(serde_json::Value::Null),
+                Err(e) => json!({ "score": null, "error": format!("{e:#}") }),
+            },
+        }
+    }
+
+    /// Scores a batch on the calling thread: one prediction per row, in
+    /// order. An ONNX model computes here, so async callers use
+    /// [`Model::predict`] (or [`super::onnx::block_in_place`]).
+    pub fn score_batch(&self, rows: &[&FeatureVector]) -> anyhow::Result<Vec<serde_json::Value>> {
+        match &self.kind {
+            Kind::Linear(l) => Ok(rows.iter().map(|r| l.score(r)).collect()),
+            Kind::Onnx(m) => m.run(m.prepare(rows)),
+        }
+    }
+}
+
+impl Linear {
+    fn score(&self, v: &FeatureVector) -> serde_json::Value {
         let mut z = self.spec.bias;
         for ((weight, impute, name), value) in self.terms.iter().zip(&v.values) {
             if *weight == 0.0 {
@@ -167,17 +217,24 @@ impl Model for EmbeddedModel {
     }
 
     fn describe(&self) -> String {
-        format!(
-            "embedded {:?} model {:?}{} over {} weighted features",
-            self.spec.kind,
-            self.spec.name,
-            self.spec
-                .version
-                .as_deref()
-                .map(|v| format!(" version {v}"))
-                .unwrap_or_default(),
-            self.spec.weights.len()
-        )
+        let version = self
+            .variant
+            .as_deref()
+            .map(|v| format!(" version {v}"))
+            .unwrap_or_default();
+        match &self.kind {
+            Kind::Linear(l) => format!(
+                "embedded {:?} model {:?}{version} over {} weighted features",
+                l.spec.kind,
+                self.name,
+                l.spec.weights.len()
+            ),
+            Kind::Onnx(m) => format!(
+                "embedded ONNX model {:?}{version}: {}",
+                self.name,
+                m.describe()
+            ),
+        }
     }
 
     fn predict<'a>(
@@ -185,11 +242,40 @@ impl Model for EmbeddedModel {
         rows: &'a [&'a FeatureVector],
     ) -> BoxFuture<'a, anyhow::Result<BatchPrediction>> {
         Box::pin(async move {
+            let predictions = match &self.kind {
+                Kind::Linear(l) => rows.iter().map(|r| l.score(r)).collect(),
+                Kind::Onnx(m) => {
+                    let prepared = m.prepare(rows);
+                    let m = m.clone();
+                    tokio::task::spawn_blocking(move || m.run(prepared))
+                        .await
+                        .context("the ONNX scoring task panicked")??
+                }
+            };
             Ok(BatchPrediction {
-                predictions: rows.iter().map(|r| self.score(r)).collect(),
+                predictions,
                 variant: self.variant.clone(),
             })
         })
+    }
+}
+
+/// The `type` of a model file, if it has one that is a string.
+fn model_type(text: &str, json: bool) -> Option<String> {
+    if json {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        v.get("type")?.as_str().map(str::to_string)
+    } else {
+        let v: toml::Table = toml::from_str(text).ok()?;
+        v.get("type")?.as_str().map(str::to_string)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(text: &str, json: bool) -> anyhow::Result<T> {
+    if json {
+        Ok(serde_json::from_str(text)?)
+    } else {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 

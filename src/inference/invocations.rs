@@ -4,11 +4,14 @@
 //! (routes, headers, content negotiation, status codes) is
 //! `crate::serve::model`.
 //!
+//! The embedded model is linear, logistic or ONNX (`super::onnx`); the
+//! rows of one request are scored as one batch.
+//!
 //! Requests: JSON `{"instances": rows}`, `{"inputs": rows}` or a bare list of
 //! rows, each row a list of numbers (`null` for missing) in feature order or
 //! an object by feature name; CSV one row per line, an empty field for
 //! missing. Answers: JSON `{"predictions": [{…}, …]}`, or one CSV line per
-//! row (`score,label` for a logistic model, `value` for a linear one; empty
+//! row (`score,label` for a logistic or ONNX model, `value` for a linear one; empty
 //! fields for a null score).
 
 use serde_json::{json, Value as Json};
@@ -52,15 +55,22 @@ pub fn answer(
     rows: Vec<Row>,
     format: Format,
 ) -> Vec<u8> {
-    let predictions: Vec<Json> = rows
+    let vectors: Vec<FeatureVector> = rows
         .into_iter()
-        .map(|values| {
-            model.score(&FeatureVector {
-                names: names.clone(),
-                values,
-            })
+        .map(|values| FeatureVector {
+            names: names.clone(),
+            values,
         })
         .collect();
+    let refs: Vec<&FeatureVector> = vectors.iter().collect();
+    // One call for the request's rows: an ONNX model scores them as one
+    // tensor. It computes on this thread, so the runtime is told first.
+    let predictions: Vec<Json> = match super::onnx::block_in_place(|| model.score_batch(&refs)) {
+        Ok(p) => p,
+        // The answer has no error status to carry this (the HTTP side
+        // only knows request errors): every row says why it has no score.
+        Err(e) => vec![json!({ "score": null, "error": format!("{e:#}") }); refs.len()],
+    };
     match format {
         Format::Csv => {
             let columns = model.output_columns();

@@ -10,6 +10,7 @@
 pub mod batcher;
 pub mod embedded;
 pub mod invocations;
+pub mod onnx;
 pub mod resilience;
 pub mod sagemaker;
 
