@@ -131,7 +131,7 @@ async fn latency(
                 positions: Vec::new(),
                 end_of_input: true,
                 last: true,
-                delta: None,
+                ..Barrier::default()
             }))
             .await;
     });

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::record::{DeadLetter, Event, OutputKind, PartitionStatus, Position};
-use crate::state::StateDelta;
+use crate::state::{HashRange, StateDelta};
 use crate::time::Millis;
 
 /// A boxed, sendable future: what the methods of the stages' traits
@@ -47,6 +47,7 @@ use crate::time::Millis;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A checkpoint barrier and what it collects on its way to the committer.
+#[derive(Default)]
 pub struct Barrier {
     pub id: u64,
     /// Last position passed on per partition, before this barrier.
@@ -57,6 +58,58 @@ pub struct Barrier {
     pub last: bool,
     /// The engine's changes since the previous barrier.
     pub delta: Option<StateDelta>,
+    /// Shards whose last record came before this barrier (cluster mode):
+    /// the engine forgets their state once it is in `delta`, and the
+    /// commit hands it to the next holder.
+    pub released: Vec<ReleasedShard>,
+    /// Shards acquired since the previous barrier (cluster mode): from this
+    /// barrier on, `positions` holds theirs as of their lease's checkpoint.
+    pub acquired: Vec<(Arc<str>, HashRange)>,
+    /// The engine's per-partition maximum event times and its arrival
+    /// counter at the barrier, set with `delta` (what a shard's snapshot
+    /// carries besides its range).
+    pub marks: Vec<(Arc<str>, Millis)>,
+    pub next_seq: u64,
+}
+
+/// A shard this worker starts or stops holding, in the record stream
+/// (cluster mode; see `crate::cluster`).
+#[derive(Clone, Debug)]
+pub enum ShardChange {
+    /// The shard's state was ingested into the store: the engine adopts the
+    /// range (its timers, the partition's watermark mark, an arrival
+    /// counter at least the old holder's) before the shard's first record.
+    Acquired {
+        shard: Arc<str>,
+        range: HashRange,
+        max_event_time: Option<Millis>,
+        next_seq: u64,
+        /// Where the shard resumes (the lease's checkpoint), for the
+        /// barriers' positions; `None` at a sentinel (`TRIM_HORIZON`, ...).
+        resume: Option<Position>,
+    },
+    /// The shard's last record was passed on.
+    Released(ReleasedShard),
+}
+
+/// A shard that stopped here, and why.
+#[derive(Clone, Debug)]
+pub struct ReleasedShard {
+    pub shard: Arc<str>,
+    pub range: HashRange,
+    pub why: ReleaseReason,
+}
+
+/// Why a shard stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseReason {
+    /// Another worker asked for it (graceful handoff).
+    Handoff,
+    /// SHARD_END: every record was read; its children follow.
+    Ended,
+    /// The lease was lost (taken after this worker failed to renew it):
+    /// its state here is stale and is dropped, not handed on.
+    Lost,
 }
 
 /// What flows between stages.
@@ -76,6 +129,8 @@ pub enum Decoded {
     Advance(Millis),
     /// A source's word on a partition, for the watermark.
     Partition(Arc<str>, PartitionStatus),
+    /// Cluster mode: a shard acquired (a release travels in the barrier).
+    Shard(ShardChange),
 }
 
 /// Counters for the progress line, readiness and tests.

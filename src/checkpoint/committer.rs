@@ -9,8 +9,30 @@ use tokio::sync::mpsc;
 
 use super::remote::CommitHandle;
 use super::PendingCommit;
-use crate::flow::Stats;
-use crate::state::{StateDelta, StateStore};
+use crate::flow::{ReleasedShard, Stats};
+use crate::record::Position;
+use crate::state::{HashRange, StateDelta, StateStore};
+use crate::time::Millis;
+
+/// What a commit tells a [`CommitTap`].
+pub(crate) struct Committed<'a> {
+    pub id: u64,
+    pub positions: &'a [Position],
+    pub acquired: &'a [(Arc<str>, HashRange)],
+    pub released: &'a [ReleasedShard],
+    pub marks: &'a [(Arc<str>, Millis)],
+    pub next_seq: u64,
+    pub last: bool,
+}
+
+/// Told of every commit right after it, on the committer's blocking task:
+/// the store holds exactly that commit until the call returns (the
+/// committer is the store's only writer), so what the tap reads is
+/// consistent with the positions it is told. The cluster's shard exports
+/// are one.
+pub(crate) trait CommitTap: Send + Sync {
+    fn committed(&self, store: &StateStore, commit: Committed<'_>) -> anyhow::Result<()>;
+}
 
 /// Commits checkpoints in order once every sink acknowledged them, and
 /// publishes each committed id in `committed` (the engine evicts state
@@ -21,6 +43,7 @@ pub(crate) async fn run(
     mut pending: mpsc::Receiver<PendingCommit>,
     committed: Arc<AtomicU64>,
     remote: Option<CommitHandle>,
+    tap: Option<Arc<dyn CommitTap>>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<u64> {
     let durations = metrics::histogram!("shardflow_checkpoint_duration_seconds");
@@ -45,16 +68,36 @@ pub(crate) async fn run(
         let positions = barrier.positions;
         let id = barrier.id;
         let lock = remote.as_ref().map(CommitHandle::lock);
+        let tap2 = tap.clone();
+        let (acquired, released, marks) = (barrier.acquired, barrier.released, barrier.marks);
+        let (next_seq, last_barrier) = (barrier.next_seq, barrier.last);
         tokio::task::spawn_blocking(move || {
             // The uploader reads id, positions and files under this lock.
             let _uploading = lock
                 .as_ref()
                 .map(|l| l.lock().unwrap_or_else(|p| p.into_inner()));
-            store2.commit(id, delta, &positions)
+            store2
+                .commit(id, delta, &positions)
+                .with_context(|| format!("committing checkpoint {id}"))?;
+            if let Some(tap) = tap2 {
+                tap.committed(
+                    &store2,
+                    Committed {
+                        id,
+                        positions: &positions,
+                        acquired: &acquired,
+                        released: &released,
+                        marks: &marks,
+                        next_seq,
+                        last: last_barrier,
+                    },
+                )
+                .with_context(|| format!("after committing checkpoint {id}"))?;
+            }
+            anyhow::Ok(())
         })
         .await
-        .context("commit task panicked")?
-        .with_context(|| format!("committing checkpoint {id}"))?;
+        .context("commit task panicked")??;
         last = id;
         committed.store(id, Ordering::Release);
         if let Some(r) = &remote {

@@ -82,6 +82,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 pub(crate) use committer::run as committer_stage;
+pub(crate) use committer::{CommitTap, Committed};
 use positions::LastPositions;
 
 use crate::flow::Barrier;
@@ -95,6 +96,8 @@ pub(crate) type PendingCommit = (Barrier, Vec<oneshot::Receiver<anyhow::Result<(
 pub(crate) struct Barriers {
     next_id: u64,
     positions: LastPositions,
+    /// Shards acquired since the last barrier.
+    acquired: Vec<(std::sync::Arc<str>, crate::state::HashRange)>,
 }
 
 impl Barriers {
@@ -103,6 +106,7 @@ impl Barriers {
         Barriers {
             next_id: last_committed + 1,
             positions: LastPositions::new(resume_from),
+            acquired: Vec::new(),
         }
     }
 
@@ -112,6 +116,18 @@ impl Barriers {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker
+    }
+
+    /// A shard acquired: its position is the lease's checkpoint from now
+    /// on (none at a sentinel), whatever an earlier holding left here.
+    pub(crate) fn resume_at(
+        &mut self,
+        shard: &std::sync::Arc<str>,
+        range: crate::state::HashRange,
+        at: Option<Position>,
+    ) {
+        self.positions.reset(shard, at);
+        self.acquired.push((shard.clone(), range));
     }
 
     /// Notes the positions of a batch passed on.
@@ -130,6 +146,10 @@ impl Barriers {
             end_of_input: end == Some(true),
             last: end.is_some(),
             delta: None,
+            released: Vec::new(),
+            acquired: std::mem::take(&mut self.acquired),
+            marks: Vec::new(),
+            next_seq: 0,
         }
     }
 }

@@ -27,6 +27,18 @@ impl LastPositions {
         note_last_positions(batch, &mut self.0);
     }
 
+    /// Sets (or forgets) the position of one partition.
+    pub(crate) fn reset(&mut self, partition: &Arc<str>, at: Option<Position>) {
+        match at {
+            Some(p) => {
+                self.0.insert(partition.clone(), p);
+            }
+            None => {
+                self.0.remove(partition);
+            }
+        }
+    }
+
     /// Every partition's last position, ordered by partition.
     pub(crate) fn sorted(&self) -> Vec<Position> {
         let mut positions: Vec<Position> = self.0.values().cloned().collect();

@@ -54,16 +54,31 @@
 //! so hands the lease to `leaseOwner`. If the old owner dies first, the
 //! counter stops and the new worker takes the lease like any expired one.
 
+pub mod assign;
 mod error;
 mod expr;
+pub mod handoff;
 pub mod lease;
 mod schema;
 mod table;
+mod worker;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use crate::aws::ClientSettings;
+use crate::config::{CheckpointStoreConfig, Config, SourceConfig};
+use crate::source::kinesis::leased::ShardControl;
+use crate::state::remote::RemoteStore;
+use crate::state::StateStore;
 
 pub use self::error::LeaseError;
 pub use self::lease::{Checkpoint, HashKeyRange, Lease};
 pub use self::schema::{ENSURE_TIMEOUT, OWNER_INDEX};
 pub use self::table::{Created, LeaseTable, Progress, Retry};
+pub use self::worker::{Worker, WorkerSettings};
 
 /// Leases this worker holds now (a gauge; KCL's `CurrentLeases`).
 pub const METRIC_CURRENT_LEASES: &str = "shardflow_cluster_current_leases";
@@ -71,3 +86,115 @@ pub const METRIC_CURRENT_LEASES: &str = "shardflow_cluster_current_leases";
 pub const METRIC_TAKEN_LEASES: &str = "shardflow_cluster_taken_leases_total";
 /// Leases this worker lost (KCL's `LostLeases`).
 pub const METRIC_LOST_LEASES: &str = "shardflow_cluster_lost_leases_total";
+
+/// A cluster run's parts: the worker task, the commit hook that exports
+/// shards, and the source's end of the worker's commands.
+pub struct Cluster {
+    pub worker: Worker,
+    pub tap: Arc<handoff::ShardTap>,
+    pub control: ShardControl,
+}
+
+/// This process's worker id: the configured one, or the host name and a
+/// random suffix (a restarted process is a new worker: its old leases
+/// expire or were handed off, never silently reused).
+pub fn worker_id(configured: Option<&str>) -> String {
+    if let Some(id) = configured {
+        return id.to_owned();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "shardflow".into());
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    format!("{host}-{}", &suffix[suffix.len() - 8..])
+}
+
+/// Connects to the lease table (created or checked), the stream and the
+/// checkpoint store, for a run under `[cluster]` on `store`.
+pub async fn connect(config: &Config, store: StateStore) -> anyhow::Result<Cluster> {
+    let cluster = config
+        .cluster
+        .as_ref()
+        .context("no [cluster]")?
+        .get_ref()
+        .clone();
+    let SourceConfig::Kinesis(source) = config.source() else {
+        anyhow::bail!("[cluster] needs a kinesis source");
+    };
+    let Some(store_config) = config.checkpoint_store.as_ref().map(|s| s.get_ref()) else {
+        anyhow::bail!("[cluster] needs a [checkpoint_store]");
+    };
+    let CheckpointStoreConfig::S3(s3) = store_config;
+    let worker = worker_id(cluster.worker_id.as_deref());
+    let dynamodb = crate::aws::dynamodb::client(&ClientSettings {
+        region: cluster.region.clone().or_else(|| source.region.clone()),
+        endpoint_url: cluster.endpoint_url.clone(),
+        extra_root_pem: None,
+        max_attempts: None,
+    })
+    .await
+    .context("the lease table's DynamoDB client")?;
+    let table = LeaseTable::new(dynamodb, &cluster.lease_table, &worker);
+    table.ensure().await?;
+    let kinesis = crate::aws::kinesis::client(&ClientSettings {
+        region: source.region.clone(),
+        endpoint_url: source.endpoint_url.clone(),
+        extra_root_pem: None,
+        max_attempts: None,
+    })
+    .await?;
+    let s3_client = crate::aws::s3::client(&s3.client())
+        .await
+        .with_context(|| format!("checkpoint store {}", store_config.describe()))?;
+    let remote = RemoteStore::new(s3_client, &s3.bucket, &s3.prefix);
+    remote.check().await?;
+
+    let state_dir = &config.pipeline.state_dir;
+    let mut work_dir = state_dir.clone().into_os_string();
+    work_dir.push(".shards");
+    let work_dir = std::path::PathBuf::from(work_dir);
+    if work_dir.exists() {
+        std::fs::remove_dir_all(&work_dir)
+            .with_context(|| format!("clearing {}", work_dir.display()))?;
+    }
+    let fingerprint = config.state_fingerprint();
+    let (export_tx, export_rx) = mpsc::unbounded_channel();
+    let tap = Arc::new(handoff::ShardTap::new(
+        s3.every,
+        work_dir.join("out"),
+        worker.clone(),
+        fingerprint.clone(),
+        export_tx,
+    ));
+    // A command per shard move: a few per shard at most are in flight.
+    let (commands_tx, commands_rx) = mpsc::channel(1024);
+    let at_timestamp = source.timestamp_millis().map_err(anyhow::Error::msg)?;
+    Ok(Cluster {
+        worker: Worker {
+            table,
+            kinesis,
+            remote,
+            store,
+            settings: WorkerSettings {
+                cluster,
+                stream: source.stream_name.clone(),
+                starting_position: source.starting_position,
+                at_timestamp,
+                shard_refresh: source.shard_refresh_interval.std(),
+                fingerprint,
+                work_dir,
+            },
+            tap: tap.clone(),
+            commands: commands_tx,
+            exported: export_rx,
+            stopping: false,
+        },
+        tap,
+        control: ShardControl {
+            commands: commands_rx,
+        },
+    })
+}

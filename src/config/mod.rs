@@ -21,6 +21,7 @@
 //! - `env.rs`: `${VAR}` substitution into parsed strings
 //! - `pipeline.rs`: `[pipeline]`
 //! - `checkpoint_store.rs`: `[checkpoint_store]`
+//! - `cluster.rs`: `[cluster]`
 //! - `source.rs`: `[source]` (file, generator, kinesis; s3 in `s3.rs`)
 //! - `s3.rs`: the S3 client keys, the archive as a source and as a sink
 //! - `schema.rs`: `[schema]`
@@ -30,6 +31,7 @@
 //! - `replay.rs`: `[replay]` and the config a replay runs
 
 mod checkpoint_store;
+mod cluster;
 mod env;
 mod inference;
 mod pipeline;
@@ -56,6 +58,7 @@ use crate::record::{KindSet, OutputKind};
 use env::{env_reference_outside_string, substitute_env_in, NOT_A_STRING_HINT};
 
 pub use checkpoint_store::{CheckpointStoreConfig, S3CheckpointStoreConfig};
+pub use cluster::ClusterConfig;
 pub use inference::{Backend, ContentType, FallbackKind, InferenceConfig, JsonKey, ShadowConfig};
 pub use pipeline::PipelineConfig;
 pub use replay::ReplayConfig;
@@ -105,6 +108,9 @@ pub struct Config {
     /// Where checkpoints are also kept, off this machine.
     #[serde(default)]
     pub checkpoint_store: Option<Spanned<CheckpointStoreConfig>>,
+    /// Several processes sharing a Kinesis stream through a lease table.
+    #[serde(default)]
+    pub cluster: Option<Spanned<ClusterConfig>>,
     pub source: Spanned<SourceConfig>,
     pub schema: SchemaConfig,
     #[serde(default)]
@@ -216,6 +222,26 @@ impl Config {
         }
         if let Some(msg) = self.source.get_ref().problem() {
             return at(self.source.span(), msg);
+        }
+        if let Some(cluster) = &self.cluster {
+            if let Some(msg) = cluster.get_ref().problem() {
+                return at(cluster.span(), msg);
+            }
+            if !matches!(self.source.get_ref(), SourceConfig::Kinesis(_)) {
+                return at(
+                    cluster.span(),
+                    format!(
+                        "[cluster] shares the shards of a Kinesis stream: it needs [source] type = \"kinesis\", not {:?}",
+                        self.source.get_ref().type_name()
+                    ),
+                );
+            }
+            if self.checkpoint_store.is_none() {
+                return at(
+                    cluster.span(),
+                    "[cluster] needs a [checkpoint_store]: shards move between workers with their state, through it".into(),
+                );
+            }
         }
         if let Some(msg) = self.schema.problem() {
             return Err((None, msg));

@@ -19,6 +19,7 @@ mod aggregate;
 mod cache;
 mod ingest;
 mod operator;
+mod ranges;
 pub mod rules;
 mod snapshot;
 mod timers;
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, DEFAULT_MAX_DISTINCT};
 use crate::record::{Event, FeatureNames, FeatureRecord, FeatureVector, LateRecord, Output};
 use crate::state::rocks_meta_key;
-use crate::state::{Cf, StateDelta, StateError, StateStore};
+use crate::state::{Cf, HashRange, StateDelta, StateError, StateStore};
 use crate::time::Millis;
 
 use aggregate::FeatureSlot;
@@ -397,6 +398,43 @@ impl Engine {
         metrics::counter!("shardflow_distinct_overflow_total").absolute(s.distinct_overflows);
         metrics::gauge!("shardflow_engine_cached_states").set(self.op.cached_states() as f64);
         Ok(delta)
+    }
+
+    /// Cluster mode: `shard`'s state was ingested into the store. Adopts
+    /// its range (timers, store reads), its partition at the maximum event
+    /// time the last holder reached, and numbers arrivals after the last
+    /// holder's. Returns the number of timers adopted.
+    pub fn adopt_shard(
+        &mut self,
+        shard: &Arc<str>,
+        range: HashRange,
+        max_event_time: Option<Millis>,
+        next_seq: u64,
+    ) -> Result<usize, EngineError> {
+        self.wm.adopt(shard, max_event_time);
+        self.next_seq = self.next_seq.max(next_seq);
+        self.op.adopt_range(range)
+    }
+
+    /// Cluster mode: `shard` was released at the snapshot just taken.
+    /// Forgets its range and its partition. Returns the keys forgotten.
+    pub fn forget_shard(&mut self, shard: &Arc<str>, range: HashRange) -> usize {
+        self.wm.forget(shard);
+        self.op.forget_range(range)
+    }
+
+    /// Each partition's maximum event time.
+    pub fn partition_marks(&self) -> Vec<(Arc<str>, Millis)> {
+        self.wm
+            .partitions()
+            .iter()
+            .map(|p| (p.name.clone(), p.max_event_time))
+            .collect()
+    }
+
+    /// The arrival counter: the next event's number.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     /// Checkpoint `checkpoint_id` is durably committed: clean cache entries

@@ -147,6 +147,25 @@ impl Watermarks {
         self.recompute(now)
     }
 
+    /// Cluster mode: a shard acquired, at the maximum event time its last
+    /// holder had reached. It holds like a known partition until it reads.
+    pub fn adopt(&mut self, partition: &Arc<str>, max_event_time: Option<Millis>) {
+        let idx = self.index(partition, IdleClock::Stopped);
+        let p = &mut self.partitions[idx];
+        p.clock = IdleClock::Stopped;
+        if let Some(m) = max_event_time {
+            p.max_event_time = p.max_event_time.max(m);
+        }
+    }
+
+    /// Cluster mode: a shard released. It stops holding the watermark; the
+    /// next event or tick moves the watermark (nothing fires at the
+    /// barrier that released it).
+    pub fn forget(&mut self, partition: &Arc<str>) {
+        self.partitions.retain(|p| p.name != *partition);
+        self.last = 0;
+    }
+
     /// Processing time passed: idle partitions stop holding the watermark.
     pub fn tick(&mut self, now: Millis) -> Millis {
         self.recompute(now)

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::Barriers;
 use crate::decode::Decoder;
-use crate::flow::{Decoded, Message, Stats};
+use crate::flow::{Decoded, Message, ShardChange, Stats};
 use crate::source::{DecodedRecord, EventTimeRange, SourceMessage};
 use crate::telemetry::StageClock;
 use crate::time::Millis;
@@ -83,6 +83,18 @@ pub(super) async fn decode_stage(
                     let b = state.barriers.next(Some(exhausted));
                     let _ = output.send(Message::Barrier(b)).await;
                     return Ok(());
+                }
+                Some(SourceMessage::Shard(ShardChange::Released(released))) => {
+                    // At once: the shard's next holder waits for this commit.
+                    let mut b = state.barriers.next(None);
+                    b.released.push(released);
+                    output.send(Message::Barrier(b)).await
+                }
+                Some(SourceMessage::Shard(acquired)) => {
+                    if let ShardChange::Acquired { shard, range, resume, .. } = &acquired {
+                        state.barriers.resume_at(shard, *range, resume.clone());
+                    }
+                    output.send(Message::Batch(vec![Decoded::Shard(acquired)])).await
                 }
                 Some(SourceMessage::Partitions(names, status)) => {
                     let batch = names.into_iter().map(|n| Decoded::Partition(n, status)).collect();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, PREFETCH_AHEAD};
-use crate::flow::{Decoded, Message, Stats};
+use crate::flow::{Decoded, Message, ShardChange, Stats};
 use crate::record::{Output, RawOutput};
 use crate::telemetry::StageClock;
 use crate::time::{now_millis, Millis};
@@ -105,6 +105,12 @@ pub(super) async fn engine_stage(
                         }
                     }
                     b.delta = Some(engine.snapshot(b.id)?);
+                    b.marks = engine.partition_marks();
+                    b.next_seq = engine.next_seq();
+                    for r in &b.released {
+                        let keys = engine.forget_shard(&r.shard, r.range);
+                        tracing::info!(shard = %r.shard, keys, why = ?r.why, "shard released: its state leaves the engine");
+                    }
                     barrier = Some(b);
                 }
                 None => return Ok(()),
@@ -195,6 +201,18 @@ fn process_batch(
                 Decoded::Partition(name, status) => {
                     engine.partition_status(&name, status, now, out)?
                 }
+                Decoded::Shard(ShardChange::Acquired {
+                    shard,
+                    range,
+                    max_event_time,
+                    next_seq,
+                    ..
+                }) => {
+                    let timers = engine.adopt_shard(&shard, range, max_event_time, next_seq)?;
+                    tracing::info!(%shard, timers, "shard acquired: the engine adopted its state");
+                }
+                // Releases travel in barriers.
+                Decoded::Shard(ShardChange::Released(_)) => {}
             }
             if engine.firing() {
                 return Ok(events);

@@ -115,7 +115,23 @@ pub async fn run(
         reset: options.reset_state,
         restore_remote: options.restore_remote,
     };
-    let (store, remote) = checkpoint::remote::prepare(&config, choice).await?;
+    // Under [cluster] the local state is a cache of the shards held: each
+    // comes with its snapshot when acquired, so it starts empty.
+    let (store, remote) = if config.cluster.is_some() {
+        let store = crate::state::StateStore::open(
+            &config.pipeline.state_dir,
+            &config.state_fingerprint(),
+            true,
+        )
+        .with_context(|| format!("opening state in {}", config.pipeline.state_dir.display()))?;
+        (store, None)
+    } else {
+        checkpoint::remote::prepare(&config, choice).await?
+    };
+    let cluster = match &config.cluster {
+        Some(_) => Some(crate::cluster::connect(&config, store.clone()).await?),
+        None => None,
+    };
     let last_checkpoint = store.committed_checkpoint()?;
     let resume_from = store.committed_positions()?;
     if last_checkpoint > 0 {
@@ -132,9 +148,18 @@ pub async fn run(
     if let Some(m) = &model {
         m.ready().await.context("preparing the model")?;
     }
-    let src = match options.source {
-        Some(s) => s,
-        None => source::build(&config)?,
+    let (src, tap, worker) = match (options.source, cluster) {
+        (Some(s), _) => (s, None, None),
+        (None, Some(c)) => {
+            let crate::config::SourceConfig::Kinesis(k) = config.source() else {
+                anyhow::bail!("[cluster] needs a kinesis source");
+            };
+            let src: Box<dyn Source> =
+                Box::new(source::kinesis::KinesisSource::new(k.clone()).with_leases(c.control));
+            let tap: Arc<dyn checkpoint::CommitTap> = c.tap;
+            (src, Some(tap), Some(c.worker))
+        }
+        (None, None) => (source::build(&config)?, None, None),
     };
     // A source that replays a recorded run brings that run's watermarks:
     // processing time must not make its partitions idle.
@@ -305,8 +330,11 @@ pub async fn run(
         commit_rx,
         committed,
         uploader.as_ref().map(|u| u.handle()),
+        tap,
         stats.clone(),
     ));
+    let (finished_tx, finished_rx) = watch::channel(false);
+    let worker = worker.map(|w| tokio::spawn(w.run(shutdown.clone(), finished_rx)));
 
     stats.ready.store(true, Ordering::Relaxed);
     let progress = (options.progress && std::io::stderr().is_terminal())
@@ -341,9 +369,17 @@ pub async fn run(
         }
     }
     if let Some(e) = first_error {
+        if let Some(w) = worker {
+            // Its leases expire: a failed run hands nothing off.
+            w.abort();
+        }
         return Err(e);
     }
     let last = committed?;
+    if let Some(w) = worker {
+        let _ = finished_tx.send(true);
+        w.await.context("cluster worker panicked")??;
+    }
     if let Some(u) = uploader {
         u.finish(last).await?;
     }

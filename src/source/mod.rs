@@ -36,6 +36,9 @@ pub enum SourceMessage {
     /// Input the source could not even split into records (a corrupt
     /// archive object): a dead letter with the reason, no record.
     Bad(DeadLetter),
+    /// Cluster mode: a shard acquired (before its first record) or
+    /// released (after its last).
+    Shard(crate::flow::ShardChange),
     /// The source will send nothing more. `exhausted` is true when a bounded
     /// input was read to its end (so event time may advance to +∞), false
     /// when the source was asked to stop.
@@ -101,6 +104,11 @@ impl SourceContext {
     /// Sends the closing message; never fails (the receiver may be gone).
     pub async fn end(&self, exhausted: bool) {
         let _ = self.output.send(SourceMessage::End { exhausted }).await;
+    }
+
+    /// Says a shard was acquired or released; false if the pipeline is gone.
+    pub async fn shard(&self, change: crate::flow::ShardChange) -> bool {
+        self.output.send(SourceMessage::Shard(change)).await.is_ok()
     }
 
     pub fn resume_position(&self, partition: &str) -> Option<&Position> {

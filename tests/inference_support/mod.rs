@@ -479,7 +479,7 @@ pub async fn run_batcher(
                 positions: Vec::new(),
                 end_of_input: true,
                 last: true,
-                delta: None,
+                ..Barrier::default()
             }))
             .await;
     });

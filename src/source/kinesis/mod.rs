@@ -8,6 +8,8 @@
 //! - `efo.rs`: one shard's subscription: renewals, stalls, backoff, SHARD_END,
 //!   the bounded per-shard buffer.
 //! - `deagg.rs`: KPL aggregated records.
+//! - `leased.rs`: cluster mode, where the lease worker says which shards to
+//!   read and from where.
 //!
 //! A record's position is `{ partition: shard id, sequence: sequence number,
 //! sub_sequence: index inside a KPL aggregate }`; the pipeline checkpoints the
@@ -18,6 +20,7 @@
 
 pub mod deagg;
 pub mod efo;
+pub mod leased;
 pub mod shards;
 
 use std::collections::HashMap;
@@ -31,6 +34,7 @@ use aws_sdk_kinesis::Client;
 use tokio::task::JoinSet;
 
 use self::efo::{Outcome, ShardTask, Start};
+use self::leased::ShardControl;
 use self::shards::ShardGraph;
 use super::{Source, SourceContext};
 use crate::aws::{self, error_text, Backoff, ClientSettings};
@@ -41,11 +45,22 @@ use crate::state::StateStore;
 
 pub struct KinesisSource {
     config: KinesisSourceConfig,
+    leases: Option<ShardControl>,
 }
 
 impl KinesisSource {
     pub fn new(config: KinesisSourceConfig) -> Self {
-        KinesisSource { config }
+        KinesisSource {
+            config,
+            leases: None,
+        }
+    }
+
+    /// Cluster mode: reads only the shards `control` starts, until it stops
+    /// them (see `leased.rs`).
+    pub fn with_leases(mut self, control: ShardControl) -> Self {
+        self.leases = Some(control);
+        self
     }
 }
 
@@ -71,7 +86,7 @@ impl Source for KinesisSource {
 
     fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, anyhow::Result<()>> {
         Box::pin(async move {
-            let result = run(self.config, &ctx).await;
+            let result = run(self.config, self.leases, &ctx).await;
             ctx.end(false).await;
             result
         })
@@ -215,7 +230,10 @@ pub async fn ensure_consumer(
 
 /// Every shard of the stream with its parents (ListShards, paginated).
 /// By name: emulators do not all take the ARN.
-async fn list_shards(client: &Client, stream: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+pub async fn list_shards(
+    client: &Client,
+    stream: &str,
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
     let mut shards = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -243,7 +261,11 @@ async fn list_shards(client: &Client, stream: &str) -> anyhow::Result<Vec<(Strin
     }
 }
 
-async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result<()> {
+async fn run(
+    config: KinesisSourceConfig,
+    leases: Option<ShardControl>,
+    ctx: &SourceContext,
+) -> anyhow::Result<()> {
     let mut shutdown = ctx.shutdown.clone();
     let client = aws::kinesis::client(&ClientSettings {
         region: config.region.clone(),
@@ -291,6 +313,18 @@ async fn run(config: KinesisSourceConfig, ctx: &SourceContext) -> anyhow::Result
                 .context("at_timestamp without timestamp")?,
         ),
     };
+    if let Some(control) = leases {
+        return leased::run(
+            leased::Reader {
+                client,
+                consumer_arn,
+                config,
+            },
+            ctx,
+            control,
+        )
+        .await;
+    }
     let mut graph = ShardGraph::default();
     let mut tasks: JoinSet<(String, Outcome)> = JoinSet::new();
     let mut names: HashMap<tokio::task::Id, String> = HashMap::new();

@@ -89,6 +89,7 @@
 mod error;
 mod manifest;
 mod restore;
+mod shards;
 mod upload;
 
 use std::sync::Arc;
@@ -100,6 +101,7 @@ use aws_sdk_s3::Client;
 pub use self::error::RemoteError;
 pub use self::manifest::{file_key, manifest_key, Manifest, ManifestFile, ManifestSummary, FORMAT};
 pub use self::restore::RestoreReport;
+pub use self::shards::SNAPSHOT_META;
 pub use self::upload::UploadReport;
 
 use self::manifest::{manifest_id, FILES, MANIFESTS};

@@ -1,0 +1,82 @@
+//! `[cluster]`: several `shardflow run` processes sharing one Kinesis
+//! stream through a lease table in DynamoDB (see `crate::cluster`).
+
+use serde::Deserialize;
+
+use crate::time::Duration;
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The DynamoDB table of leases; created when missing, with KCL's schema.
+    pub lease_table: String,
+    /// This worker's name in the leases; default: the host name and a
+    /// random suffix per process start.
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    /// A lease not renewed for this long is expired and may be taken.
+    #[serde(default = "default_failover_time")]
+    pub failover_time: Duration,
+    /// A graceful handoff that takes longer is forced (the taker takes the
+    /// lease as if it had expired).
+    #[serde(default = "default_handoff_timeout")]
+    pub handoff_timeout: Duration,
+    /// Overrides the DynamoDB endpoint (emulators); omit for AWS.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Overrides the region of the AWS chain.
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+fn default_failover_time() -> Duration {
+    Duration::from_millis(10_000)
+}
+
+fn default_handoff_timeout() -> Duration {
+    Duration::from_millis(30_000)
+}
+
+impl ClusterConfig {
+    /// The first inconsistency in these settings, if any.
+    pub(super) fn problem(&self) -> Option<String> {
+        let problem = if self.lease_table.trim().is_empty() {
+            Some("lease_table must name a DynamoDB table".to_owned())
+        } else if !table_name_ok(&self.lease_table) {
+            Some(format!(
+                "lease_table {:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)",
+                self.lease_table
+            ))
+        } else if self
+            .worker_id
+            .as_deref()
+            .is_some_and(|w| w.trim().is_empty())
+        {
+            Some("worker_id must not be empty (omit it for host name + random suffix)".into())
+        } else if self.failover_time.millis() < 1_000 {
+            Some(format!(
+                "failover_time must be at least 1s (got {} ms): leases are renewed every third of it",
+                self.failover_time.millis()
+            ))
+        } else if self.handoff_timeout.millis() <= 0 {
+            Some("handoff_timeout must be positive".into())
+        } else {
+            None
+        };
+        problem.map(|p| format!("[cluster]: {p}"))
+    }
+
+    /// How often leases are renewed: a third of `failover_time`, so two
+    /// renewals may fail before the lease expires.
+    pub fn renew_interval(&self) -> std::time::Duration {
+        self.failover_time.std() / 3
+    }
+}
+
+fn table_name_ok(name: &str) -> bool {
+    (3..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}

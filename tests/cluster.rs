@@ -1,0 +1,306 @@
+//! `[cluster]` end to end: several `shardflow run` processes on one Kinesis
+//! stream (the embedded ferrokinesis), leases in DynamoDB (the embedded
+//! dynoxide), shard snapshots in S3 (s3s-fs), all on 127.0.0.1.
+//!
+//! What proves that state moved exactly once: every event carries its key's
+//! own counter `n` (0, 1, 2, ...), and the feature `count_1d` of event `n`
+//! must be `n + 1`, whichever worker processed it, however often its shard
+//! moved. A lost or doubly counted event would shift every later count of
+//! its key. Outputs are read as a downstream reader must: deduplicated by
+//! id, every copy of an id equal.
+
+mod dynamo;
+mod emulator;
+mod harness;
+mod s3;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dynamo::DynamoServer;
+use emulator::Emulator;
+use harness::{ndjson, Proc};
+use s3::S3Server;
+
+const STREAM: &str = "clustered";
+const TABLE: &str = "shardflow-leases";
+const BUCKET: &str = "state";
+const KEYS: u32 = 64;
+
+const S3_ENV: [(&str, &str); 2] = [
+    ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
+    ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
+];
+
+struct Peers {
+    kinesis: Emulator,
+    dynamo: DynamoServer,
+    s3: S3Server,
+}
+
+async fn peers(shards: i32) -> Peers {
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Conditional writes that fail are the protocol, not news.
+        std::env::set_var(
+            "RUST_LOG",
+            "warn,ferrokinesis=error,dynoxide=error,s3s=error,s3s_fs=error",
+        );
+    }
+    let kinesis = Emulator::start(emulator::options()).await;
+    emulator::create_stream(&kinesis.client().await, STREAM, shards).await;
+    let dynamo = DynamoServer::start().await;
+    let s3 = S3Server::start().await;
+    s3.create_bucket(BUCKET).await;
+    Peers {
+        kinesis,
+        dynamo,
+        s3,
+    }
+}
+
+/// A worker's directory and config: its own state and outputs, the shared
+/// stream, table and store.
+fn worker_dir(root: &Path, name: &str, p: &Peers) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = format!(
+        r#"
+[pipeline]
+state_dir = "state"
+checkpoint_interval = "200ms"
+batch_size = 64
+
+[checkpoint_store]
+type = "s3"
+bucket = "{BUCKET}"
+prefix = "cluster"
+endpoint_url = "{s3}"
+max_attempts = 3
+
+[cluster]
+lease_table = "{TABLE}"
+worker_id = "{name}"
+failover_time = "3s"
+handoff_timeout = "10s"
+endpoint_url = "{dynamo}"
+
+[source]
+type = "kinesis"
+stream_name = "{STREAM}"
+consumer_name = "cluster-tests"
+starting_position = "trim_horizon"
+endpoint_url = "{kinesis}"
+shard_refresh_interval = "1s"
+
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = {{ n = "i64" }}
+
+[watermark]
+max_out_of_orderness = "1h"
+idle_timeout = "1h"
+
+[[features]]
+name = "count_1d"
+agg = "count"
+window = {{ type = "tumbling", size = "1d" }}
+
+[[sinks]]
+type = "file"
+path = "features.ndjson"
+kinds = ["features", "dead_letter", "late"]
+"#,
+        s3 = p.s3.url(),
+        dynamo = p.dynamo.url(),
+        kinesis = p.kinesis.url(),
+    );
+    std::fs::write(dir.join("config.toml"), config).unwrap();
+    dir
+}
+
+fn start(dir: &Path) -> Proc {
+    Proc::run_with(
+        dir,
+        Path::new("config.toml"),
+        "off",
+        "stderr.log",
+        "warn,shardflow::cluster=info",
+        &[],
+        &S3_ENV,
+    )
+}
+
+/// Events `from..to` of every key, as `(partition key, data)`: the
+/// partition key is the entity key, so a key's events stay on one shard.
+fn events(from: u64, to: u64) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for n in from..to {
+        for k in 0..KEYS {
+            out.push((format!("u{k}"), emulator::event_json(k, n)));
+        }
+    }
+    out
+}
+
+/// Every worker's feature records, deduplicated by id (each copy equal),
+/// by key and counter `n`: the count the engine gave.
+fn counts(dirs: &[&Path]) -> BTreeMap<(String, i64), i64> {
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for dir in dirs {
+        for line in ndjson(&dir.join("features.ndjson")) {
+            let id = line["id"].as_str().unwrap().to_owned();
+            if let Some(seen) = by_id.get(&id) {
+                assert_eq!(
+                    seen["features"], line["features"],
+                    "two copies of {id} differ"
+                );
+            }
+            by_id.insert(id, line);
+        }
+    }
+    let mut counts = BTreeMap::new();
+    for line in by_id.values() {
+        assert!(
+            line.get("features").is_some(),
+            "not a feature record: {line}"
+        );
+        let key = line["key"].as_str().unwrap().to_owned();
+        // The event time is the fixed day's start + n.
+        let n = line["event_time"].as_i64().unwrap() - 1_700_000_000_000;
+        let count = line["features"]["count_1d"].as_i64().unwrap();
+        counts.insert((key, n), count);
+    }
+    counts
+}
+
+/// Waits until events `0..upto` of every key are out, checking each
+/// count; panics with the workers' logs after `secs`.
+async fn wait_counts(dirs: &[&Path], procs: &mut [&mut Proc], upto: u64, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let c = counts(dirs);
+        for ((key, n), count) in &c {
+            assert_eq!(
+                *count,
+                n + 1,
+                "key {key} event {n}: count {count}, state lost or doubled"
+            );
+        }
+        if c.len() as u64 == u64::from(KEYS) * upto {
+            return;
+        }
+        for p in procs.iter_mut() {
+            p.assert_running();
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = procs.iter().map(|p| p.stderr()).collect();
+            panic!(
+                "{} of {} events out after {secs}s\n{}",
+                c.len(),
+                u64::from(KEYS) * upto,
+                logs.join("\n-----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Leases per owner, as the table says now.
+async fn owners(p: &Peers) -> BTreeMap<String, usize> {
+    let table = p.dynamo.table(TABLE, "observer").await;
+    let mut out = BTreeMap::new();
+    for l in table.list().await.unwrap() {
+        if let Some(o) = l.actual_owner() {
+            *out.entry(o.to_owned()).or_default() += 1;
+        }
+    }
+    out
+}
+
+async fn wait_owners(
+    p: &Peers,
+    want: impl Fn(&BTreeMap<String, usize>) -> bool,
+    secs: u64,
+    procs: &mut [&mut Proc],
+) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let o = owners(p).await;
+        if want(&o) {
+            return;
+        }
+        for p in procs.iter_mut() {
+            p.assert_running();
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = procs.iter().map(|p| p.stderr()).collect();
+            panic!(
+                "lease owners {o:?} after {secs}s\n{}",
+                logs.join("\n-----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_share_eight_shards_and_survive_a_sigkill() {
+    let p = peers(8).await;
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|n| worker_dir(root.path(), n, &p))
+        .collect();
+    let mut a = start(&dirs[0]);
+    let mut b = start(&dirs[1]);
+    let mut c = start(&dirs[2]);
+    let client = p.kinesis.client().await;
+    emulator::put(&client, STREAM, events(0, 20)).await;
+    let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    wait_counts(&all, &mut [&mut a, &mut b, &mut c], 20, 90).await;
+    // Balanced: 3, 3 and 2 leases (steals converge there).
+    wait_owners(
+        &p,
+        |o| o.len() == 3 && o.values().all(|&n| (2..=3).contains(&n)),
+        60,
+        &mut [&mut a, &mut b, &mut c],
+    )
+    .await;
+    emulator::put(&client, STREAM, events(20, 40)).await;
+    wait_counts(&all, &mut [&mut a, &mut b, &mut c], 40, 60).await;
+
+    // A crash: a's shards go to b and c within failover_time + restore.
+    a.kill9();
+    let killed = Instant::now();
+    emulator::put(&client, STREAM, events(40, 60)).await;
+    wait_counts(&all, &mut [&mut b, &mut c], 60, 90).await;
+    wait_owners(
+        &p,
+        |o| !o.contains_key("a") && o.values().sum::<usize>() == 8,
+        30,
+        &mut [&mut b, &mut c],
+    )
+    .await;
+    harness::report(&format!(
+        "cluster: SIGKILL of a worker to its shards' events out again: {:.1}s",
+        killed.elapsed().as_secs_f64()
+    ));
+
+    // A clean stop hands every lease off: c ends up with all of them at
+    // once, not after failover_time.
+    b.terminate(30).await;
+    wait_owners(&p, |o| o.get("c") == Some(&8), 30, &mut [&mut c]).await;
+    emulator::put(&client, STREAM, events(60, 70)).await;
+    wait_counts(&all, &mut [&mut c], 70, 60).await;
+    if std::env::var_os("SHARDFLOW_TEST_SHOW_LOG").is_some() {
+        eprintln!("{}", c.stderr());
+    }
+    c.terminate(30).await;
+    let o = owners(&p).await;
+    assert!(
+        o.is_empty(),
+        "every lease released at the clean stop: {o:?}"
+    );
+}
