@@ -304,3 +304,61 @@ async fn three_workers_share_eight_shards_and_survive_a_sigkill() {
         "every lease released at the clean stop: {o:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_is_fenced_and_the_counts_stay_exact() {
+    let p = peers(4).await;
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|n| worker_dir(root.path(), n, &p))
+        .collect();
+    let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let mut a = start(&dirs[0]);
+    let client = p.kinesis.client().await;
+    emulator::put(&client, STREAM, events(0, 10)).await;
+    wait_counts(&all, &mut [&mut a], 10, 60).await;
+    let mut b = start(&dirs[1]);
+    wait_owners(
+        &p,
+        |o| o.get("a") == Some(&2) && o.get("b") == Some(&2),
+        60,
+        &mut [&mut a, &mut b],
+    )
+    .await;
+
+    // a stops answering (a GC pause, a partition) for longer than failover_time.
+    harness::signal(a.pid(), "STOP");
+    emulator::put(&client, STREAM, events(10, 30)).await;
+    wait_owners(&p, |o| o.get("b") == Some(&4), 30, &mut [&mut b]).await;
+    wait_counts(&all, &mut [&mut b], 30, 60).await;
+
+    // Back: its renewals and checkpoints fail the lease conditions, it drops
+    // the shards it lost, and what it wrote meanwhile has the same ids and
+    // values as b's (the counts check every copy).
+    harness::signal(a.pid(), "CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.stderr().contains("dropping the shard") {
+        a.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "a never noticed:\n{}",
+            a.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    emulator::put(&client, STREAM, events(30, 40)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 40, 60).await;
+    // It rejoins by graceful handoff.
+    wait_owners(
+        &p,
+        |o| o.get("a") == Some(&2) && o.get("b") == Some(&2),
+        60,
+        &mut [&mut a, &mut b],
+    )
+    .await;
+    emulator::put(&client, STREAM, events(40, 50)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 50, 60).await;
+    a.terminate(30).await;
+    b.terminate(30).await;
+}

@@ -80,3 +80,51 @@ fn table_name_ok(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    const REST: &str = "[schema]\nkey = \"k\"\ntimestamp = \"t\"\n[[sinks]]\ntype = \"stdout\"\nkinds = [\"features\"]\n";
+    const KINESIS: &str = "[source]\ntype = \"kinesis\"\nstream_name = \"s\"\n";
+    const STORE: &str = "[checkpoint_store]\ntype = \"s3\"\nbucket = \"bucket\"\n";
+
+    fn error(text: &str) -> String {
+        match Config::from_str_at(text, Path::new("c.toml"), |_| None) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_cluster_needs_a_kinesis_source_and_a_checkpoint_store() {
+        let cluster = "[cluster]\nlease_table = \"leases\"\n";
+        assert_eq!(error(&format!("{REST}{KINESIS}{STORE}{cluster}")), "");
+        let e = error(&format!(
+            "{REST}[source]\ntype = \"generator\"\n{STORE}{cluster}"
+        ));
+        assert!(e.contains("needs [source] type = \"kinesis\""), "{e}");
+        let e = error(&format!("{REST}{KINESIS}{cluster}"));
+        assert!(e.contains("needs a [checkpoint_store]"), "{e}");
+    }
+
+    #[test]
+    fn bad_cluster_settings_are_refused_with_the_reason() {
+        for (bad, says) in [
+            ("lease_table = \"a b\"", "is not a DynamoDB table name"),
+            (
+                "lease_table = \"t12\"\nfailover_time = \"100ms\"",
+                "at least 1s",
+            ),
+            (
+                "lease_table = \"t12\"\nworker_id = \" \"",
+                "worker_id must not be empty",
+            ),
+        ] {
+            let e = error(&format!("{REST}{KINESIS}{STORE}[cluster]\n{bad}\n"));
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+}

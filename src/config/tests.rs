@@ -319,6 +319,7 @@ fn the_readme_reference_lists_exactly_the_accepted_keys() {
             "[checkpoint_store] s3",
             format!("{base}[checkpoint_store]\ntype = \"s3\""),
         ),
+        ("[cluster]", format!("{base}[cluster]")),
         (
             "[source] generator",
             "[source]\ntype = \"generator\"".into(),
@@ -377,6 +378,7 @@ fn the_readme_defaults_are_the_code_defaults() {
     let tables: &[(&str, String, Section)] = &[
         ("[pipeline]", format!("{generator}{base}[pipeline]\n"), |c| format!("{:?}", c.pipeline)),
         ("[checkpoint_store] s3", format!("{generator}{base}[checkpoint_store]\ntype = \"s3\"\nbucket = \"bucket\"\n"), |c| format!("{:?}", c.checkpoint_store.as_ref().map(|s| s.get_ref()))),
+        ("[cluster]", format!("{base}[source]\ntype = \"kinesis\"\nstream_name = \"s\"\n[checkpoint_store]\ntype = \"s3\"\nbucket = \"bucket\"\n[cluster]\nlease_table = \"leases\"\n"), |c| format!("{:?}", c.cluster.as_ref().map(|s| s.get_ref()))),
         ("[source] generator", format!("{base}{generator}"), |c| format!("{:?}", c.source())),
         ("[source] file", format!("{base}[source]\ntype = \"file\"\npath = \"x\"\n"), |c| format!("{:?}", c.source())),
         ("[source] kinesis", format!("{base}[source]\ntype = \"kinesis\"\nstream_name = \"s\"\n"), |c| format!("{:?}", c.source())),
