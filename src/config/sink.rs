@@ -148,8 +148,14 @@ fn default_max_buffered_keys() -> usize {
 
 /// Attributes every item has besides the features: a feature may not be
 /// named like one of them.
-pub const DYNAMODB_ITEM_ATTRIBUTES: [&str; 6] =
-    ["event_time", "id", "prediction", "model", "variant", "fallback"];
+pub const DYNAMODB_ITEM_ATTRIBUTES: [&str; 6] = [
+    "event_time",
+    "id",
+    "prediction",
+    "model",
+    "variant",
+    "fallback",
+];
 
 impl DynamoDbSinkConfig {
     /// What is wrong with it, given the configured feature names.

@@ -454,9 +454,7 @@ fn readme_defaults(readme: &str, table: &str) -> Vec<(String, String)> {
 #[test]
 fn dynamodb_sinks_take_only_keyed_vectors_and_keep_their_attributes() {
     let sink = |extra: &str| {
-        format!(
-            "{MINIMAL}\n[[sinks]]\ntype = \"dynamodb\"\ntable = \"user-features\"\n{extra}\n"
-        )
+        format!("{MINIMAL}\n[[sinks]]\ntype = \"dynamodb\"\ntable = \"user-features\"\n{extra}\n")
     };
     let c = parse(&sink("kinds = [\"features\"]")).unwrap();
     let SinkConfig::Dynamodb(d) = c.sinks[1].get_ref() else {
@@ -468,16 +466,24 @@ fn dynamodb_sinks_take_only_keyed_vectors_and_keep_their_attributes() {
     );
 
     let e = parse(&sink("kinds = [\"features\", \"window\"]")).unwrap_err();
-    assert!(e.message.contains("type = \"dynamodb\": kinds may only hold \"features\" and \"prediction\""), "{e}");
+    assert!(
+        e.message
+            .contains("type = \"dynamodb\": kinds may only hold \"features\" and \"prediction\""),
+        "{e}"
+    );
     assert!(e.message.contains("\"window\" records are not"), "{e}");
     assert_eq!(e.location.unwrap().0, 20, "{e}");
 
     let e = parse(&sink("kinds = [\"features\"]\nwrite_mode = \"fast\"")).unwrap_err();
     assert!(e.message.contains("unknown variant `fast`"), "{e}");
 
-    let e = parse(&sink("kinds = [\"features\"]\nkey_attribute = \"amount_sum_1m\"")).unwrap_err();
+    let e = parse(&sink(
+        "kinds = [\"features\"]\nkey_attribute = \"amount_sum_1m\"",
+    ))
+    .unwrap_err();
     assert!(
-        e.message.contains("feature \"amount_sum_1m\" would be written over the item's own attribute")
+        e.message
+            .contains("feature \"amount_sum_1m\" would be written over the item's own attribute")
             && e.message.contains("or set another key_attribute"),
         "{e}"
     );
@@ -486,15 +492,25 @@ fn dynamodb_sinks_take_only_keyed_vectors_and_keep_their_attributes() {
         "{renamed}\n[[sinks]]\ntype = \"dynamodb\"\ntable = \"t12\"\nkinds = [\"features\"]\n"
     ))
     .unwrap_err();
-    assert!(e.message.contains("feature \"event_time\" would be written over"), "{e}");
+    assert!(
+        e.message
+            .contains("feature \"event_time\" would be written over"),
+        "{e}"
+    );
 
     let e = parse(&sink("kinds = [\"features\"]").replace("user-features", "a b")).unwrap_err();
     assert!(e.message.contains("is not a DynamoDB table name"), "{e}");
     for (extra, want) in [
         ("concurrency = 0", "concurrency must be between 1 and 256"),
         ("max_attempts = 0", "max_attempts must be between 1 and 20"),
-        ("max_buffered_keys = 0", "max_buffered_keys must be at least 1"),
-        ("endpoint_url = \"localhost:8000\"", "endpoint_url must start with http://"),
+        (
+            "max_buffered_keys = 0",
+            "max_buffered_keys must be at least 1",
+        ),
+        (
+            "endpoint_url = \"localhost:8000\"",
+            "endpoint_url must start with http://",
+        ),
     ] {
         let e = parse(&sink(&format!("kinds = [\"features\"]\n{extra}"))).unwrap_err();
         assert!(e.message.contains(want), "{extra}: {e}");

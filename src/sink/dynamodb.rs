@@ -108,7 +108,7 @@ pub struct DynamoDbSinkStats {
     pub stale: u64,
     /// Attempts that were retried.
     pub retries: u64,
-    /// Outputs replaced by a newer one of their key before being written.
+    /// Outputs left unwritten for a newer output of their key (coalescing).
     pub coalesced: u64,
     /// Outputs whose key DynamoDB cannot store.
     pub skipped: u64,
@@ -178,7 +178,8 @@ struct Latest {
 enum Offered {
     /// The first of its key.
     Added,
-    /// Its key had one: the newer of the two is kept.
+    /// Its key had one: the newer of the two is kept, the other is not
+    /// written.
     Coalesced,
     /// Its key cannot be a DynamoDB hash key.
     Skipped,
@@ -400,7 +401,10 @@ fn json(v: &serde_json::Value) -> AttributeValue {
 pub fn item(o: &Output, key_attribute: &str) -> Option<Item> {
     let r = record(o)?;
     let mut item = Item::with_capacity(r.features.names.len() + 7);
-    item.insert(key_attribute.to_owned(), AttributeValue::S(r.key.to_string()));
+    item.insert(
+        key_attribute.to_owned(),
+        AttributeValue::S(r.key.to_string()),
+    );
     item.insert(
         EVENT_TIME.to_owned(),
         AttributeValue::N(r.event_time.to_string()),
@@ -414,9 +418,11 @@ pub fn item(o: &Output, key_attribute: &str) -> Option<Item> {
         item.insert("model".to_owned(), AttributeValue::S(p.model.to_string()));
         item.insert(
             "variant".to_owned(),
-            p.variant.as_deref().map_or(AttributeValue::Null(true), |v| {
-                AttributeValue::S(v.to_owned())
-            }),
+            p.variant
+                .as_deref()
+                .map_or(AttributeValue::Null(true), |v| {
+                    AttributeValue::S(v.to_owned())
+                }),
         );
         item.insert("fallback".to_owned(), AttributeValue::Bool(p.fallback));
     }
@@ -525,13 +531,17 @@ impl Writer {
                 Ok(Err(e)) => match failure(e) {
                     Failure::Retry(why) => why,
                     Failure::Fatal(why) => {
-                        bail!("DynamoDB table {}: PutItem of key {key:?}: {why}", self.table)
+                        bail!(
+                            "DynamoDB table {}: PutItem of key {key:?}: {why}",
+                            self.table
+                        )
                     }
                 },
                 Err(_) => format!("no answer within {:?}", self.timeout),
             };
             let what = || format!("PutItem of key {key:?}");
-            self.retry_or_fail(&mut backoff, attempt, what, &why).await?;
+            self.retry_or_fail(&mut backoff, attempt, what, &why)
+                .await?;
         }
         unreachable!("the loop returns")
     }
@@ -615,7 +625,11 @@ impl Writer {
                 Ok(Err(e)) => match failure(e) {
                     Failure::Retry(why) => why,
                     Failure::Fatal(why) => {
-                        bail!("DynamoDB table {}{}: DescribeTable: {why}", self.table, self.where_())
+                        bail!(
+                            "DynamoDB table {}{}: DescribeTable: {why}",
+                            self.table,
+                            self.where_()
+                        )
                     }
                 },
                 Err(_) => format!("no answer within {:?}", self.timeout),
@@ -639,7 +653,10 @@ impl Writer {
 
     fn check_keys(&self, table: Option<&TableDescription>) -> anyhow::Result<()> {
         let Some(table) = table else {
-            bail!("DynamoDB table {}: DescribeTable answered without a table", self.table);
+            bail!(
+                "DynamoDB table {}: DescribeTable answered without a table",
+                self.table
+            );
         };
         let attributes = table.attribute_definitions();
         let keys: Vec<(String, &str, &str)> = table
@@ -824,7 +841,10 @@ mod tests {
         for v in [1.0 / 3.0, 123456.789, -9.87e-12, 2.5e100] {
             assert_eq!(number(v).unwrap().parse::<f64>().unwrap(), v);
         }
-        assert_eq!(value(Some(Value::Float(f64::NAN))), AttributeValue::Null(true));
+        assert_eq!(
+            value(Some(Value::Float(f64::NAN))),
+            AttributeValue::Null(true)
+        );
         assert_eq!(value(Some(Value::Int(i64::MIN))), n("-9223372036854775808"));
     }
 
@@ -835,8 +855,14 @@ mod tests {
         let late_arrival = features("f/3", "u1", 15, vec![Some(Value::Int(3)), None]);
         let same_time = features("f/4", "u1", 20, vec![Some(Value::Int(4)), None]);
         assert!(replaces(&newer, &older));
-        assert!(!replaces(&late_arrival, &newer), "out of order: older event");
-        assert!(replaces(&same_time, &newer), "a tie goes to the later output");
+        assert!(
+            !replaces(&late_arrival, &newer),
+            "out of order: older event"
+        );
+        assert!(
+            replaces(&same_time, &newer),
+            "a tie goes to the later output"
+        );
         // A prediction replaces the features of its event; those features
         // arriving after it do not take its place back.
         let p = prediction(&newer);
@@ -853,23 +879,44 @@ mod tests {
         let mut offered = Vec::new();
         // (key, event time) in arrival order; u2's last arrival is older.
         let events = [
-            ("u1", 1), ("u2", 5), ("u3", 2), ("u1", 3), ("u2", 9),
-            ("u1", 3), ("u3", 4), ("u2", 7), ("u1", 8), ("u3", 4),
+            ("u1", 1),
+            ("u2", 5),
+            ("u3", 2),
+            ("u1", 3),
+            ("u2", 9),
+            ("u1", 3),
+            ("u3", 4),
+            ("u2", 7),
+            ("u1", 8),
+            ("u3", 4),
         ];
         for (i, (key, t)) in events.iter().enumerate() {
-            let o = features(&format!("f/{i}"), key, *t, vec![Some(Value::Int(i as i64)), None]);
+            let o = features(
+                &format!("f/{i}"),
+                key,
+                *t,
+                vec![Some(Value::Int(i as i64)), None],
+            );
             offered.push(latest.offer(&o));
         }
         let added = offered.iter().filter(|o| **o == Offered::Added).count();
         assert_eq!((added, latest.len()), (3, 3));
-        assert_eq!(latest.offer(&features("f/x", "", 1, vec![None, None])), Offered::Skipped);
+        assert_eq!(
+            latest.offer(&features("f/x", "", 1, vec![None, None])),
+            Offered::Skipped
+        );
         let long = "k".repeat(MAX_KEY_BYTES + 1);
-        assert_eq!(latest.offer(&features("f/y", &long, 1, vec![None, None])), Offered::Skipped);
+        assert_eq!(
+            latest.offer(&features("f/y", &long, 1, vec![None, None])),
+            Offered::Skipped
+        );
         let mut items: Vec<(String, Millis, AttributeValue)> = latest
             .take_items("key")
             .into_iter()
             .map(|(t, item)| {
-                let AttributeValue::S(k) = &item["key"] else { panic!() };
+                let AttributeValue::S(k) = &item["key"] else {
+                    panic!()
+                };
                 (k.clone(), t, item["id"].clone())
             })
             .collect();
