@@ -17,7 +17,8 @@
 //! writing every event would cost.
 //!
 //! Run: `cargo bench --bench dynamodb_sink` (release profile);
-//! `SHARDFLOW_BENCH_EVENTS` and `SHARDFLOW_BENCH_KEYS` change the shape.
+//! `SHARDFLOW_BENCH_EVENTS` and `SHARDFLOW_BENCH_KEYS` change the shape,
+//! `SHARDFLOW_BENCH_CONCURRENCY` the requests in flight (default 16).
 
 /// As in the binary (src/main.rs).
 #[global_allocator]
@@ -79,12 +80,13 @@ fn outputs(events: usize, keys: usize, t0: i64) -> Vec<Output> {
 }
 
 fn sink_config(endpoint: &str, table: &str, write_mode: WriteMode) -> DynamoDbSinkConfig {
+    let concurrency = knob("SHARDFLOW_BENCH_CONCURRENCY", 16).clamp(1, 256);
     DynamoDbSinkConfig {
         table: table.into(),
         key_attribute: "userId".into(),
         kinds: vec![OutputKind::Features],
         write_mode,
-        concurrency: 16,
+        concurrency,
         max_attempts: 3,
         request_timeout: shardflow::time::Duration::from_millis(10_000),
         max_buffered_keys: 100_000,

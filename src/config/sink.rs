@@ -172,6 +172,13 @@ impl DynamoDbSinkConfig {
         if self.key_attribute.is_empty() || self.key_attribute.len() > 255 {
             return Some("key_attribute must be 1-255 bytes long".into());
         }
+        if DYNAMODB_ITEM_ATTRIBUTES.contains(&self.key_attribute.as_str()) {
+            return Some(format!(
+                "key_attribute {:?} is an attribute every item has already; name the key \
+                 otherwise (e.g. \"key\" or the schema's key field)",
+                self.key_attribute
+            ));
+        }
         if let Some(kind) = self
             .kinds
             .iter()
