@@ -44,6 +44,7 @@ fn sink_target(s: &SinkConfig) -> String {
             "s3 archive s3://{}/{}YYYY/MM/DD/HH/ (objects ≤ {} bytes, ≤ {})",
             c.bucket, c.prefix, c.max_bytes, c.max_age
         ),
+        SinkConfig::Dynamodb(c) => shardflow::sink::dynamodb::describe(c),
     }
 }
 

@@ -63,17 +63,6 @@ pub(crate) enum Verdict {
     Permanent,
 }
 
-/// Error codes DynamoDB (or the SDK's classification) marks as transient.
-const TRANSIENT_CODES: &[&str] = &[
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "InternalServerError",
-    "InternalFailure",
-    "ServiceUnavailable",
-    "TransactionConflictException",
-];
-
 /// The failed condition of a conditional write.
 pub(crate) const CONDITION_FAILED: &str = "ConditionalCheckFailedException";
 
@@ -81,15 +70,10 @@ pub(crate) fn verdict<E, R>(e: &SdkError<E, R>) -> Verdict
 where
     E: ProvideErrorMetadata,
 {
-    match e {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Verdict::Transient
-        }
-        SdkError::ServiceError(_) => match e.code() {
-            Some(code) if TRANSIENT_CODES.contains(&code) => Verdict::Transient,
-            _ => Verdict::Permanent,
-        },
-        _ => Verdict::Permanent,
+    if crate::aws::dynamodb::is_transient(e) {
+        Verdict::Transient
+    } else {
+        Verdict::Permanent
     }
 }
 

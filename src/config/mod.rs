@@ -66,7 +66,10 @@ pub use s3::{
     ArchiveFormat, Compression, S3ClientConfig, S3SinkConfig, S3SourceConfig, S3_MIN_PART_BYTES,
 };
 pub use schema::{FieldSpec, FieldType, SchemaConfig};
-pub use sink::{FileSinkConfig, KinesisSinkConfig, SinkConfig, StdoutSinkConfig};
+pub use sink::{
+    DynamoDbSinkConfig, FileSinkConfig, KinesisSinkConfig, SinkConfig, StdoutSinkConfig, WriteMode,
+    DYNAMODB_ITEM_ATTRIBUTES,
+};
 pub use source::{
     FileSourceConfig, GeneratorConfig, KinesisSourceConfig, SourceConfig, StartingPosition,
 };
@@ -258,13 +261,14 @@ impl Config {
         if self.sinks.is_empty() {
             return Err((None, "no [[sinks]]: add at least one, e.g. [[sinks]] type = \"stdout\" kinds = [\"prediction\"]".into()));
         }
-        sink::check_sinks(&self.sinks, "[[sinks]]", self.produced_kinds())?;
+        sink::check_sinks(&self.sinks, "[[sinks]]", self.produced_kinds(), &names)?;
         if let Some(replay) = &self.replay {
             replay.get_ref().check(replay.span(), self.source())?;
             sink::check_sinks(
                 &replay.get_ref().sinks,
                 "[[replay.sinks]]",
                 self.produced_kinds(),
+                &names,
             )?;
         }
         Ok(())

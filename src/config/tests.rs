@@ -348,6 +348,10 @@ fn the_readme_reference_lists_exactly_the_accepted_keys() {
             format!("{base}[[sinks]]\ntype = \"kinesis\""),
         ),
         ("[[sinks]] s3", format!("{base}[[sinks]]\ntype = \"s3\"")),
+        (
+            "[[sinks]] dynamodb",
+            format!("{base}[[sinks]]\ntype = \"dynamodb\""),
+        ),
     ];
     let readme = readme_tables();
     let documented: std::collections::BTreeSet<&str> = readme.keys().map(String::as_str).collect();
@@ -386,6 +390,7 @@ fn the_readme_defaults_are_the_code_defaults() {
         ("[schema]", format!("{generator}[[sinks]]\ntype = \"stdout\"\nkinds = [\"features\"]\n[schema]\nkey = \"k\"\ntimestamp = \"t\"\n"), |c| format!("{:?}", c.schema)),
         ("[watermark]", format!("{generator}{base}[watermark]\n"), |c| format!("{:?}", c.watermark)),
         ("[inference]", format!("{generator}{base}[inference]\nbackend = \"sagemaker\"\nendpoint_name = \"e\"\n"), |c| format!("{:?}", c.inference)),
+        ("[[sinks]] dynamodb", format!("{generator}{base}[[sinks]]\ntype = \"dynamodb\"\ntable = \"features\"\nkinds = [\"features\"]\n"), |c| format!("{:?}", c.sinks[1].get_ref())),
     ];
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
@@ -446,4 +451,70 @@ fn readme_defaults(readme: &str, table: &str) -> Vec<(String, String)> {
         }
     }
     rows
+}
+
+#[test]
+fn dynamodb_sinks_take_only_keyed_vectors_and_keep_their_attributes() {
+    let sink = |extra: &str| {
+        format!("{MINIMAL}\n[[sinks]]\ntype = \"dynamodb\"\ntable = \"user-features\"\n{extra}\n")
+    };
+    let c = parse(&sink("kinds = [\"features\"]")).unwrap();
+    let SinkConfig::Dynamodb(d) = c.sinks[1].get_ref() else {
+        panic!("{:?}", c.sinks[1])
+    };
+    assert_eq!(
+        (d.key_attribute.as_str(), d.write_mode, d.concurrency),
+        ("key", WriteMode::Conditional, 16)
+    );
+
+    let e = parse(&sink("kinds = [\"features\", \"window\"]")).unwrap_err();
+    assert!(
+        e.message
+            .contains("type = \"dynamodb\": kinds may only hold \"features\" and \"prediction\""),
+        "{e}"
+    );
+    assert!(e.message.contains("\"window\" records are not"), "{e}");
+    assert_eq!(e.location.unwrap().0, 20, "{e}");
+
+    let e = parse(&sink("kinds = [\"features\"]\nwrite_mode = \"fast\"")).unwrap_err();
+    assert!(e.message.contains("unknown variant `fast`"), "{e}");
+
+    let e = parse(&sink(
+        "kinds = [\"features\"]\nkey_attribute = \"amount_sum_1m\"",
+    ))
+    .unwrap_err();
+    assert!(
+        e.message
+            .contains("feature \"amount_sum_1m\" would be written over the item's own attribute")
+            && e.message.contains("or set another key_attribute"),
+        "{e}"
+    );
+    let renamed = MINIMAL.replace("amount_sum_1m", "event_time");
+    let e = parse(&format!(
+        "{renamed}\n[[sinks]]\ntype = \"dynamodb\"\ntable = \"t12\"\nkinds = [\"features\"]\n"
+    ))
+    .unwrap_err();
+    assert!(
+        e.message
+            .contains("feature \"event_time\" would be written over"),
+        "{e}"
+    );
+
+    let e = parse(&sink("kinds = [\"features\"]").replace("user-features", "a b")).unwrap_err();
+    assert!(e.message.contains("is not a DynamoDB table name"), "{e}");
+    for (extra, want) in [
+        ("concurrency = 0", "concurrency must be between 1 and 256"),
+        ("max_attempts = 0", "max_attempts must be between 1 and 20"),
+        (
+            "max_buffered_keys = 0",
+            "max_buffered_keys must be at least 1",
+        ),
+        (
+            "endpoint_url = \"localhost:8000\"",
+            "endpoint_url must start with http://",
+        ),
+    ] {
+        let e = parse(&sink(&format!("kinds = [\"features\"]\n{extra}"))).unwrap_err();
+        assert!(e.message.contains(want), "{extra}: {e}");
+    }
 }

@@ -193,7 +193,7 @@ pub async fn run(
     let mut subscribed = config.subscribed_kinds();
     for (i, sink_config) in config.sinks.iter().enumerate() {
         let sink_config = sink_config.get_ref();
-        let built = sink::build(sink_config, sink_ctx)?;
+        let built = sink::build(sink_config, sink_ctx).await?;
         let label = format!("{}#{i}", sink_config.type_name());
         tracing::info!(sink = %built.describe(), kinds = ?sink_config.kinds(), "sink ready");
         let (tx, rx) = mpsc::channel(cap);

@@ -5,6 +5,7 @@
 //! every sink's flush returned `Ok`, so what a sink acknowledged survives a
 //! crash and what it did not is produced again (with the same ids).
 
+pub mod dynamodb;
 pub mod file;
 pub mod kinesis;
 pub mod s3;
@@ -82,13 +83,15 @@ impl Default for SinkContext {
     }
 }
 
-/// Builds the configured sink.
-pub fn build(config: &SinkConfig, ctx: SinkContext) -> anyhow::Result<Box<dyn Sink>> {
+/// Builds the configured sink. Async: a sink that checks its destination
+/// at start (the DynamoDB table) fails here, before any input is read.
+pub async fn build(config: &SinkConfig, ctx: SinkContext) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match config {
         SinkConfig::Stdout(_) => Box::new(stdout::StdoutSink::new()),
         SinkConfig::File(c) => Box::new(file::FileSink::open(c.clone())?),
         SinkConfig::Kinesis(c) => Box::new(kinesis::KinesisSink::new(c.clone())),
         SinkConfig::S3(c) => Box::new(s3::S3Sink::new(c.clone(), ctx)),
+        SinkConfig::Dynamodb(c) => Box::new(dynamodb::DynamoDbSink::connect(c.clone()).await?),
     })
 }
 
