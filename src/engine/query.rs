@@ -247,3 +247,296 @@ impl Engine {
         Ok(Evaluation::Features(reading))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rand::{Rng as _, SeedableRng as _};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::EngineOptions;
+    use crate::record::{FieldValue, Output, Position};
+    use crate::state::{StateDelta, StateStore};
+
+    /// Every aggregate over three window specs, one of them long enough
+    /// (30 slices) for reads through the block caches.
+    fn config(lateness: i64, distinct: bool) -> Config {
+        let mut text = format!(
+            "[source]\ntype = \"generator\"\n[schema]\nkey = \"k\"\ntimestamp = \"t\"\n\
+             fields = {{ amount = \"f64?\", merchant = \"string\" }}\n\
+             [watermark]\nmax_out_of_orderness = 10\nidle_timeout = 1000000\nallowed_lateness = {lateness}\n\
+             [[sinks]]\ntype = \"stdout\"\nkinds = [\"features\", \"window\", \"late\"]\n"
+        );
+        let specs = [
+            ("t40", "{ type = \"tumbling\", size = 40 }"),
+            ("s60", "{ type = \"sliding\", size = 60, slide = 20 }"),
+            ("s300", "{ type = \"sliding\", size = 300, slide = 10 }"),
+        ];
+        for (suffix, window) in specs {
+            for agg in [
+                "count", "sum", "min", "max", "mean", "first", "last", "stddev",
+            ] {
+                let field = if agg == "count" {
+                    ""
+                } else {
+                    "field = \"amount\"\n"
+                };
+                text.push_str(&format!(
+                    "[[features]]\nname = \"{agg}_{suffix}\"\nagg = \"{agg}\"\n{field}window = {window}\n"
+                ));
+            }
+            if !distinct {
+                continue;
+            }
+            text.push_str(&format!(
+                "[[features]]\nname = \"distinct_{suffix}\"\nagg = \"distinct_count\"\nfield = \"merchant\"\nmax_distinct = 3\nwindow = {window}\n"
+            ));
+        }
+        Config::from_str_at(&text, Path::new("test.toml"), |_| None).expect("valid")
+    }
+
+    fn event(rng: &mut ChaCha8Rng, seq: u32, clock: i64) -> Event {
+        let lag = if rng.random_bool(0.1) { 400 } else { 15 };
+        let t = clock - rng.random_range(0..lag);
+        Event {
+            position: Position::new(
+                Arc::from(format!("p{}", rng.random_range(0..2))),
+                seq.to_string(),
+            ),
+            arrival: 0,
+            key: Arc::from(format!("k{}", rng.random_range(0..6))),
+            event_time: t,
+            fields: vec![
+                rng.random_bool(0.85)
+                    .then(|| FieldValue::F64(rng.random_range(-50..50) as f64 / 4.0)),
+                Some(FieldValue::Str(Arc::from(format!(
+                    "m{}",
+                    rng.random_range(0..5)
+                )))),
+            ],
+            raw: bytes::Bytes::new(),
+        }
+    }
+
+    fn ops(delta: &StateDelta) -> Vec<(crate::state::Cf, bool, Vec<u8>, Vec<u8>)> {
+        delta
+            .ops
+            .iter()
+            .map(|op| {
+                (
+                    op.cf,
+                    op.delete,
+                    delta.key(op).to_vec(),
+                    delta.value(op).to_vec(),
+                )
+            })
+            .collect()
+    }
+
+    /// The two deltas hold the same ops; a difference is shown by op.
+    /// `exact`: byte for byte; otherwise values by length only (a distinct
+    /// set is written in its hash set's order, which differs between two
+    /// sets of the same values).
+    fn same_ops(a: &StateDelta, b: &StateDelta, exact: bool, what: &str) {
+        let (mut a, mut b) = (ops(a), ops(b));
+        if !exact {
+            for op in a.iter_mut().chain(b.iter_mut()) {
+                op.3 = op.3.len().to_le_bytes().to_vec();
+            }
+        }
+        // Snapshots may visit the states in map order, which differs
+        // between two maps: the store sorts a checkpoint's ops anyway.
+        a.sort();
+        b.sort();
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                x == y,
+                "{what}: op {i} of {}/{}: {:?} {} {:?} ({} bytes) vs {:?} {} {:?} ({} bytes)",
+                a.len(),
+                b.len(),
+                x.0,
+                x.1,
+                x.2,
+                x.3.len(),
+                y.0,
+                y.1,
+                y.2,
+                y.3.len()
+            );
+        }
+        assert_eq!(a.len(), b.len(), "{what}: ops");
+    }
+
+    /// Two engines take the same input; one is also read and asked to
+    /// evaluate every event before processing it, at random times, keys
+    /// known and not, with a cache of one state so reads go to RocksDB.
+    /// Their outputs, checkpoint deltas (byte for byte), counters and
+    /// memory are the same, and each evaluation is the vector the event
+    /// then gets, to the bit.
+    #[test]
+    fn reads_and_evaluations_change_nothing_and_evaluate_as_processing_does() {
+        let mut all_late = 0;
+        for seed in 0..12u64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let lateness = [0, 25, 120][seed as usize % 3];
+            // Distinct counts in half the runs (their bytes are compared by
+            // length), exact bytes in the others.
+            let distinct = seed % 2 == 1;
+            let config = config(lateness, distinct);
+            let options = EngineOptions {
+                cache_capacity: if seed % 4 < 2 { 1 } else { 1_000 },
+                window_results: seed % 4 != 3,
+                ..EngineOptions::default()
+            };
+            let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let fp = config.state_fingerprint();
+            let store_a = StateStore::open(dir_a.path(), &fp, false).unwrap();
+            let store_b = StateStore::open(dir_b.path(), &fp, false).unwrap();
+            let mut a = Engine::with_options(&config, store_a.clone(), options).unwrap();
+            let mut b = Engine::with_options(&config, store_b.clone(), options).unwrap();
+            let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+            let (mut clock, mut now, mut checkpoint) = (1_000i64, 0i64, 0u64);
+            let (mut evaluated, mut late) = (0, 0);
+            for seq in 0..500u32 {
+                match rng.random_range(0..10) {
+                    0 => {
+                        now += rng.random_range(0..50);
+                        a.on_tick(now, &mut out_a).unwrap();
+                        b.on_tick(now, &mut out_b).unwrap();
+                    }
+                    1 => {
+                        checkpoint += 1;
+                        let (da, db) = (
+                            a.snapshot(checkpoint).unwrap(),
+                            b.snapshot(checkpoint).unwrap(),
+                        );
+                        same_ops(
+                            &da,
+                            &db,
+                            !distinct,
+                            &format!("seed {seed}: checkpoint {checkpoint}"),
+                        );
+                        store_a.commit(checkpoint, da, &[]).unwrap();
+                        store_b.commit(checkpoint, db, &[]).unwrap();
+                        a.committed(checkpoint);
+                        b.committed(checkpoint);
+                    }
+                    _ => {
+                        clock += rng.random_range(0..12);
+                        now += 1;
+                        let e = event(&mut rng, seq, clock);
+                        for _ in 0..2 {
+                            let key = format!("k{}", rng.random_range(0..8));
+                            let at = clock - rng.random_range(-20..400);
+                            let r = b.read(&key, at).unwrap();
+                            assert_eq!(r.features.values.len(), r.statuses.len());
+                        }
+                        let at_event = b.read(&e.key, e.event_time).unwrap();
+                        let evaluation = b.evaluate(&e).unwrap();
+                        a.process(&e, now, &mut out_a).unwrap();
+                        let before = out_b.len();
+                        b.process(&e, now, &mut out_b).unwrap();
+                        match (&evaluation, &out_b[before]) {
+                            (Evaluation::Features(r), Output::Features(f)) => {
+                                assert_eq!(r.features, f.features, "seed {seed}: event {seq}");
+                                assert!(r.statuses.iter().all(|s| *s != FeatureStatus::NotFound));
+                                evaluated += 1;
+                            }
+                            (Evaluation::Late, Output::Late(_)) => late += 1,
+                            (e, o) => {
+                                panic!("seed {seed}: event {seq}: evaluated {e:?}, processed {o:?}")
+                            }
+                        }
+                        // Read back at the event's time after it: the vector
+                        // it got, unless the watermark it moved purged its
+                        // windows (then the read says NULL or NOT_FOUND).
+                        let after = b.read(&e.key, e.event_time).unwrap();
+                        if let (Output::Features(f), false) = (
+                            &out_b[before],
+                            after.statuses.contains(&FeatureStatus::NotFound),
+                        ) {
+                            for (i, s) in after.statuses.iter().enumerate() {
+                                if *s == FeatureStatus::Present {
+                                    assert_eq!(
+                                        after.features.values[i], f.features.values[i],
+                                        "seed {seed}: event {seq}: feature {i}"
+                                    );
+                                }
+                            }
+                        }
+                        drop(at_event);
+                    }
+                }
+            }
+            a.finish(&mut out_a).unwrap();
+            b.finish(&mut out_b).unwrap();
+            assert_eq!(out_a, out_b, "seed {seed}");
+            // Which clean states a full cache evicts follows the map's
+            // order, which differs between two maps: with a cache of one,
+            // two engines load and evict differently whether read or not.
+            let (mut sa, mut sb) = (a.stats(), b.stats());
+            if options.cache_capacity == 1 {
+                (sa.cache_loads, sa.cache_evictions) = (0, 0);
+                (sb.cache_loads, sb.cache_evictions) = (0, 0);
+            } else {
+                assert_eq!(a.memory_footprint(), b.memory_footprint(), "seed {seed}");
+            }
+            assert_eq!(sa, sb, "seed {seed}");
+            let (da, db) = (
+                a.snapshot(checkpoint + 1).unwrap(),
+                b.snapshot(checkpoint + 1).unwrap(),
+            );
+            same_ops(
+                &da,
+                &db,
+                !distinct,
+                &format!("seed {seed}: last checkpoint"),
+            );
+            assert!(evaluated > 200, "seed {seed}: {evaluated} evaluated");
+            all_late += late;
+        }
+        assert!(all_late > 20, "only {all_late} late events evaluated");
+    }
+
+    #[test]
+    fn an_unknown_key_is_not_found_and_a_known_one_present() {
+        let config = config(0, true);
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), &config.state_fingerprint(), false).unwrap();
+        let mut engine = Engine::new(&config, store).unwrap();
+        assert_eq!(engine.newest_event_time(), None);
+        let r = engine.read("nobody", 1_000).unwrap();
+        assert!(r.statuses.iter().all(|s| *s == FeatureStatus::NotFound));
+        assert!(r.features.values.iter().all(Option::is_none));
+        assert_eq!(r.last_event_time, None);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut e = event(&mut rng, 0, 1_000);
+        e.key = "u1".into();
+        e.event_time = 1_005;
+        e.fields[0] = Some(FieldValue::F64(2.5));
+        let mut out = Vec::new();
+        engine.process(&e, 0, &mut out).unwrap();
+        assert_eq!(engine.newest_event_time(), Some(1_005));
+        let r = engine.read("u1", 1_005).unwrap();
+        assert!(
+            r.statuses.iter().all(|s| *s == FeatureStatus::Present),
+            "{r:?}"
+        );
+        assert_eq!(r.last_event_time, Some(1_005));
+        let Output::Features(f) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(r.features, f.features);
+        // Much later in event time: the key has state, the window there
+        // holds nothing.
+        let r = engine.read("u1", 100_000).unwrap();
+        assert!(
+            r.statuses.iter().all(|s| *s == FeatureStatus::Null),
+            "{r:?}"
+        );
+    }
+}

@@ -418,3 +418,145 @@ impl Online {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::engine::FeatureStatus;
+    use crate::state::StateStore;
+
+    fn config() -> Config {
+        let text = r#"
+[source]
+type = "generator"
+[schema]
+key = "userId"
+timestamp = "ts"
+fields = { amount = "f64" }
+[[features]]
+name = "n"
+agg = "count"
+window = { type = "tumbling", size = "1m" }
+[[sinks]]
+type = "stdout"
+kinds = ["features"]
+"#;
+        Config::from_str_at(text, Path::new("test.toml"), |_| None).unwrap()
+    }
+
+    fn engine(dir: &Path) -> Engine {
+        let config = config();
+        let store = StateStore::open(dir, &config.state_fingerprint(), false).unwrap();
+        Engine::new(&config, store).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_refused_at_once_and_a_slow_engine_times_out() {
+        let (queries, _inbox) = channel(1, Duration::from_millis(200));
+        let waiting = {
+            let q = queries.clone();
+            tokio::spawn(async move { q.read(vec!["u1".into()], None).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = std::time::Instant::now();
+        let refused = queries.read(vec!["u2".into()], None).await;
+        assert_eq!(refused.unwrap_err(), QueryError::Busy(1));
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "refused at once"
+        );
+        // Nobody serves the queue: the first request gives up in time.
+        let e = waiting.await.unwrap().unwrap_err();
+        assert_eq!(e, QueryError::Timeout(Duration::from_millis(200)));
+    }
+
+    #[tokio::test]
+    async fn requests_to_a_stopped_pipeline_fail_fast() {
+        let (queries, inbox) = channel(4, Duration::from_secs(5));
+        drop(inbox);
+        let e = queries.read(vec!["u1".into()], None).await.unwrap_err();
+        assert_eq!(e, QueryError::Stopped);
+        assert_eq!(e.to_string(), "the pipeline is not running");
+    }
+
+    #[tokio::test]
+    async fn the_engine_answers_a_budget_of_keys_per_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = engine(dir.path());
+        let (queries, mut inbox) = channel(8, Duration::from_secs(5));
+        let keys = |n: usize| {
+            (0..n)
+                .map(|i| Arc::from(format!("u{i}")))
+                .collect::<Vec<_>>()
+        };
+        let asks: Vec<_> = (0..4)
+            .map(|_| {
+                let q = queries.clone();
+                tokio::spawn(async move { q.read(keys(3), Some(1_000)).await })
+            })
+            .collect();
+        while inbox.rx.len() < 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // 3 + 3 keys reach a budget of 5: two requests this turn.
+        assert_eq!(inbox.serve(&mut engine, None, 5), 2);
+        assert_eq!(inbox.rx.len(), 2);
+        // A request bigger than the budget is answered whole.
+        assert_eq!(inbox.serve(&mut engine, None, 1), 1);
+        assert_eq!(inbox.serve(&mut engine, None, 100), 1);
+        assert_eq!(inbox.serve(&mut engine, None, 100), 0);
+        for ask in asks {
+            let answer = ask.await.unwrap().unwrap();
+            assert_eq!(answer.at, 1_000);
+            assert_eq!(answer.watermark, Millis::MIN);
+            assert_eq!(answer.readings.len(), 3);
+            for r in &answer.readings {
+                assert_eq!(r.statuses, vec![FeatureStatus::NotFound]);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_evaluation_includes_the_event_and_a_read_defaults_to_the_newest_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = engine(dir.path());
+        let config = config();
+        let decoder = Decoder::new(&config.schema);
+        let event = |t: i64| {
+            let text = format!(r#"{{"userId":"u1","ts":{t},"amount":1}}"#);
+            decoder
+                .decode_str(Position::new(Arc::from("p"), "1"), 0, &text)
+                .unwrap()
+        };
+        let mut out = Vec::new();
+        engine.process(&event(1_700_000_040_000), 0, &mut out).unwrap();
+        let (queries, mut inbox) = channel(8, Duration::from_secs(5));
+        let q = queries.clone();
+        let second = event(1_700_000_040_001);
+        let evaluated = tokio::spawn(async move { q.evaluate(second).await });
+        let q = queries.clone();
+        let read = tokio::spawn(async move { q.read(vec!["u1".into()], None).await });
+        while inbox.rx.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(inbox.serve(&mut engine, None, 10), 2);
+        let Evaluation::Features(r) = evaluated.await.unwrap().unwrap().evaluation else {
+            panic!("not late")
+        };
+        assert_eq!(r.features.values, vec![Some(crate::record::Value::Int(2))]);
+        let read = read.await.unwrap().unwrap();
+        assert_eq!(read.at, 1_700_000_040_000, "the newest event time");
+        assert_eq!(
+            read.readings[0].features.values,
+            vec![Some(crate::record::Value::Int(1))],
+            "the evaluation added nothing"
+        );
+    }
+
+    #[test]
+    fn every_key_is_local_until_the_cluster_routes() {
+        assert_eq!(route("u1"), Route::Local);
+    }
+}
