@@ -531,7 +531,9 @@ kinds = ["features"]
                 .unwrap()
         };
         let mut out = Vec::new();
-        engine.process(&event(1_700_000_040_000), 0, &mut out).unwrap();
+        engine
+            .process(&event(1_700_000_040_000), 0, &mut out)
+            .unwrap();
         let (queries, mut inbox) = channel(8, Duration::from_secs(5));
         let q = queries.clone();
         let second = event(1_700_000_040_001);
