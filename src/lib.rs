@@ -13,6 +13,7 @@ pub mod decode;
 pub mod engine;
 pub mod flow;
 pub mod inference;
+pub mod online;
 pub mod pipeline;
 pub mod record;
 pub mod replay;

@@ -100,8 +100,66 @@ fn check(
     assert_same(&engine_ids, &expected);
 }
 
+/// The online API's reads between the steps: before each event, an
+/// evaluation of it (which must be the vector it then gets, to the bit) and
+/// reads of its key and another at other times. With them the engine must
+/// still produce exactly the reference's outputs: reads change nothing.
+fn check_with_reads(steps: &[Step], ooo: i64, lateness: i64, cache: usize) {
+    use shardflow::engine::Evaluation;
+    use shardflow::record::Output;
+    let config = config(ooo, 30, lateness, ALL_FEATURES);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), &config);
+    let options = EngineOptions {
+        cache_capacity: cache,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::with_options(&config, store.clone(), options).expect("engine");
+    let mut driver = Driver::new(engine, store, 0);
+    let mut outputs = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let Step::Event(e) = step else {
+            driver.step(step, &mut outputs);
+            continue;
+        };
+        let ev = event(e);
+        let evaluation = driver.engine.evaluate(&ev).expect("evaluate");
+        for (key, at) in [
+            (ev.key.to_string(), ev.event_time),
+            (format!("k{}", i % 5), ev.event_time - 37),
+        ] {
+            driver.engine.read(&key, at).expect("read");
+        }
+        let before = outputs.len();
+        driver.step(step, &mut outputs);
+        match (&evaluation, &outputs[before]) {
+            (Evaluation::Features(r), Output::Features(f)) => {
+                assert_eq!(r.features, f.features, "event {i}")
+            }
+            (Evaluation::Late, Output::Late(_)) => {}
+            (e, o) => panic!("event {i}: evaluated {e:?}, processed {o:?}"),
+        }
+    }
+    let mut reference = Reference::new(&config);
+    let mut now = 0;
+    run_reference(&mut reference, steps, &mut now);
+    driver.engine.finish(&mut outputs).expect("finish");
+    reference.finish();
+    assert_same(&by_id(&outputs), &reference.out);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn reads_and_evaluations_change_nothing(
+        raws in proptest::collection::vec(raw(), 1..70),
+        ooo in prop_oneof![Just(0i64), Just(10)],
+        lateness in prop_oneof![Just(0i64), Just(25), Just(70)],
+        cache in prop_oneof![Just(1usize), Just(1_000)],
+    ) {
+        check_with_reads(&steps(&raws), ooo, lateness, cache);
+    }
 
     #[test]
     fn matches_reference_all_aggregates(

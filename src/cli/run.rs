@@ -1,6 +1,8 @@
 //! `shardflow run`: runs the pipeline of a config until its input ends or
 //! SIGINT/SIGTERM, then drains, commits a final checkpoint and exits 0;
-//! serves Prometheus metrics and health on `--metrics-addr` meanwhile.
+//! serves Prometheus metrics and health on `--metrics-addr` meanwhile, and
+//! the online API on `[api] addr` when configured (one listener when the
+//! two addresses are the same).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,8 +11,9 @@ use std::sync::Arc;
 
 use shardflow::config::{Config, SourceConfig};
 use shardflow::flow::Stats;
+use shardflow::online::Online;
 use shardflow::pipeline::{self, RunOptions};
-use shardflow::serve::{self, Part, Telemetry};
+use shardflow::serve::{self, Api, Part, Telemetry};
 use shardflow::sink::stdout::StdoutClosed;
 use shardflow::telemetry;
 
@@ -71,21 +74,29 @@ pub fn main(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn run(config: Config, options: RunOptions, metrics_addr: String) -> anyhow::Result<()> {
+async fn run(config: Config, mut options: RunOptions, metrics_addr: String) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
+    let mut parts = Vec::new();
     if metrics_addr != "off" {
         let addr: SocketAddr = metrics_addr
             .parse()
             .map_err(|e| anyhow::anyhow!("--metrics-addr {metrics_addr:?}: {e}"))?;
         let metrics = telemetry::install_metrics()?;
-        let parts = [(
+        parts.push((
             addr,
             Part::Telemetry(Telemetry::new(metrics, stats.clone())),
-        )];
-        for (addr, site) in serve::by_address(parts) {
-            // Served until the process ends.
-            serve::serve(addr, site).await?;
-        }
+        ));
+    }
+    if let Some(api) = &config.api {
+        // The API and the batcher share one model (its clients, breaker
+        // and fallback): the pipeline takes it from the link.
+        let (online, link) = Online::new(&config, options.aws.clone())?;
+        options.online = Some(link);
+        parts.push((api.addr, Part::Api(Api::new(online))));
+    }
+    for (addr, site) in serve::by_address(parts) {
+        // Served until the process ends.
+        serve::serve(addr, site).await?;
     }
     let shutdown = super::stop_on_signal(
         "shutdown requested: draining and committing a final checkpoint (signal again to exit at once)",

@@ -20,6 +20,7 @@
 //!
 //! - `env.rs`: `${VAR}` substitution into parsed strings
 //! - `pipeline.rs`: `[pipeline]`
+//! - `api.rs`: `[api]`, the online API
 //! - `checkpoint_store.rs`: `[checkpoint_store]`
 //! - `cluster.rs`: `[cluster]`
 //! - `source.rs`: `[source]` (file, generator, kinesis; s3 in `s3.rs`)
@@ -30,6 +31,7 @@
 //! - `sink.rs`: `[[sinks]]`
 //! - `replay.rs`: `[replay]` and the config a replay runs
 
+mod api;
 mod checkpoint_store;
 mod cluster;
 mod env;
@@ -57,6 +59,7 @@ use crate::record::{KindSet, OutputKind};
 
 use env::{env_reference_outside_string, substitute_env_in, NOT_A_STRING_HINT};
 
+pub use api::{ApiConfig, DEFAULT_API_ADDR};
 pub use checkpoint_store::{CheckpointStoreConfig, S3CheckpointStoreConfig};
 pub use cluster::ClusterConfig;
 pub use inference::{Backend, ContentType, FallbackKind, InferenceConfig, JsonKey, ShadowConfig};
@@ -108,6 +111,9 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// The online API of `run`: off unless the table is present.
+    #[serde(default)]
+    pub api: Option<ApiConfig>,
     /// Where checkpoints are also kept, off this machine.
     #[serde(default)]
     pub checkpoint_store: Option<Spanned<CheckpointStoreConfig>>,
@@ -216,6 +222,9 @@ impl Config {
     fn validate(&self) -> Result<(), Problem> {
         let at = |span: std::ops::Range<usize>, msg: String| Err((Some(span), msg));
         if let Some(msg) = self.pipeline.problem() {
+            return Err((None, msg));
+        }
+        if let Some(msg) = self.api.as_ref().and_then(ApiConfig::problem) {
             return Err((None, msg));
         }
         if let Some(store) = &self.checkpoint_store {

@@ -315,6 +315,7 @@ fn the_readme_reference_lists_exactly_the_accepted_keys() {
     let base = "[schema]\nkey = \"k\"\ntimestamp = \"t\"\n[[sinks]]\ntype = \"stdout\"\nkinds = [\"features\"]\n[source]\ntype = \"generator\"\n";
     let tables: &[(&str, String)] = &[
         ("[pipeline]", format!("{base}[pipeline]")),
+        ("[api]", format!("{base}[api]")),
         (
             "[checkpoint_store] s3",
             format!("{base}[checkpoint_store]\ntype = \"s3\""),
@@ -381,6 +382,7 @@ fn the_readme_defaults_are_the_code_defaults() {
     type Section = fn(&Config) -> String;
     let tables: &[(&str, String, Section)] = &[
         ("[pipeline]", format!("{generator}{base}[pipeline]\n"), |c| format!("{:?}", c.pipeline)),
+        ("[api]", format!("{generator}{base}[api]\n"), |c| format!("{:?}", c.api)),
         ("[checkpoint_store] s3", format!("{generator}{base}[checkpoint_store]\ntype = \"s3\"\nbucket = \"bucket\"\n"), |c| format!("{:?}", c.checkpoint_store.as_ref().map(|s| s.get_ref()))),
         ("[cluster]", format!("{base}[source]\ntype = \"kinesis\"\nstream_name = \"s\"\n[checkpoint_store]\ntype = \"s3\"\nbucket = \"bucket\"\n[cluster]\nlease_table = \"leases\"\n"), |c| format!("{:?}", c.cluster.as_ref().map(|s| s.get_ref()))),
         ("[source] generator", format!("{base}{generator}"), |c| format!("{:?}", c.source())),
@@ -517,4 +519,29 @@ fn dynamodb_sinks_take_only_keyed_vectors_and_keep_their_attributes() {
         let e = parse(&sink(&format!("kinds = [\"features\"]\n{extra}"))).unwrap_err();
         assert!(e.message.contains(want), "{extra}: {e}");
     }
+}
+
+#[test]
+fn the_api_is_off_unless_configured_and_checked() {
+    assert!(parse(MINIMAL).unwrap().api.is_none());
+    let api = parse(&format!("{MINIMAL}\n[api]\n")).unwrap().api.unwrap();
+    assert_eq!(api.addr.to_string(), DEFAULT_API_ADDR);
+    assert_eq!(api.max_in_flight, 256);
+    let c = parse(&format!(
+        "{MINIMAL}\n[api]\naddr = \"0.0.0.0:9000\"\nmax_in_flight = 1\nrequest_timeout = \"50ms\"\n"
+    ))
+    .unwrap();
+    let api = c.api.unwrap();
+    assert_eq!(api.addr.port(), 9000);
+    assert_eq!(api.request_timeout.millis(), 50);
+    let text = format!("{MINIMAL}\n[api]\nmax_in_flight = 0\n");
+    let e = parse(&text).unwrap_err();
+    assert!(
+        e.message.contains("[api] max_in_flight must be at least 1"),
+        "{e}"
+    );
+    let line = e.location.expect("located").0;
+    assert_eq!(text.lines().nth(line - 1), Some("[api]"), "{e}");
+    let e = parse(&format!("{MINIMAL}\n[api]\naddr = \"localhost\"\n")).unwrap_err();
+    assert!(e.message.contains("invalid socket address"), "{e}");
 }

@@ -22,12 +22,18 @@
 //!   which starts every stored key of it, is computed when the entry is
 //!   made; the per-event path and the checkpoints use it as it is.
 //! * **Prefetching only warms the CPU cache.** No result depends on it.
+//! * **Online reads leave the cache as it is.** A read of the online API
+//!   ([`query`](super::query)) of a key that is not in memory reads the
+//!   store into a value of its own and drops it: no entry is made, nothing
+//!   is marked dirty or evicted, so what is written and evicted later is
+//!   what it would have been without the read.
 
 use std::sync::Arc;
 
 use smol_str::SmolStr;
 
 use crate::state::{hash_key, StateStore};
+use crate::time::Millis;
 
 use super::operator::{EngineStats, KeyEntry, KeyRef, KeyState, Operator, SpecPlan, States};
 use super::EngineError;
@@ -44,11 +50,15 @@ pub(super) fn key_states<'a>(states: &'a mut States, key: &str, specs: usize) ->
     states.entry(SmolStr::new(key)).or_insert_with(|| KeyEntry {
         hash: hash_key(key),
         slots: (0..specs).map(|_| None).collect(),
+        newest: Millis::MIN,
     })
 }
 
-/// The stored state of `(spec, key)`, when the store may have one.
-fn load_stored(
+/// The stored state of `(spec, key)`, when the store may have one. It is
+/// not put into the cache: [`slot_state`] does that for the per-event path,
+/// while a read of the online API ([`query`](super::query)) works on the
+/// value and drops it.
+pub(super) fn load_stored(
     store: &StateStore,
     store_may_have: bool,
     plan: &SpecPlan,

@@ -70,7 +70,12 @@ impl Operator {
         // One hash lookup per event for all specs: the map is the engine's
         // largest structure and its probe is usually a cache miss. The MD5
         // hash of stored keys comes with the entry (made once per key).
-        let KeyEntry { hash, slots } = key_states(states, &event.key, specs.len());
+        let KeyEntry {
+            hash,
+            slots,
+            newest,
+        } = key_states(states, &event.key, specs.len());
+        *newest = (*newest).max(t);
         for (si, plan) in specs.iter().enumerate() {
             let geo = plan.geo;
             if geo.is_late(t, w_before, *lateness) {

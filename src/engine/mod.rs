@@ -8,6 +8,10 @@
 //! vector, (4) advance its partition's watermark, (5) fire what the new
 //! watermark allows (re-firing fired windows the event updated first).
 //!
+//! The online API reads live state through [`Engine::read`] and
+//! [`Engine::evaluate`] (`query.rs`): the same per-event path, changing
+//! nothing.
+//!
 //! Exactly-once state: [`Engine::snapshot`] hands out the changes since the
 //! previous snapshot; the pipeline commits them with the source positions via
 //! [`StateStore::commit`] and then calls [`Engine::committed`]. A new engine
@@ -19,6 +23,7 @@ mod aggregate;
 mod cache;
 mod ingest;
 mod operator;
+mod query;
 mod ranges;
 pub mod rules;
 mod snapshot;
@@ -28,6 +33,7 @@ mod window;
 
 pub use cache::PREFETCH_AHEAD;
 pub use operator::EngineStats;
+pub use query::{Evaluation, FeatureStatus, Reading};
 pub use watermark::{IdleClock, PartitionMark, PartitionStatus, Watermarks};
 pub use window::Geometry;
 
@@ -122,6 +128,9 @@ pub struct Engine {
     /// Keys due at the current watermark are left to fire (see
     /// [`Engine::fire_more`]).
     firing: bool,
+    /// The newest event time processed (after a restore, the newest of the
+    /// restored partitions), the online API's default `at`.
+    newest: Millis,
 }
 
 /// Groups features by window geometry (features sharing one share slices).
@@ -214,6 +223,12 @@ impl Engine {
             tracing::info!("a sink now subscribes to window results: scheduling every stored key");
             op.start_window_results(wm.current())?;
         }
+        let newest = wm
+            .partitions()
+            .iter()
+            .map(|p| p.max_event_time)
+            .max()
+            .unwrap_or(Millis::MIN);
         Ok(Engine {
             op,
             wm,
@@ -222,6 +237,7 @@ impl Engine {
             next_seq,
             fire_chunk_keys: options.fire_chunk_keys,
             firing: false,
+            newest,
         })
     }
 
@@ -297,6 +313,7 @@ impl Engine {
         self.next_seq += 1;
         self.op.stats.events += 1;
         let t = event.event_time;
+        self.newest = self.newest.max(t);
         // Rule 3 of `rules`: late when late in every spec.
         let late = !self.op.specs.is_empty()
             && self

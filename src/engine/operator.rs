@@ -34,6 +34,7 @@ use smallvec::SmallVec;
 use smol_str::SmolStr;
 
 use crate::state::{StateDelta, StateStore};
+use crate::time::Millis;
 
 use super::aggregate::{Acc, FeatureSlot};
 use super::window::{Geometry, KeyWindows};
@@ -170,11 +171,19 @@ pub(super) type KeyStates = SmallVec<[Option<KeyState>; 2]>;
 pub(super) struct KeyEntry {
     pub(super) hash: [u8; 16],
     pub(super) slots: KeyStates,
+    /// The newest event time added to the key's state since the entry was
+    /// made (`Millis::MIN`: none yet), the online API's `last_event_time`.
+    /// Memory only, like the hash: it is not part of the stored record
+    /// (which would change the state layout for a freshness hint), so an
+    /// entry made again after an eviction or a restart knows it from the
+    /// key's next event on.
+    pub(super) newest: Millis,
 }
 
-// The hash costs 16 bytes per key, no padding (a map bucket, key and
-// entry, was 336 bytes without it when this was written).
-const _: () = assert!(std::mem::size_of::<KeyEntry>() == std::mem::size_of::<KeyStates>() + 16);
+// The hash and the newest event time cost 24 bytes per key, no padding (a
+// map bucket, key and entry, was 336 bytes without them when this was
+// written).
+const _: () = assert!(std::mem::size_of::<KeyEntry>() == std::mem::size_of::<KeyStates>() + 24);
 
 /// A key as its stored state is addressed: its [`KeyEntry::hash`] and the
 /// key itself.

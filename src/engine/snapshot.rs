@@ -216,7 +216,7 @@ impl Operator {
         // busy stream), one pass over the map in memory order beats a hash
         // lookup, usually a cache miss, per dirty state.
         if dirty.len().saturating_mul(2) >= self.states.len() {
-            for (key, KeyEntry { hash, slots }) in &mut self.states {
+            for (key, KeyEntry { hash, slots, .. }) in &mut self.states {
                 for (plan, slot) in self.specs.iter().zip(slots.iter_mut()) {
                     if let Some(st) = slot.as_mut().filter(|st| st.dirty) {
                         let key = (&*hash, key.as_str());
@@ -227,7 +227,7 @@ impl Operator {
         } else {
             for (spec, key) in dirty.drain(..) {
                 let si = usize::from(spec);
-                let Some(KeyEntry { hash, slots }) = self.states.get_mut(&*key) else {
+                let Some(KeyEntry { hash, slots, .. }) = self.states.get_mut(&*key) else {
                     continue;
                 };
                 if let Some(st) = slots[si].as_mut().filter(|st| st.dirty) {

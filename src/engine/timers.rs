@@ -280,7 +280,7 @@ impl Operator {
         let plan = &specs[si];
         let geo = plan.geo;
         // One hash lookup: every firing visits a key, usually a cache miss.
-        let KeyEntry { hash, slots } = if *store_may_have {
+        let KeyEntry { hash, slots, .. } = if *store_may_have {
             key_states(states, key, specs.len())
         } else {
             match states.get_mut(&**key) {
@@ -347,7 +347,7 @@ impl Operator {
         for (spec, key) in keys {
             let si = usize::from(spec);
             let plan = &self.specs[si];
-            let KeyEntry { hash, slots } = key_states(&mut self.states, &key, self.specs.len());
+            let KeyEntry { hash, slots, .. } = key_states(&mut self.states, &key, self.specs.len());
             let Some(st) = slot_state(
                 &mut slots[si],
                 (&self.store, self.store_may_have),

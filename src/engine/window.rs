@@ -380,6 +380,26 @@ impl KeyWindows {
         Some(p)
     }
 
+    /// A copy of the slices of window `j`, without their block caches: what
+    /// the online API's score adds an event to, so that the key's own
+    /// slices stay untouched. Window `j` of the copy has the same value as
+    /// window `j` here, to the bit: a block cache is a function of the
+    /// slices it covers (each is rebuilt from them, in the same order,
+    /// whenever one changes), and every slice a read of window `j` merges,
+    /// directly or through a cache, is in the window.
+    pub fn window_copy(&self, geo: &Geometry, j: i64) -> KeyWindows {
+        let lo = self
+            .slices
+            .partition_point(|s| s.idx <= j.saturating_sub(geo.n));
+        let hi = self.slices.partition_point(|s| s.idx <= j);
+        let slices = self
+            .slices
+            .range(lo..hi.max(lo))
+            .map(|s| Slice::restored(s.idx, s.acc.clone(), s.stored))
+            .collect();
+        KeyWindows::from_slices(slices)
+    }
+
     /// The slices of window `j`, for distinct counts.
     pub fn window_slices(&self, geo: &Geometry, j: i64) -> impl Iterator<Item = &Acc> {
         let lo = self

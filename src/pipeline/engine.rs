@@ -1,6 +1,14 @@
 //! The engine stage: events through the window engine into feature
 //! records, window results and late events, on a thread of its own (a
-//! cache miss reads RocksDB); the state delta each barrier collects.
+//! cache miss reads RocksDB); the state delta each barrier collects; the
+//! online API's requests, answered between batches.
+//!
+//! Fairness: each turn of the loop handles the tick, or one input message
+//! (a batch of at most `batch_size` records with the firing it causes, or
+//! a barrier), or a request when nothing else is ready; then it answers
+//! queued requests worth at most `query_budget` keys. Under a backlog of
+//! input, requests still get a turn after every batch; under a flood of
+//! requests, input and barriers still get one after every budget.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::{Engine, PREFETCH_AHEAD};
 use crate::flow::{Decoded, Message, ShardChange, Stats};
+use crate::online::Inbox;
 use crate::record::{Output, RawOutput};
 use crate::telemetry::StageClock;
 use crate::time::{now_millis, Millis};
@@ -45,14 +54,23 @@ impl ProcessingClock {
 /// plus the state delta each barrier carries to the committer. A firing
 /// burst leaves in chunks of `fire_chunk_keys` keys, each sent (and so
 /// backpressured) before the next is made.
+/// What the engine stage does besides processing events.
+pub(super) struct EngineSettings {
+    /// Emit each input record as a `raw` output.
+    pub emit_raw: bool,
+    /// Keys' worth of online requests answered per turn of the loop.
+    pub query_budget: usize,
+}
+
 pub(super) async fn engine_stage(
     mut engine: Engine,
-    emit_raw: bool,
+    settings: EngineSettings,
     committed: Arc<AtomicU64>,
-    mut input: mpsc::Receiver<Message<Decoded>>,
+    (mut input, mut queries): (mpsc::Receiver<Message<Decoded>>, Option<Inbox>),
     output: mpsc::Sender<Message<Output>>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
+    let emit_raw = settings.emit_raw;
     let events = metrics::counter!("shardflow_events_total");
     let watermark = metrics::gauge!("shardflow_watermark_ms");
     // Processing time drives idleness; a few ticks a second are plenty.
@@ -64,6 +82,13 @@ pub(super) async fn engine_stage(
     loop {
         let mut out = Vec::new();
         let mut barrier = None;
+        let mut query = None;
+        let next_query = async {
+            match queries.as_mut() {
+                Some(q) => q.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             // The ticker first: under a backlog input is always ready, and
             // eviction and idleness must still run on time.
@@ -115,6 +140,9 @@ pub(super) async fn engine_stage(
                 }
                 None => return Ok(()),
             },
+            // Last: an idle input leaves the engine to the requests; a busy
+            // one still lets them in after each batch (below).
+            q = next_query => query = Some(q),
         }
         let wm = engine.watermark();
         stats.watermark.store(wm, Ordering::Relaxed);
@@ -126,6 +154,9 @@ pub(super) async fn engine_stage(
             if clock.send(&output, Message::Barrier(b)).await.is_err() {
                 return Ok(());
             }
+        }
+        if let Some(inbox) = queries.as_mut() {
+            inbox.serve(&mut engine, query, settings.query_budget);
         }
     }
 }

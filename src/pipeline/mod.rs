@@ -32,6 +32,10 @@
 //!   interval, at most 1,024), so that sink's held acknowledgements fit.
 //! - Time the engine waits for downstream does not count as processing
 //!   time: a backpressured partition is not idle.
+//! - The online API's requests wait in a channel of `[api] max_in_flight`
+//!   (one more is refused with 503), each at most `request_timeout`; the
+//!   engine serves at most `batch_size` keys' worth of them per turn of its
+//!   loop, beside one input batch (see [`crate::online`]).
 //!
 //! Every command runs this one pipeline: a replay is a run whose source
 //! (the archive), event-time range and extra sinks (the training export)
@@ -56,6 +60,7 @@ use crate::decode::Decoder;
 use crate::engine::{Engine, EngineOptions};
 use crate::flow::Stats;
 use crate::inference;
+use crate::online;
 use crate::record::{KindSet, OutputKind};
 use crate::sink::stdout::StdoutClosed;
 use crate::sink::{self, Sink};
@@ -79,6 +84,10 @@ pub struct RunOptions {
     pub source: Option<Box<dyn Source>>,
     /// Sinks besides `[[sinks]]`, built by the caller (a replay's export).
     pub extra_sinks: Vec<ExtraSink>,
+    /// The online API's end of the run (`[api]`): the engine stage serves
+    /// its requests, and the batcher scores with its model instead of
+    /// building one.
+    pub online: Option<online::Link>,
 }
 
 /// A sink the caller built, and the kinds it takes.
@@ -144,7 +153,10 @@ pub async fn run(
 
     let epoch = store.created_at()?;
 
-    let model = inference::build_with(&config, options.aws.clone())?;
+    let (queries, model) = match options.online {
+        Some(link) => (Some(link.inbox), link.scorer),
+        None => (None, inference::build_with(&config, options.aws.clone())?),
+    };
     if let Some(m) = &model {
         m.ready().await.context("preparing the model")?;
     }
@@ -284,9 +296,12 @@ pub async fn run(
             "shardflow-engine",
             engine::engine_stage(
                 engine,
-                subscribed.contains(OutputKind::Raw),
+                engine::EngineSettings {
+                    emit_raw: subscribed.contains(OutputKind::Raw),
+                    query_budget: config.pipeline.batch_size.max(1),
+                },
                 committed.clone(),
-                decoded_rx,
+                (decoded_rx, queries),
                 engine_tx,
                 stats.clone(),
             ),

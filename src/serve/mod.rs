@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | [`Part::Telemetry`] ([`telemetry`]) | `GET /metrics`, `/healthz`, `/readyz` | `run --metrics-addr` |
 //! | [`Part::Model`] ([`model`]) | `GET /ping`, `POST /invocations`, `POST /endpoints/{name}/invocations` | `serve-model --addr` |
+//! | [`Part::Api`] ([`api`]) | `GET /v1/features/{key}`, `POST /v1/get-online-features`, `POST /v1/score` | `run` with `[api] addr` |
 //!
 //! [`by_address`] merges the parts that share an address into one [`Site`]
 //! (one `Router`, so one listener answers all their routes; [`router`] is
@@ -19,8 +20,10 @@
 //!
 //! The handlers are HTTP only: what a request computes belongs to the module
 //! that owns it (the model's request bodies are `crate::inference::invocations`,
-//! the metrics recorder is `crate::telemetry`).
+//! the metrics recorder is `crate::telemetry`, the online API's answers
+//! `crate::online`).
 
+pub mod api;
 pub mod model;
 pub mod telemetry;
 
@@ -32,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use api::Api;
 pub use model::Container;
 pub use telemetry::Telemetry;
 
@@ -45,6 +49,8 @@ pub enum Part {
     Telemetry(Telemetry),
     /// The SageMaker container contract.
     Model(Container),
+    /// The online API: features and scores on request.
+    Api(Api),
 }
 
 impl Part {
@@ -52,6 +58,7 @@ impl Part {
         match self {
             Part::Telemetry(t) => t.routes(),
             Part::Model(m) => m.routes(),
+            Part::Api(a) => a.routes(),
         }
     }
 
@@ -60,6 +67,7 @@ impl Part {
         match self {
             Part::Telemetry(t) => t.announce(bound),
             Part::Model(m) => m.announce(bound),
+            Part::Api(a) => a.announce(bound),
         }
     }
 
@@ -68,6 +76,7 @@ impl Part {
         match self {
             Part::Telemetry(_) => Some("metrics"),
             Part::Model(_) => None,
+            Part::Api(_) => Some("the online API"),
         }
     }
 }
@@ -75,6 +84,12 @@ impl Part {
 impl From<Telemetry> for Part {
     fn from(t: Telemetry) -> Part {
         Part::Telemetry(t)
+    }
+}
+
+impl From<Api> for Part {
+    fn from(a: Api) -> Part {
+        Part::Api(a)
     }
 }
 
