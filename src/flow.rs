@@ -65,10 +65,10 @@ pub struct Barrier {
     /// Shards acquired since the previous barrier (cluster mode): from this
     /// barrier on, `positions` holds theirs as of their lease's checkpoint.
     pub acquired: Vec<(Arc<str>, HashRange)>,
-    /// The engine's per-partition maximum event times and its arrival
-    /// counter at the barrier, set with `delta` (what a shard's snapshot
-    /// carries besides its range).
-    pub marks: Vec<(Arc<str>, Millis)>,
+    /// The engine's per-partition maximum event times and watermarks, and
+    /// its arrival counter, at the barrier, set with `delta` (what a shard's
+    /// snapshot carries besides its range).
+    pub marks: Vec<(Arc<str>, Millis, Millis)>,
     pub next_seq: u64,
 }
 
@@ -83,6 +83,8 @@ pub enum ShardChange {
         shard: Arc<str>,
         range: HashRange,
         max_event_time: Option<Millis>,
+        /// The shard's watermark at the snapshot (per-shard mode).
+        watermark: Option<Millis>,
         next_seq: u64,
         /// Where the shard resumes (the lease's checkpoint), for the
         /// barriers' positions; `None` at a sentinel (`TRIM_HORIZON`, ...).
@@ -129,6 +131,8 @@ pub enum Decoded {
     Advance(Millis),
     /// A source's word on a partition, for the watermark.
     Partition(Arc<str>, PartitionStatus),
+    /// The hash key ranges of partitions, for per-shard watermarks.
+    Ranges(Vec<(Arc<str>, HashRange)>),
     /// Cluster mode: a shard acquired (a release travels in the barrier).
     Shard(ShardChange),
 }

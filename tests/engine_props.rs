@@ -197,6 +197,116 @@ proptest! {
     }
 }
 
+/// Per-shard watermarks: the hash space split into `shards` shards, each key
+/// on the shard its MD5 falls in (partition key = entity key), each shard
+/// `lags[s]` ms behind in event time. The engine, fed all shards in one
+/// interleaving, with checkpoints and a tiny cache, must produce exactly what
+/// the reference produces for each shard alone: a key's windows, lateness and
+/// vectors depend on its own shard's records, never on the other shards'
+/// pace or on which shards share the process.
+fn check_per_shard(raws: &[Raw], lags: &[i64], ooo: i64, lateness: i64, cache: usize) {
+    use shardflow::state::{hash_key, HashRange};
+    use std::sync::Arc;
+    let shards = lags.len() as u128;
+    let width = u128::MAX / shards;
+    let ranges: Vec<HashRange> = (0..shards)
+        .map(|i| HashRange {
+            start: i * width,
+            end: if i + 1 == shards {
+                u128::MAX
+            } else {
+                (i + 1) * width - 1
+            },
+        })
+        .collect();
+    let shard_of = |key: u8| {
+        let h = hash_key(&format!("k{key}"));
+        ranges
+            .iter()
+            .position(|r| r.contains(&h))
+            .expect("ranges cover the hash space") as u8
+    };
+    let events: Vec<In> = steps(raws)
+        .into_iter()
+        .filter_map(|s| match s {
+            Step::Event(mut e) => {
+                e.partition = shard_of(e.key);
+                e.time -= lags[usize::from(e.partition)];
+                Some(e)
+            }
+            _ => None,
+        })
+        .collect();
+    let mut all = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        all.push(Step::Event(e.clone()));
+        if i % 7 == 3 {
+            all.push(Step::Checkpoint {
+                deferred: i % 2 == 0,
+            });
+        }
+    }
+
+    let config = config(ooo, 3_600_000, lateness, ALL_FEATURES);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), &config);
+    let mut engine = Engine::with_options(
+        &config,
+        store.clone(),
+        EngineOptions {
+            cache_capacity: cache,
+            per_shard: true,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("engine");
+    let mut outputs = Vec::new();
+    let announced: Vec<(Arc<str>, HashRange)> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (Arc::from(format!("p{i}")), *r))
+        .collect();
+    engine
+        .partition_ranges(&announced, &mut outputs)
+        .expect("ranges");
+    let mut driver = Driver::new(engine, store, 0);
+    for step in &all {
+        driver.step(step, &mut outputs);
+    }
+    driver.engine.finish(&mut outputs).expect("finish");
+
+    let mut expected = std::collections::BTreeMap::new();
+    for s in 0..lags.len() as u8 {
+        let alone: Vec<Step> = events
+            .iter()
+            .filter(|e| e.partition == s)
+            .map(|e| Step::Event(e.clone()))
+            .collect();
+        let mut reference = Reference::new(&config);
+        run_reference(&mut reference, &alone, &mut 0);
+        reference.finish();
+        expected.extend(reference.out);
+    }
+    let engine_ids = by_id(&outputs);
+    assert_eq!(engine_ids.len(), outputs.len(), "an id was produced twice");
+    assert_same(&engine_ids, &expected);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn per_shard_watermarks_make_each_shard_independent(
+        raws in proptest::collection::vec(raw(), 1..80),
+        lags in proptest::collection::vec(prop_oneof![Just(0i64), 0i64..400], 2..4),
+        ooo in prop_oneof![Just(0i64), Just(10)],
+        lateness in prop_oneof![Just(0i64), Just(25)],
+        cache in prop_oneof![Just(1usize), Just(1_000)],
+    ) {
+        check_per_shard(&raws, &lags, ooo, lateness, cache);
+    }
+}
+
 /// One sliding feature per aggregate over `amount`, named `{agg}_s{size}`.
 fn sliding_amount_features(size: i64, slide: i64, aggs: &[&str]) -> String {
     aggs.iter()
@@ -383,5 +493,117 @@ window = { type = "sliding", size = 100, slide = 50 }
     assert!(
         largest_chunk <= 30,
         "a chunk held {largest_chunk} window results"
+    );
+}
+
+/// A shard split under per-shard watermarks: the children start from the
+/// parent's watermark (an event behind it is late in a child too, as it
+/// would have been in the parent), and the parent's keys' windows, opened
+/// in the parent, fire at the child's watermark that holds their hash.
+#[test]
+fn per_shard_children_start_from_their_parent_and_take_its_keys() {
+    use shardflow::engine::PartitionStatus;
+    use shardflow::record::Output;
+    use shardflow::state::{hash_key, HashRange};
+    use std::sync::Arc;
+    let features = "[[features]]\nname = \"count_t100\"\nagg = \"count\"\nwindow = { type = \"tumbling\", size = 100 }\n";
+    let config = config(0, 3_600_000, 0, features);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), &config);
+    let mut engine = Engine::with_options(
+        &config,
+        store,
+        EngineOptions {
+            per_shard: true,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("engine");
+    let mid = u128::MAX / 2;
+    let (low, high) = (
+        HashRange { start: 0, end: mid },
+        HashRange {
+            start: mid + 1,
+            end: u128::MAX,
+        },
+    );
+    // A key on each side of the split.
+    let key_in = |r: HashRange| {
+        (0u8..=255)
+            .find(|k| r.contains(&hash_key(&format!("k{k}"))))
+            .unwrap()
+    };
+    let (a, b) = (key_in(low), key_in(high));
+    let (parent, left, right): (Arc<str>, Arc<str>, Arc<str>) =
+        ("p0".into(), "p1".into(), "p2".into());
+    let mut out = Vec::new();
+    engine
+        .partition_ranges(&[(parent.clone(), HashRange::ALL)], &mut out)
+        .unwrap();
+    let ev = |partition: u8, seq: u32, key: u8, time: i64| {
+        event(&In {
+            partition,
+            seq,
+            key,
+            time,
+            amount: None,
+            merchant: 0,
+        })
+    };
+    engine.process(&ev(0, 0, a, 150), 0, &mut out).unwrap();
+    assert_eq!(engine.watermark_for(&format!("k{a}")), 149);
+    // The split: children known with their ranges, then the parent ends.
+    engine
+        .partition_ranges(&[(left.clone(), low), (right.clone(), high)], &mut out)
+        .unwrap();
+    engine
+        .partition_status(&parent, PartitionStatus::Finished, 0, &mut out)
+        .unwrap();
+    assert_eq!(
+        engine.watermark_for(&format!("k{a}")),
+        149,
+        "the child holding a starts at the parent's"
+    );
+    assert_eq!(
+        engine.watermark_for(&format!("k{b}")),
+        149,
+        "so does the other child"
+    );
+    let (la, lb) = (1 + (a as u32), 100 + (b as u32));
+    engine.process(&ev(1, la, a, 120), 0, &mut out).unwrap();
+    engine.process(&ev(1, la + 1, a, 90), 0, &mut out).unwrap();
+    engine.process(&ev(2, lb, b, 50), 0, &mut out).unwrap();
+    let late: Vec<i64> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Late(l) => Some(l.event_time),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        late,
+        vec![90, 50],
+        "behind the inherited watermark: late in both children"
+    );
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Window(_))),
+        "nothing due yet: {out:?}"
+    );
+    // The left child moves on: a's window [100, 200), opened in the parent, fires there.
+    engine.process(&ev(1, la + 2, a, 260), 0, &mut out).unwrap();
+    let fired: Vec<(i64, Option<f64>)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Window(w) if *w.key == *format!("k{a}") => {
+                Some((w.window_start, w.value.map(|v| v.as_f64())))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fired, vec![(100, Some(2.0))]);
+    assert_eq!(
+        engine.watermark_for(&format!("k{b}")),
+        149,
+        "the right child did not move"
     );
 }

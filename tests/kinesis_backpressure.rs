@@ -74,8 +74,8 @@ async fn sixty_four_shards_and_a_stalled_pipeline_stay_bounded() {
     while got < 10_000 {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(SourceMessage::Batch(b))) => got += b.len(),
-            // Shards known, reading: for the watermark.
-            Ok(Some(SourceMessage::Partitions(..))) => {}
+            // Shards known, reading, their hash ranges: for the watermark.
+            Ok(Some(SourceMessage::Partitions(..) | SourceMessage::Ranges(_))) => {}
             other => panic!("after {got} records: {other:?}"),
         }
     }

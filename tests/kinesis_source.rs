@@ -255,8 +255,8 @@ async fn read_source(url: &str, resume_from: Vec<Position>, n: usize) -> Vec<Pos
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, rx.recv()).await {
             Ok(Some(SourceMessage::Batch(b))) => got.extend(b.into_iter().map(|r| r.position)),
-            // Shards known, reading: for the watermark.
-            Ok(Some(SourceMessage::Partitions(..))) => {}
+            // Shards known, reading, their hash ranges: for the watermark.
+            Ok(Some(SourceMessage::Partitions(..) | SourceMessage::Ranges(_))) => {}
             other => panic!("source ended early ({} of {n}): {other:?}", got.len()),
         }
     }

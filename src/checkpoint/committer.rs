@@ -20,7 +20,7 @@ pub(crate) struct Committed<'a> {
     pub positions: &'a [Position],
     pub acquired: &'a [(Arc<str>, HashRange)],
     pub released: &'a [ReleasedShard],
-    pub marks: &'a [(Arc<str>, Millis)],
+    pub marks: &'a [(Arc<str>, Millis, Millis)],
     pub next_seq: u64,
     pub last: bool,
 }

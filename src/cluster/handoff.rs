@@ -37,6 +37,9 @@ pub struct SnapshotMeta {
     pub fingerprint: String,
     /// The shard's maximum event time, and the worker's arrival counter.
     pub max_event_time: Option<Millis>,
+    /// The shard's own watermark (per-shard mode).
+    #[serde(default)]
+    pub watermark: Option<Millis>,
     pub next_seq: u64,
 }
 
@@ -145,9 +148,15 @@ impl ShardTap {
             max_event_time: c
                 .marks
                 .iter()
-                .find(|(p, _)| p == shard)
-                .map(|(_, m)| *m)
+                .find(|(p, _, _)| p == shard)
+                .map(|(_, m, _)| *m)
                 .filter(|m| *m != Millis::MIN),
+            watermark: c
+                .marks
+                .iter()
+                .find(|(p, _, _)| p == shard)
+                .map(|(_, _, w)| *w)
+                .filter(|w| *w != Millis::MIN),
             next_seq: c.next_seq,
         };
         self.lock().uploading.insert(shard.clone());
@@ -247,6 +256,7 @@ pub fn snapshot_dir(shard: &str, worker: &str, commit: u64) -> String {
 #[derive(Debug, Default)]
 pub struct Restored {
     pub max_event_time: Option<Millis>,
+    pub watermark: Option<Millis>,
     pub next_seq: u64,
     pub bytes: u64,
 }
@@ -282,6 +292,7 @@ pub async fn restore(
             .await
             .context("ingest task panicked")??;
         restored.max_event_time = meta.max_event_time.or(lease.watermark);
+        restored.watermark = meta.watermark;
         restored.next_seq = meta.next_seq;
     } else if !parents.is_empty() {
         // A scratch store takes each parent whole; only the child's range
@@ -299,7 +310,9 @@ pub async fn restore(
             tokio::task::spawn_blocking(move || sc.ingest_range(&files))
                 .await
                 .context("ingest task panicked")??;
+            // A child starts from its parents' watermark.
             restored.max_event_time = restored.max_event_time.max(meta.max_event_time);
+            restored.watermark = restored.watermark.max(meta.watermark);
             restored.next_seq = restored.next_seq.max(meta.next_seq);
         }
         let out = work.join("child");

@@ -396,6 +396,7 @@ impl Worker {
                         start,
                         range: h.range,
                         max_event_time: r.max_event_time,
+                        watermark: r.watermark,
                         next_seq: r.next_seq,
                         resume,
                     })

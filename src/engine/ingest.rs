@@ -29,6 +29,7 @@ impl Operator {
             lateness,
             results,
             timers,
+            domains: Default::default(),
             dirty: Vec::new(),
             pending: StateDelta::empty(),
             store,
@@ -48,7 +49,7 @@ impl Operator {
         &mut self,
         event: &Event,
         seq: u64,
-        w_before: i64,
+        (w_before, domain): (i64, u32),
         values: &mut [Option<Value>],
     ) -> Result<(), EngineError> {
         let t = event.event_time;
@@ -125,7 +126,7 @@ impl Operator {
             if *results && !again.is_empty() {
                 refire.push((plan.id, event.key.clone(), *again.start(), *again.end()));
             }
-            reschedule(timers, plan, (*lateness, *results), &event.key, st);
+            reschedule(timers, domain, plan, (*lateness, *results), &event.key, st);
         }
         Ok(())
     }

@@ -34,7 +34,7 @@ mod window;
 pub use cache::PREFETCH_AHEAD;
 pub use operator::EngineStats;
 pub use query::{Evaluation, FeatureStatus, Reading};
-pub use watermark::{IdleClock, PartitionMark, PartitionStatus, Watermarks};
+pub use watermark::{IdleClock, PartitionMark, PartitionStatus, Watermarks, GLOBAL};
 pub use window::Geometry;
 
 use std::sync::Arc;
@@ -86,6 +86,10 @@ pub struct EngineOptions {
     /// Most keys a call fires before it returns with the rest pending (see
     /// [`Engine::fire_more`]); `usize::MAX` fires everything at once.
     pub fire_chunk_keys: usize,
+    /// Per-shard watermarks (a Kinesis source): a key's windows follow the
+    /// watermark of the shard whose hash key range holds it, so results do
+    /// not depend on which shards share a process (see `watermark.rs`).
+    pub per_shard: bool,
 }
 
 impl Default for EngineOptions {
@@ -96,6 +100,7 @@ impl Default for EngineOptions {
             window_results: true,
             inline_record_max: snapshot::INLINE_RECORD_MAX,
             fire_chunk_keys: usize::MAX,
+            per_shard: false,
         }
     }
 }
@@ -128,6 +133,8 @@ pub struct Engine {
     /// Keys due at the current watermark are left to fire (see
     /// [`Engine::fire_more`]).
     firing: bool,
+    /// The timer domains with keys left to fire.
+    pending_domains: Vec<u32>,
     /// The newest event time processed (after a restore, the newest of the
     /// restored partitions), the online API's default `at`.
     newest: Millis,
@@ -202,6 +209,9 @@ impl Engine {
             wc.idle_timeout.millis()
         };
         let mut wm = Watermarks::new(wc.max_out_of_orderness.millis(), idle_timeout);
+        if options.per_shard {
+            wm = wm.per_shard();
+        }
         let mut next_seq = 0;
         let mut stored_results = options.window_results;
         if let Some(bytes) = store.get(Cf::Meta, rocks_meta_key())? {
@@ -219,6 +229,9 @@ impl Engine {
             store,
             (options.cache_capacity, options.inline_record_max),
         )?;
+        if wm.is_per_shard() {
+            op.set_domains(wm.domains());
+        }
         if options.window_results && !stored_results {
             tracing::info!("a sink now subscribes to window results: scheduling every stored key");
             op.start_window_results(wm.current())?;
@@ -237,6 +250,7 @@ impl Engine {
             next_seq,
             fire_chunk_keys: options.fire_chunk_keys,
             firing: false,
+            pending_domains: Vec::new(),
             newest,
         })
     }
@@ -267,11 +281,78 @@ impl Engine {
         self.op.prefetch(keys);
     }
 
-    /// Fires at most one chunk of what `w` allows; the rest waits for
+    /// Fires at most one chunk of what the watermarks allow, in the timer
+    /// domains that may have something due: those left pending, those whose
+    /// shard watermark moved, and the pipeline's. The rest waits for
     /// [`Engine::fire_more`].
-    fn fire(&mut self, w: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
-        self.firing = self.op.fire(w, self.fire_chunk_keys, out)?;
+    fn fire(&mut self, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        self.fire_also(None, out)
+    }
+
+    /// [`Engine::fire`], also in `domain`: an event's key may have a timer
+    /// due at once (its window is due already) in a domain whose watermark
+    /// did not move.
+    fn fire_also(&mut self, domain: Option<u32>, out: &mut Vec<Output>) -> Result<(), EngineError> {
+        let mut todo = std::mem::take(&mut self.pending_domains);
+        if let Some(d) = domain {
+            if !todo.contains(&d) {
+                todo.push(d);
+            }
+        }
+        for d in self.wm.take_changed() {
+            let d = d as u32;
+            if !todo.contains(&d) {
+                todo.push(d);
+            }
+        }
+        if !todo.contains(&GLOBAL) {
+            todo.push(GLOBAL);
+        }
+        let mut budget = self.fire_chunk_keys.max(1);
+        for d in todo {
+            let w = self.wm.of(d);
+            if budget == 0 || self.op.fire(d, w, &mut budget, out)? {
+                self.pending_domains.push(d);
+            }
+        }
+        self.firing = !self.pending_domains.is_empty();
         Ok(())
+    }
+
+    /// The watermark `key`'s windows follow: its shard's in per-shard mode,
+    /// else the pipeline's.
+    pub fn watermark_for(&self, key: &str) -> Millis {
+        if self.wm.is_per_shard() {
+            self.wm.of(self.op.domain_of_key(key))
+        } else {
+            self.wm.current()
+        }
+    }
+
+    /// Per-shard mode: the open shards' ranges changed; timers follow.
+    fn domains_changed(&mut self) {
+        if self.wm.is_per_shard() {
+            let moved = self.op.set_domains(self.wm.domains());
+            tracing::debug!(moved, "timer domains updated");
+        }
+    }
+
+    /// Per-shard mode: the hash key ranges of partitions (Kinesis shards),
+    /// said by the source when it lists them.
+    pub fn partition_ranges(
+        &mut self,
+        ranges: &[(Arc<str>, HashRange)],
+        out: &mut Vec<Output>,
+    ) -> Result<(), EngineError> {
+        self.settle(out)?;
+        if !self.wm.is_per_shard() {
+            return Ok(());
+        }
+        for (p, r) in ranges {
+            self.wm.set_range(p, *r);
+        }
+        self.domains_changed();
+        self.fire(out)
     }
 
     /// Whether windows the watermark allows are still to fire: the caller
@@ -285,8 +366,7 @@ impl Engine {
     /// whether more remain.
     pub fn fire_more(&mut self, out: &mut Vec<Output>) -> Result<bool, EngineError> {
         if self.firing {
-            let w = self.wm.current();
-            self.fire(w, out)?;
+            self.fire(out)?;
         }
         Ok(self.firing)
     }
@@ -308,7 +388,12 @@ impl Engine {
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
         self.settle(out)?;
-        let w_before = self.wm.current();
+        let domain = if self.wm.is_per_shard() {
+            self.op.domain_of_key(&event.key)
+        } else {
+            GLOBAL
+        };
+        let w_before = self.wm.of(domain);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.op.stats.events += 1;
@@ -332,7 +417,8 @@ impl Engine {
             }));
         } else {
             let mut values = vec![None; self.names.len()];
-            self.op.add_event(event, seq, w_before, &mut values)?;
+            self.op
+                .add_event(event, seq, (w_before, domain), &mut values)?;
             out.push(Output::Features(FeatureRecord {
                 id: event.position.id(),
                 key: event.key.clone(),
@@ -344,9 +430,9 @@ impl Engine {
                 arrival: event.arrival,
             }));
         }
-        let w = self.wm.observe(&event.position.partition, t, now);
+        self.wm.observe(&event.position.partition, t, now);
         self.op.refire(out);
-        self.fire(w, out)
+        self.fire_also(Some(domain), out)
     }
 
     /// A source's word on one of its partitions (known, reading, finished;
@@ -359,16 +445,20 @@ impl Engine {
         out: &mut Vec<Output>,
     ) -> Result<(), EngineError> {
         self.settle(out)?;
-        let w = self.wm.status(partition, status, now);
-        self.fire(w, out)
+        self.wm.status(partition, status, now);
+        if status == PartitionStatus::Finished {
+            // A finished shard's keys follow its children from now on.
+            self.domains_changed();
+        }
+        self.fire(out)
     }
 
     /// Processing time passed: idle partitions stop holding the watermark
     /// back; fires what the watermark now allows.
     pub fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) -> Result<(), EngineError> {
         self.settle(out)?;
-        let w = self.wm.tick(now);
-        self.fire(w, out)
+        self.wm.tick(now);
+        self.fire(out)
     }
 
     /// Replay: the live run's watermark was `w` before the next record (it
@@ -382,15 +472,15 @@ impl Engine {
         if w == before {
             return Ok(());
         }
-        self.fire(w, out)
+        self.fire(out)
     }
 
     /// End of a bounded input: watermark +∞, every window with unfired
     /// changes fires, and all state is purged.
     pub fn finish(&mut self, out: &mut Vec<Output>) -> Result<(), EngineError> {
         self.settle(out)?;
-        let w = self.wm.finish();
-        self.fire(w, out)
+        self.wm.finish();
+        self.fire(out)
     }
 
     /// The state changes since the previous snapshot plus the watermarks, to
@@ -425,11 +515,12 @@ impl Engine {
         &mut self,
         shard: &Arc<str>,
         range: HashRange,
-        max_event_time: Option<Millis>,
+        (max_event_time, watermark): (Option<Millis>, Option<Millis>),
         next_seq: u64,
     ) -> Result<usize, EngineError> {
-        self.wm.adopt(shard, max_event_time);
+        self.wm.adopt(shard, range, max_event_time, watermark);
         self.next_seq = self.next_seq.max(next_seq);
+        self.domains_changed();
         self.op.adopt_range(range)
     }
 
@@ -437,15 +528,22 @@ impl Engine {
     /// Forgets its range and its partition. Returns the keys forgotten.
     pub fn forget_shard(&mut self, shard: &Arc<str>, range: HashRange) -> usize {
         self.wm.forget(shard);
-        self.op.forget_range(range)
+        let keys = self.op.forget_range(range);
+        self.domains_changed();
+        keys
     }
 
-    /// Each partition's maximum event time.
-    pub fn partition_marks(&self) -> Vec<(Arc<str>, Millis)> {
+    /// Each partition's maximum event time and its own watermark (per-shard
+    /// mode; the pipeline watermark otherwise).
+    pub fn partition_marks(&self) -> Vec<(Arc<str>, Millis, Millis)> {
+        let per_shard = self.wm.is_per_shard();
         self.wm
             .partitions()
             .iter()
-            .map(|p| (p.name.clone(), p.max_event_time))
+            .map(|p| {
+                let own = if per_shard { p.own } else { self.wm.current() };
+                (p.name.clone(), p.max_event_time, own)
+            })
             .collect()
     }
 

@@ -122,6 +122,8 @@ pub(super) struct Operator {
     pub(super) states: States,
     /// [`timers`](super::timers): the timer index.
     pub(super) timers: Timers,
+    /// [`ranges`](super::ranges): per-shard mode's key → timer domain.
+    pub(super) domains: Domains,
     /// [`cache`](super::cache): the states changed since the last snapshot.
     pub(super) dirty: Vec<(u16, Arc<str>)>,
     /// Deletes of purged slices since the last snapshot (queued by
@@ -197,4 +199,13 @@ pub(super) type States = HashMap<SmolStr, KeyEntry, foldhash::fast::RandomState>
 
 /// The timer index: the keys of each spec whose timer is at an instant,
 /// ordered by that instant (a window end or a purge time).
-pub(super) type Timers = BTreeMap<(i64, u16), Vec<Arc<str>>>;
+/// Timers by (domain, due, spec): a domain's timers are one range of the
+/// map, fired at that domain's watermark (see [`Domains`]).
+pub(super) type Timers = BTreeMap<(u32, i64, u16), Vec<Arc<str>>>;
+
+/// Per-shard mode: the open shards' hash ranges `(start, end, domain)`,
+/// sorted and disjoint. A key's windows follow the watermark of the shard
+/// whose range holds its hash; a key no range holds (and every key outside
+/// per-shard mode, where this is empty) follows the pipeline watermark.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Domains(pub(super) Vec<(u128, u128, u32)>);

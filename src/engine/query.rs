@@ -213,7 +213,7 @@ impl Engine {
     pub fn read(&mut self, key: &str, at: Millis) -> Result<Reading, EngineError> {
         let n = self.names.len();
         let (mut values, mut found) = (vec![None; n], vec![false; n]);
-        let w = self.wm.current();
+        let w = self.watermark_for(key);
         self.op.read(key, at, w, &mut values, &mut found)?;
         let mut reading = Reading::new(self.names.clone(), values, &found);
         reading.last_event_time = self
@@ -230,7 +230,7 @@ impl Engine {
     /// position is not used (it moves no watermark).
     pub fn evaluate(&mut self, event: &Event) -> Result<Evaluation, EngineError> {
         let t = event.event_time;
-        let w = self.wm.current();
+        let w = self.watermark_for(&event.key);
         let lateness = self.lateness;
         // As `process` classifies: late when late in every spec.
         if !self.op.specs.is_empty() && self.op.specs.iter().all(|s| s.geo.is_late(t, w, lateness))

@@ -14,8 +14,24 @@ use std::sync::Arc;
 
 use crate::state::{hash_key, HashRange};
 
-use super::operator::Operator;
+use super::operator::{Domains, Operator, Timers};
+use super::watermark::GLOBAL;
 use super::EngineError;
+
+impl Domains {
+    /// The domain of a key with this hash.
+    pub(super) fn of(&self, hash: &[u8; 16]) -> u32 {
+        if self.0.is_empty() {
+            return GLOBAL;
+        }
+        let h = u128::from_be_bytes(*hash);
+        let i = self.0.partition_point(|r| r.0 <= h);
+        match i.checked_sub(1).map(|i| self.0[i]) {
+            Some((start, end, d)) if start <= h && h <= end => d,
+            _ => GLOBAL,
+        }
+    }
+}
 
 impl Operator {
     /// Adds the timers of `range` that the store holds. Returns how many.
@@ -28,15 +44,58 @@ impl Operator {
                     "timer for unknown window spec {spec}"
                 )));
             }
-            if range.contains(&hash_key(&key)) {
+            let hash = hash_key(&key);
+            if range.contains(&hash) {
                 self.timers
-                    .entry((due, spec))
+                    .entry((self.domains.of(&hash), due, spec))
                     .or_default()
                     .push(Arc::from(key));
                 adopted += 1;
             }
         }
         Ok(adopted)
+    }
+
+    /// Per-shard mode: the open shards' ranges changed (`domains`, as
+    /// [`Watermarks::domains`](super::Watermarks::domains) says). Every timer
+    /// not in the domain its key now maps to moves there: the keys of a
+    /// finished parent to its children, the keys restored before their
+    /// shard was announced to it. Returns how many moved.
+    pub(super) fn set_domains(&mut self, mut domains: Vec<(HashRange, u32)>) -> usize {
+        domains.sort_by_key(|(r, _)| r.start);
+        self.domains = Domains(
+            domains
+                .into_iter()
+                .map(|(r, d)| (r.start, r.end, d))
+                .collect(),
+        );
+        let mut moved = 0;
+        let old = std::mem::take(&mut self.timers);
+        let mut timers = Timers::new();
+        for ((d, due, spec), keys) in old {
+            for key in keys {
+                let hash = match self.states.get(&*key) {
+                    Some(entry) => entry.hash,
+                    None => hash_key(&key),
+                };
+                let to = self.domains.of(&hash);
+                moved += usize::from(to != d);
+                timers.entry((to, due, spec)).or_default().push(key);
+            }
+        }
+        self.timers = timers;
+        moved
+    }
+
+    /// The timer domain of `key` (its hash from the cache, or computed).
+    pub(super) fn domain_of_key(&self, key: &str) -> u32 {
+        if self.domains.0.is_empty() {
+            return GLOBAL;
+        }
+        match self.states.get(key) {
+            Some(entry) => self.domains.of(&entry.hash),
+            None => self.domains.of(&hash_key(key)),
+        }
     }
 
     /// Drops every state and timer of `range`. The states must be clean

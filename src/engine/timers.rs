@@ -47,6 +47,7 @@ use super::aggregate::Acc;
 use super::cache::{key_states, slot_state, touch, PREFETCH_AHEAD};
 use super::operator::{EngineStats, KeyEntry, KeyRef, KeyState, Operator, SpecPlan, Timers};
 use super::rules;
+use super::watermark::GLOBAL;
 use super::window::Geometry;
 use super::EngineError;
 
@@ -59,7 +60,11 @@ pub(super) fn restore(store: &StateStore, specs: usize) -> Result<Timers, Engine
                 "timer for unknown window spec {spec}"
             )));
         }
-        timers.entry((due, spec)).or_default().push(Arc::from(key));
+        // Domains are assigned once the shards' ranges are known.
+        timers
+            .entry((GLOBAL, due, spec))
+            .or_default()
+            .push(Arc::from(key));
     }
     Ok(timers)
 }
@@ -131,6 +136,7 @@ pub(super) fn purge_slices(
 /// entry, and later a visit to skip it, per event.
 pub(super) fn reschedule(
     timers: &mut Timers,
+    domain: u32,
     plan: &SpecPlan,
     (lateness, results): (i64, bool),
     key: &Arc<str>,
@@ -142,7 +148,10 @@ pub(super) fn reschedule(
         (_, due) => {
             st.timer = due;
             if let Some(d) = due {
-                timers.entry((d, plan.id)).or_default().push(key.clone());
+                timers
+                    .entry((domain, d, plan.id))
+                    .or_default()
+                    .push(key.clone());
             }
         }
     }
@@ -199,19 +208,24 @@ impl Operator {
             stats,
             lateness,
             results,
+            domains,
             ..
         } = self;
         for (spec, key, lo, hi) in refire.drain(..) {
             let si = usize::from(spec);
             let plan = &specs[si];
-            let Some(st) = states.get_mut(&*key).and_then(|e| e.slots[si].as_mut()) else {
+            let Some(entry) = states.get_mut(&*key) else {
+                continue;
+            };
+            let domain = domains.of(&entry.hash);
+            let Some(st) = entry.slots[si].as_mut() else {
                 continue;
             };
             for j in lo..=hi {
                 emit(plan, &key, st, &mut scratch[si], j, true, stats, out);
             }
             touch(dirty, spec, &key, st);
-            reschedule(timers, plan, (*lateness, *results), &key, st);
+            reschedule(timers, domain, plan, (*lateness, *results), &key, st);
         }
     }
 
@@ -221,22 +235,21 @@ impl Operator {
     /// input, a watermark jump after idleness) becomes bounded chunks.
     pub(super) fn fire(
         &mut self,
+        domain: u32,
         w: i64,
-        max_keys: usize,
+        budget: &mut usize,
         out: &mut Vec<Output>,
     ) -> Result<bool, EngineError> {
-        let mut budget = max_keys.max(1);
-        while let Some(entry) = self.timers.first_entry() {
-            let (due, spec) = *entry.key();
-            if !rules::due(due, w) {
+        while let Some((&(d, due, spec), _)) = self.timers.range((domain, i64::MIN, 0)..).next() {
+            if d != domain || !rules::due(due, w) {
                 break;
             }
-            if budget == 0 {
+            if *budget == 0 {
                 return Ok(true);
             }
-            let mut keys = entry.remove();
-            let rest = (keys.len() > budget).then(|| keys.split_off(budget));
-            budget -= keys.len();
+            let mut keys = self.timers.remove(&(d, due, spec)).unwrap_or_default();
+            let rest = (keys.len() > *budget).then(|| keys.split_off(*budget));
+            *budget -= keys.len();
             for chunk in keys.chunks(PREFETCH_AHEAD) {
                 self.prefetch(chunk.iter().map(|k| &**k));
                 for key in chunk {
@@ -246,7 +259,7 @@ impl Operator {
             if let Some(mut rest) = rest {
                 // Visits reschedule later than `due`, but keep whatever
                 // landed here behind the keys still waiting.
-                let slot = self.timers.entry((due, spec)).or_default();
+                let slot = self.timers.entry((d, due, spec)).or_default();
                 rest.append(slot);
                 *slot = rest;
                 return Ok(true);
@@ -275,6 +288,7 @@ impl Operator {
             pending,
             store,
             store_may_have,
+            domains,
             ..
         } = self;
         let plan = &specs[si];
@@ -329,7 +343,14 @@ impl Operator {
             st.revisions_changed = true;
         }
         touch(dirty, plan.id, key, st);
-        reschedule(timers, plan, (*lateness, *results), key, st);
+        reschedule(
+            timers,
+            domains.of(hash),
+            plan,
+            (*lateness, *results),
+            key,
+            st,
+        );
         Ok(())
     }
 
@@ -342,7 +363,7 @@ impl Operator {
         let keys: Vec<(u16, Arc<str>)> = self
             .timers
             .iter()
-            .flat_map(|(&(_, spec), keys)| keys.iter().map(move |k| (spec, k.clone())))
+            .flat_map(|(&(_, _, spec), keys)| keys.iter().map(move |k| (spec, k.clone())))
             .collect();
         for (spec, key) in keys {
             let si = usize::from(spec);
@@ -363,6 +384,7 @@ impl Operator {
             touch(&mut self.dirty, spec, &key, st);
             reschedule(
                 &mut self.timers,
+                self.domains.of(hash),
                 plan,
                 (self.lateness, self.results),
                 &key,

@@ -25,6 +25,18 @@
 //! wait. [`PartitionStatus::Finished`] (SHARD_END, announced after the
 //! children; a file read to its end) removes the partition.
 //!
+//! **Per-shard mode** (a Kinesis source, [`Watermarks::per_shard`]): each
+//! partition also keeps its *own* watermark, `W_p` never backwards, which
+//! governs the windows of the keys in its hash key range (the engine's timer
+//! domains: a key's timers live in the domain of the shard its MD5 falls
+//! in). The pipeline watermark above still exists, for keys no shard's range
+//! holds ([`GLOBAL`]) and for gauges. A finished shard is kept, flagged, so
+//! indexes stay stable; the open shards overlapping its range (its children)
+//! are raised to its watermark, and the engine moves its keys' timers to
+//! them. An idle shard is raised to the lowest watermark of the shards still
+//! delivering. Which partitions' own watermarks moved is kept for the engine
+//! ([`Watermarks::take_changed`]) so it fires only those domains.
+//!
 //! A partition a source never announced (tests that drive the engine
 //! directly) is known from its first event, with its clock started there.
 //! After a restore, partitions come back with their maximum event times and
@@ -38,7 +50,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use crate::record::PartitionStatus;
+use crate::state::HashRange;
 use crate::time::Millis;
+
+/// The timers' domain of keys no shard's range holds (and of every key
+/// outside per-shard mode): they follow the pipeline watermark.
+pub const GLOBAL: u32 = u32::MAX;
 
 /// Where a partition's idle clock stands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,8 +73,36 @@ pub enum IdleClock {
 pub struct PartitionMark {
     pub name: Arc<str>,
     pub max_event_time: Millis,
+    /// Per-shard mode: the shard's hash key range (its keys' windows follow
+    /// its watermark), once the source said it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<HashRange>,
+    /// Per-shard mode: the shard's own watermark (never backwards).
+    #[serde(default = "minus_infinity")]
+    pub own: Millis,
+    /// Per-shard mode: read to its end or released; kept so that partition
+    /// indexes (the timers' domains) stay stable for the run.
+    #[serde(default)]
+    pub finished: bool,
     #[serde(skip)]
     pub clock: IdleClock,
+}
+
+fn minus_infinity() -> Millis {
+    Millis::MIN
+}
+
+impl PartitionMark {
+    fn new(name: Arc<str>, clock: IdleClock) -> PartitionMark {
+        PartitionMark {
+            name,
+            max_event_time: Millis::MIN,
+            range: None,
+            own: Millis::MIN,
+            finished: false,
+            clock,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -70,6 +115,12 @@ pub struct Watermarks {
     last: usize,
     /// Replay: the watermark comes from the archive (see [`Watermarks::advance_to`]).
     archived: bool,
+    /// Per-shard mode (see the module doc): each partition's `own`
+    /// watermark governs the keys of its hash range.
+    per_shard: bool,
+    /// Per-shard mode: partitions whose own watermark advanced since the
+    /// engine last asked ([`Watermarks::take_changed`]).
+    changed: Vec<usize>,
 }
 
 impl Watermarks {
@@ -81,6 +132,60 @@ impl Watermarks {
             current: Millis::MIN,
             last: 0,
             archived: false,
+            per_shard: false,
+            changed: Vec::new(),
+        }
+    }
+
+    /// Per-shard mode: a shard's watermark governs the windows of the keys
+    /// in its hash range.
+    pub fn per_shard(mut self) -> Watermarks {
+        self.per_shard = true;
+        self
+    }
+
+    pub fn is_per_shard(&self) -> bool {
+        self.per_shard
+    }
+
+    /// The watermark of domain `d`: a partition's own (per-shard mode), or
+    /// the pipeline watermark for [`GLOBAL`].
+    pub fn of(&self, d: u32) -> Millis {
+        match self.partitions.get(d as usize) {
+            Some(p) if d != GLOBAL => p.own,
+            _ => self.current,
+        }
+    }
+
+    /// Partitions whose own watermark moved since the last call.
+    pub fn take_changed(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Per-shard mode: the hash ranges of the open partitions that have one,
+    /// with their indexes (the timers' domains).
+    pub fn domains(&self) -> Vec<(HashRange, u32)> {
+        self.partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !p.finished)
+            .filter_map(|(i, p)| p.range.map(|r| (r, i as u32)))
+            .collect()
+    }
+
+    /// Per-shard mode: the source said which hash keys `partition` holds.
+    pub fn set_range(&mut self, partition: &Arc<str>, range: HashRange) {
+        let idx = self.index(partition, IdleClock::Stopped);
+        self.partitions[idx].range = Some(range);
+    }
+
+    fn raise(&mut self, idx: usize, w: Millis) {
+        let p = &mut self.partitions[idx];
+        if w > p.own {
+            p.own = w;
+            if !self.changed.contains(&idx) {
+                self.changed.push(idx);
+            }
         }
     }
 
@@ -105,11 +210,8 @@ impl Watermarks {
             _ => match self.partitions.iter().position(|p| p.name == *partition) {
                 Some(i) => i,
                 None => {
-                    self.partitions.push(PartitionMark {
-                        name: partition.clone(),
-                        max_event_time: Millis::MIN,
-                        clock,
-                    });
+                    self.partitions
+                        .push(PartitionMark::new(partition.clone(), clock));
                     self.partitions.len() - 1
                 }
             },
@@ -123,8 +225,21 @@ impl Watermarks {
         self.last = idx;
         let p = &mut self.partitions[idx];
         p.clock = IdleClock::Since(now);
+        p.finished = false;
         p.max_event_time = p.max_event_time.max(event_time);
+        let max_event_time = p.max_event_time;
+        if self.per_shard {
+            let own = self.bound(max_event_time);
+            self.raise(idx, own);
+        }
         self.recompute(now)
+    }
+
+    /// `W_p` of a partition that saw `max_event_time`.
+    fn bound(&self, max_event_time: Millis) -> Millis {
+        max_event_time
+            .saturating_sub(self.out_of_orderness)
+            .saturating_sub(1)
     }
 
     /// A source's word on one of its partitions (see the module docs).
@@ -139,6 +254,7 @@ impl Watermarks {
                 let idx = self.index(partition, IdleClock::Since(now));
                 self.partitions[idx].clock = IdleClock::Since(now);
             }
+            PartitionStatus::Finished if self.per_shard => self.finish_shard(partition),
             PartitionStatus::Finished => {
                 self.partitions.retain(|p| p.name != *partition);
                 self.last = 0;
@@ -147,14 +263,47 @@ impl Watermarks {
         self.recompute(now)
     }
 
+    /// Per-shard mode: a shard read to its end. The open shards whose
+    /// ranges overlap it (its children) start from its watermark; the
+    /// engine moves its keys' timers to them.
+    fn finish_shard(&mut self, partition: &Arc<str>) {
+        let Some(idx) = self.partitions.iter().position(|p| p.name == *partition) else {
+            return;
+        };
+        self.partitions[idx].finished = true;
+        let (own, range) = (self.partitions[idx].own, self.partitions[idx].range);
+        let Some(range) = range else { return };
+        let children: Vec<usize> = (0..self.partitions.len())
+            .filter(|&i| {
+                let q = &self.partitions[i];
+                i != idx && !q.finished && q.range.is_some_and(|r| r.overlaps(&range))
+            })
+            .collect();
+        for c in children {
+            self.raise(c, own);
+        }
+    }
+
     /// Cluster mode: a shard acquired, at the maximum event time its last
     /// holder had reached. It holds like a known partition until it reads.
-    pub fn adopt(&mut self, partition: &Arc<str>, max_event_time: Option<Millis>) {
+    pub fn adopt(
+        &mut self,
+        partition: &Arc<str>,
+        range: HashRange,
+        max_event_time: Option<Millis>,
+        own: Option<Millis>,
+    ) {
         let idx = self.index(partition, IdleClock::Stopped);
         let p = &mut self.partitions[idx];
         p.clock = IdleClock::Stopped;
+        p.finished = false;
+        p.range = Some(range);
         if let Some(m) = max_event_time {
             p.max_event_time = p.max_event_time.max(m);
+        }
+        if self.per_shard {
+            let bound = self.bound(self.partitions[idx].max_event_time);
+            self.raise(idx, own.unwrap_or(Millis::MIN).max(bound));
         }
     }
 
@@ -162,6 +311,12 @@ impl Watermarks {
     /// next event or tick moves the watermark (nothing fires at the
     /// barrier that released it).
     pub fn forget(&mut self, partition: &Arc<str>) {
+        if self.per_shard {
+            if let Some(p) = self.partitions.iter_mut().find(|p| p.name == *partition) {
+                p.finished = true;
+            }
+            return;
+        }
         self.partitions.retain(|p| p.name != *partition);
         self.last = 0;
     }
@@ -186,6 +341,11 @@ impl Watermarks {
     /// End of a bounded input: the watermark becomes +∞.
     pub fn finish(&mut self) -> Millis {
         self.current = Millis::MAX;
+        for i in 0..self.partitions.len() {
+            if self.per_shard {
+                self.raise(i, Millis::MAX);
+            }
+        }
         self.current
     }
 
@@ -194,7 +354,11 @@ impl Watermarks {
             return self.current;
         }
         let mut min: Option<Millis> = None;
-        for p in &mut self.partitions {
+        let mut idle = Vec::new();
+        for (i, p) in self.partitions.iter_mut().enumerate() {
+            if p.finished {
+                continue;
+            }
             let seen = match p.clock {
                 IdleClock::Stopped => None,
                 IdleClock::Since(t) => Some(t),
@@ -204,6 +368,7 @@ impl Watermarks {
                 }
             };
             if seen.is_some_and(|seen| now.saturating_sub(seen) >= self.idle_timeout) {
+                idle.push(i);
                 continue;
             }
             let w = p
@@ -214,6 +379,22 @@ impl Watermarks {
         }
         if let Some(m) = min {
             self.current = self.current.max(m);
+            // Per-shard mode: an idle shard's keys follow the slowest shard
+            // still delivering, as they would under the pipeline minimum.
+            if self.per_shard {
+                let floor = self
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, p)| !p.finished && !idle.contains(i))
+                    .map(|(_, p)| p.own)
+                    .min();
+                if let Some(floor) = floor {
+                    for i in idle {
+                        self.raise(i, floor);
+                    }
+                }
+            }
         }
         self.current
     }
@@ -302,9 +483,8 @@ mod tests {
     #[test]
     fn restored_partitions_hold_once_announced() {
         let restored = vec![PartitionMark {
-            name: "a".into(),
             max_event_time: 1_000,
-            clock: IdleClock::default(),
+            ..PartitionMark::new("a".into(), IdleClock::default())
         }];
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let mut announced = Watermarks::new(0, 100);

@@ -237,7 +237,12 @@ pub fn answer(engine: &mut Engine, query: Query) {
             let result = readings
                 .map(|readings| Readings {
                     at,
-                    watermark: engine.watermark(),
+                    // One key: the watermark its windows follow (its shard's
+                    // under per-shard watermarks); several: the pipeline's.
+                    watermark: match &keys[..] {
+                        [key] => engine.watermark_for(key),
+                        _ => engine.watermark(),
+                    },
                     readings,
                 })
                 .map_err(|e| e.to_string());
@@ -250,7 +255,7 @@ pub fn answer(engine: &mut Engine, query: Query) {
             let result = engine
                 .evaluate(&event)
                 .map(|evaluation| Evaluated {
-                    watermark: engine.watermark(),
+                    watermark: engine.watermark_for(&event.key),
                     evaluation,
                 })
                 .map_err(|e| e.to_string());

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use crate::checkpoint::Barriers;
 use crate::decode::Decoder;
 use crate::flow::{Decoded, Message, ShardChange, Stats};
+use crate::record::PartitionStatus;
 use crate::source::{DecodedRecord, EventTimeRange, SourceMessage};
 use crate::telemetry::StageClock;
 use crate::time::Millis;
@@ -95,6 +96,13 @@ pub(super) async fn decode_stage(
                         state.barriers.resume_at(shard, *range, resume.clone());
                     }
                     output.send(Message::Batch(vec![Decoded::Shard(acquired)])).await
+                }
+                Some(SourceMessage::Ranges(ranges)) => {
+                    let known = ranges
+                        .iter()
+                        .map(|(n, _)| Decoded::Partition(n.clone(), PartitionStatus::Known));
+                    let batch = std::iter::once(Decoded::Ranges(ranges.clone())).chain(known).collect();
+                    output.send(Message::Batch(batch)).await
                 }
                 Some(SourceMessage::Partitions(names, status)) => {
                     let batch = names.into_iter().map(|n| Decoded::Partition(n, status)).collect();

@@ -236,12 +236,15 @@ fn process_batch(
                     shard,
                     range,
                     max_event_time,
+                    watermark,
                     next_seq,
                     ..
                 }) => {
-                    let timers = engine.adopt_shard(&shard, range, max_event_time, next_seq)?;
+                    let timers =
+                        engine.adopt_shard(&shard, range, (max_event_time, watermark), next_seq)?;
                     tracing::info!(%shard, timers, "shard acquired: the engine adopted its state");
                 }
+                Decoded::Ranges(ranges) => engine.partition_ranges(&ranges, out)?,
                 // Releases travel in barriers.
                 Decoded::Shard(ShardChange::Released(_)) => {}
             }

@@ -160,6 +160,10 @@ pub async fn run(
     if let Some(m) = &model {
         m.ready().await.context("preparing the model")?;
     }
+    // A Kinesis stream's shards partition its keys (partition key = entity
+    // key): each shard's watermark governs the windows of its keys.
+    let per_shard = options.source.is_none()
+        && matches!(config.source(), crate::config::SourceConfig::Kinesis(_));
     let (src, tap, worker) = match (options.source, cluster) {
         (Some(s), _) => (s, None, None),
         (None, Some(c)) => {
@@ -254,6 +258,7 @@ pub async fn run(
             event_time_only,
             window_results,
             fire_chunk_keys: config.pipeline.batch_size.max(1),
+            per_shard,
             ..EngineOptions::default()
         },
     )

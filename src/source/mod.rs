@@ -36,6 +36,11 @@ pub enum SourceMessage {
     /// Input the source could not even split into records (a corrupt
     /// archive object): a dead letter with the reason, no record.
     Bad(DeadLetter),
+    /// Partitions (Kinesis shards) are `Known`, with their hash key ranges:
+    /// under per-shard watermarks a shard's watermark governs its keys. One
+    /// message, as `Partitions`: a source announcing shards waits for one
+    /// slot of the pipeline's channel, not two.
+    Ranges(Vec<(Arc<str>, crate::state::HashRange)>),
     /// Cluster mode: a shard acquired (before its first record) or
     /// released (after its last).
     Shard(crate::flow::ShardChange),

@@ -39,7 +39,7 @@ pub fn hash_key(key: &str) -> [u8; 16] {
 /// started after it reads the store right. The `meta` column family
 /// (positions, watermarks, checkpoint id) is not part of a range: the
 /// caller moves the shard's position itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct HashRange {
     pub start: u128,
     pub end: u128,
@@ -95,6 +95,11 @@ impl HashRange {
     /// The smallest key of the range.
     fn lower(&self) -> [u8; 16] {
         self.start.to_be_bytes()
+    }
+
+    /// Whether the two ranges share a hash key.
+    pub fn overlaps(&self, other: &HashRange) -> bool {
+        self.start <= other.end && other.start <= self.end
     }
 
     /// The first 16-byte prefix past the range; `None` when the range ends

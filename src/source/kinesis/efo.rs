@@ -39,6 +39,7 @@ use super::deagg::{deaggregate, Deaggregated};
 use crate::aws::{error_text, Backoff};
 use crate::record::{PartitionStatus, Position, RawRecord};
 use crate::source::SourceMessage;
+use crate::state::HashRange;
 use crate::time::{now_millis, Millis};
 
 /// Where a subscription starts.
@@ -104,11 +105,20 @@ pub fn cmp_sequence(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 /// How a shard's task ended.
+/// A shard as `ListShards` or a `SHARD_END` event describes it.
+#[derive(Clone, Debug)]
+pub struct ShardInfo {
+    pub id: String,
+    pub parents: Vec<String>,
+    /// Its hash key range (`None` if the service sent none or a bad one).
+    pub range: Option<HashRange>,
+}
+
 #[derive(Debug)]
 pub enum Outcome {
     /// SHARD_END: every record was handed on; these children may follow
     /// (shard id, parent ids).
-    Ended(Vec<(String, Vec<String>)>),
+    Ended(Vec<ShardInfo>),
     /// The run is stopping (or the pipeline is gone).
     Stopped,
 }
@@ -346,9 +356,15 @@ impl ShardTask {
                 if shard_end {
                     let children = child_shards
                         .iter()
-                        .map(|c| (c.shard_id.clone(), c.parent_shards.clone()))
+                        .map(|c| ShardInfo {
+                            id: c.shard_id.clone(),
+                            parents: c.parent_shards.clone(),
+                            range: c.hash_key_range.as_ref().and_then(|r| {
+                                HashRange::parse(&r.starting_hash_key, &r.ending_hash_key).ok()
+                            }),
+                        })
                         .collect::<Vec<_>>();
-                    tracing::info!(shard = %self.shard, children = ?children.iter().map(|c| &c.0).collect::<Vec<_>>(), "shard ended (SHARD_END)");
+                    tracing::info!(shard = %self.shard, children = ?children.iter().map(|c| &c.id).collect::<Vec<_>>(), "shard ended (SHARD_END)");
                     behind.set(0.0);
                     return Outcome::Ended(children);
                 }

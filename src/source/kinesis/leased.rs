@@ -34,8 +34,9 @@ pub enum ShardCommand {
         shard: Arc<str>,
         start: Start,
         range: HashRange,
-        /// The last holder's maximum event time and arrival counter.
+        /// The last holder's maximum event time, watermark and arrival counter.
         max_event_time: Option<Millis>,
+        watermark: Option<Millis>,
         next_seq: u64,
         /// The lease's checkpoint as a position (none at a sentinel).
         resume: Option<Position>,
@@ -76,7 +77,7 @@ pub(super) async fn run(
     loop {
         tokio::select! {
             command = control.commands.recv() => match command {
-                Some(ShardCommand::Start { shard, start, range, max_event_time, next_seq, resume }) => {
+                Some(ShardCommand::Start { shard, start, range, max_event_time, watermark, next_seq, resume }) => {
                     if running.contains_key(&shard) {
                         tracing::warn!(%shard, "asked to start a shard already read; ignored");
                         continue;
@@ -85,6 +86,7 @@ pub(super) async fn run(
                         shard: shard.clone(),
                         range,
                         max_event_time,
+                        watermark,
                         next_seq,
                         resume,
                     };

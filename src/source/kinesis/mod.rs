@@ -33,14 +33,15 @@ use aws_sdk_kinesis::types::ConsumerStatus;
 use aws_sdk_kinesis::Client;
 use tokio::task::JoinSet;
 
-use self::efo::{Outcome, ShardTask, Start};
+use self::efo::{Outcome, ShardInfo, ShardTask, Start};
 use self::leased::ShardControl;
 use self::shards::ShardGraph;
-use super::{Source, SourceContext};
+use super::{Source, SourceContext, SourceMessage};
 use crate::aws::{self, error_text, Backoff, ClientSettings};
 use crate::config::{KinesisSourceConfig, StartingPosition};
 use crate::flow::BoxFuture;
 use crate::record::PartitionStatus;
+use crate::state::HashRange;
 use crate::state::StateStore;
 
 pub struct KinesisSource {
@@ -230,10 +231,7 @@ pub async fn ensure_consumer(
 
 /// Every shard of the stream with its parents (ListShards, paginated).
 /// By name: emulators do not all take the ARN.
-pub async fn list_shards(
-    client: &Client,
-    stream: &str,
-) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+pub async fn list_shards(client: &Client, stream: &str) -> anyhow::Result<Vec<ShardInfo>> {
     let mut shards = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -252,13 +250,35 @@ pub async fn list_shards(
                 .into_iter()
                 .chain(s.adjacent_parent_shard_id)
                 .collect();
-            shards.push((s.shard_id, parents));
+            let range = s
+                .hash_key_range
+                .as_ref()
+                .and_then(|r| HashRange::parse(&r.starting_hash_key, &r.ending_hash_key).ok());
+            shards.push(ShardInfo {
+                id: s.shard_id,
+                parents,
+                range,
+            });
         }
         token = out.next_token;
         if token.is_none() {
             return Ok(shards);
         }
     }
+}
+
+/// Says new shards are known, with their hash key ranges (a shard's
+/// watermark governs the keys of its range); false if the pipeline is gone.
+async fn announce(ctx: &SourceContext, shards: Vec<ShardInfo>) -> bool {
+    let (ranged, bare): (Vec<ShardInfo>, Vec<ShardInfo>) =
+        shards.into_iter().partition(|s| s.range.is_some());
+    let ranges: Vec<(Arc<str>, HashRange)> = ranged
+        .iter()
+        .filter_map(|s| s.range.map(|r| (Arc::from(s.id.as_str()), r)))
+        .collect();
+    let names = bare.into_iter().map(|s| Arc::from(s.id.as_str())).collect();
+    (ranges.is_empty() || ctx.output.send(SourceMessage::Ranges(ranges)).await.is_ok())
+        && ctx.partitions(names, PartitionStatus::Known).await
 }
 
 async fn run(
@@ -370,12 +390,11 @@ async fn run(
                         // Every shard listed holds the watermark from now on,
                         // before its subscription (or its parents) lets it
                         // deliver anything.
-                        let new: Vec<Arc<str>> = list
+                        let new: Vec<ShardInfo> = list
                             .into_iter()
-                            .filter(|(id, parents)| graph.add(id, parents.clone()))
-                            .map(|(id, _)| Arc::from(id.as_str()))
+                            .filter(|s| graph.add(&s.id, s.parents.clone()))
                             .collect();
-                        if !ctx.partitions(new, PartitionStatus::Known).await {
+                        if !announce(ctx, new).await {
                             return Ok(());
                         }
                     }
@@ -390,12 +409,11 @@ async fn run(
                         graph.finish(&shard);
                         // Children hold the watermark before their parent
                         // stops holding it.
-                        let new: Vec<Arc<str>> = children
+                        let new: Vec<ShardInfo> = children
                             .into_iter()
-                            .filter(|(child, parents)| graph.add(child, parents.clone()))
-                            .map(|(child, _)| Arc::from(child.as_str()))
+                            .filter(|c| graph.add(&c.id, c.parents.clone()))
                             .collect();
-                        if !ctx.partitions(new, PartitionStatus::Known).await
+                        if !announce(ctx, new).await
                             || !ctx
                                 .partitions(vec![Arc::from(shard.as_str())], PartitionStatus::Finished)
                                 .await
