@@ -30,7 +30,9 @@
 //! `batch_size` records) or one tick, then requests worth at most
 //! `batch_size` keys ([`Inbox::serve`]); an idle input leaves it waiting for
 //! either. So a flood of requests cannot stop ingest or checkpoints, and a
-//! backlog of input delays a request by one batch at most.
+//! backlog of input delays a request by one turn: one batch, or a
+//! barrier's snapshot, plus the time the engine waits to hand its outputs
+//! on when downstream is slow (which `request_timeout` bounds).
 //!
 //! **Which worker answers.** [`route`] is the seam for `[cluster]`: a key
 //! whose shard another worker owns will be forwarded to that worker's API
