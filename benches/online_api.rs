@@ -5,6 +5,9 @@
 //! file; the API served by the same code as `run` (`serve::Api`), and a
 //! load generator on 64 keep-alive connections.
 //!
+//! - criterion `online_api_engine/read` and `…/evaluate`: the engine
+//!   thread's share of a request (`Engine::read`, `Engine::evaluate` on 10 k
+//!   keys of state, no HTTP), what a request takes from ingest.
 //! - criterion `online_api/get_features/{1000,5000}` and
 //!   `online_api/score/{1000,5000}`: the mean latency of a request offered
 //!   at that many requests/s (`iter_custom`: each iteration is one request
@@ -346,6 +349,58 @@ fn percentiles(mut latencies: Vec<f64>) -> (f64, f64, f64, f64) {
     (q(0.5), q(0.99), q(0.999), *latencies.last().unwrap())
 }
 
+/// The engine thread's share of a request: `Engine::read` and
+/// `Engine::evaluate` on an engine holding the bench's features for
+/// [`KEYS`] keys (20 events each, over 10 minutes of event time), without
+/// HTTP. What a request costs ingest is about this much engine time.
+fn engine_side(c: &mut Criterion) {
+    use shardflow::decode::Decoder;
+    use shardflow::engine::Engine;
+    use shardflow::record::Position;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), 0);
+    let store = shardflow::state::StateStore::open(
+        &dir.path().join("state"),
+        &config.state_fingerprint(),
+        false,
+    )
+    .unwrap();
+    let mut engine = Engine::new(&config, store).unwrap();
+    let decoder = Decoder::new(&config.schema);
+    let t0 = 1_700_000_000_000i64;
+    let event = |i: u64, t: i64| {
+        let text = format!(
+            r#"{{"userId":"u{}","timestamp":{t},"amount":{}.25,"merchant":"m{}"}}"#,
+            i.wrapping_mul(2_654_435_761) % KEYS,
+            i % 300,
+            i % 40
+        );
+        decoder
+            .decode_str(Position::new("p".into(), i.to_string()), 0, &text)
+            .unwrap()
+    };
+    let n = KEYS * 20;
+    let mut out = Vec::new();
+    for i in 0..n {
+        engine
+            .process(&event(i, t0 + (i as i64) * 600_000 / n as i64), 0, &mut out)
+            .unwrap();
+        out.clear();
+    }
+    let now = t0 + 600_000;
+    let mut group = c.benchmark_group("online_api_engine");
+    let mut i = 0u64;
+    group.bench_function("read", |b| {
+        b.iter(|| {
+            i += 1;
+            engine.read(&format!("u{}", i % KEYS), now).unwrap()
+        })
+    });
+    let scored = event(7, now);
+    group.bench_function("evaluate", |b| b.iter(|| engine.evaluate(&scored).unwrap()));
+    group.finish();
+}
+
 fn criterion_means(c: &mut Criterion, rt: &tokio::runtime::Runtime, running: &Running) {
     let mut group = c.benchmark_group("online_api");
     group.sample_size(10);
@@ -419,11 +474,17 @@ fn unthrottled(rt: &tokio::runtime::Runtime, secs: u64) {
 }
 
 fn main() {
+    if cfg!(debug_assertions) {
+        println!(
+            "note: built in the dev profile (unoptimized code, the HTTP stack included): the numbers are indicative only"
+        );
+    }
     let rt = runtime();
     let ingest_rate = env_or("SHARDFLOW_BENCH_RATE", 10_000u64);
     let secs = env_or("SHARDFLOW_BENCH_SECS", 10u64);
-    let running = rt.block_on(Running::start(ingest_rate));
     let mut c = Criterion::default().configure_from_args();
+    engine_side(&mut c);
+    let running = rt.block_on(Running::start(ingest_rate));
     criterion_means(&mut c, &rt, &running);
     report(&rt, &running, ingest_rate, secs);
     rt.block_on(running.stop());
