@@ -34,6 +34,7 @@
 //! |---|---|---|
 //! | the decoder (`decode.rs`), a string in the `[schema]` timestamp field | [`parse_epoch_or_rfc3339`] | `field {name}: {text:?} is neither RFC 3339 nor epoch milliseconds ({reason})`, `text` untrimmed |
 //! | `replay --from/--to` | [`parse_time`] | `time {text:?} is neither RFC 3339 nor epoch milliseconds: {reason}`, `text` trimmed |
+//! | `at` of the online API (`GET /v1/features/{key}?at=`), percent-decoded | [`parse_time`] | `at: ` and the same, in a 400 |
 //! | `from`/`to` of an S3 source (TOML) | [`toml_millis`] with [`TomlTime::Bound`] | see [`TomlTime::Bound`] |
 //! | `timestamp` of a Kinesis source (TOML) | [`toml_millis`] with [`TomlTime::KinesisTimestamp`] | see [`TomlTime::KinesisTimestamp`] |
 //! | hour directories of the archive (`archive/layout.rs`) | [`parse_rfc3339`] | (a key without a valid hour is read whatever its hour) |

@@ -648,3 +648,106 @@ kinds = ["prediction"]
     assert_eq!(record["fallback"], false);
     proc.terminate(20).await;
 }
+
+/// A stdout nobody reads: the pipe fills, the stdout sink blocks, and the
+/// pipeline backpressures up to the engine, which waits to hand its
+/// outputs on. Requests are still answered meanwhile, from the state the
+/// engine has reached, ahead of what the sinks have written; once stdout
+/// is read again, the run goes on to the end of its input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_while_the_pipeline_is_backpressured() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.ndjson");
+    let total = 20_000i64;
+    let text: String = (0..total)
+        .map(|i| line(&format!("u{}", i % 10), T0 + i, 1.0, "m1"))
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let api = free_addr();
+    let extra = format!(
+        "\n[api]\naddr = \"{api}\"\nrequest_timeout = \"2s\"\n\n[[sinks]]\ntype = \"stdout\"\nkinds = [\"features\"]\n"
+    );
+    let config = config(dir.path(), &input, true, &extra);
+    let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardflow"))
+        .args(["run", "--quiet", "--metrics-addr", "off", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stdout = child.stdout.take().unwrap();
+    let _child = Kill(child);
+    // Wait until the file sink's output stops growing short of the input:
+    // the stdout sink is stuck and the pipeline with it.
+    let features = dir.path().join("features.ndjson");
+    let started = Instant::now();
+    let (mut last, mut still_since) = (usize::MAX, Instant::now());
+    let stuck = loop {
+        let n = ndjson(&features).len();
+        if n != last {
+            (last, still_since) = (n, Instant::now());
+        } else if still_since.elapsed() > Duration::from_millis(1_500) {
+            break n;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never stuck ({n} lines)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        stuck < total as usize,
+        "the pipeline was not held back ({stuck} of {total})"
+    );
+    eprintln!("[online_api] backpressured: {stuck} of {total} features written");
+    let written = ndjson(&features)
+        .iter()
+        .filter(|l| l["key"] == "u3")
+        .count() as i64;
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let r = http(&api, "GET", "/v1/features/u3", "").await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "answered in {:?}",
+            asked.elapsed()
+        );
+        let count = r.json()["features"]["txn_count_1m"].as_i64().unwrap();
+        assert!(
+            count >= written && count > 0,
+            "{count} read, {written} written"
+        );
+    }
+    // Read stdout again: the run reaches the end of its input.
+    let reader = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = stdout.read_to_end(&mut sink);
+    });
+    wait_lines_plain(&features, total as usize).await;
+    drop(_child);
+    reader.join().unwrap();
+}
+
+/// [`wait_lines`] without a [`Proc`].
+async fn wait_lines_plain(path: &Path, n: usize) {
+    let started = Instant::now();
+    while ndjson(path).len() < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} lines of {n}",
+            ndjson(path).len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

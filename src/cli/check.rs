@@ -138,6 +138,12 @@ fn describe(config: &Config) -> anyhow::Result<String> {
             kinds.join(", ")
         ));
     }
+    if let Some(api) = &config.api {
+        out.push_str(&format!(
+            "api:       http://{}/v1/ (≤ {} requests queued for the engine, each waiting ≤ {})\n",
+            api.addr, api.max_in_flight, api.request_timeout
+        ));
+    }
     if config.replay.is_some() || matches!(config.source(), SourceConfig::S3(_)) {
         match replay::prepare(config) {
             Ok(r) => {

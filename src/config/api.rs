@@ -18,8 +18,8 @@ pub struct ApiConfig {
     /// Requests queued for the engine at once; one more is answered 503
     /// with `Retry-After` at once instead of waiting.
     pub max_in_flight: usize,
-    /// How long a request waits for the engine's answer (the engine may be
-    /// waiting for a backpressured downstream) before it is answered 503.
+    /// How long a request waits for the engine's answer (busy with a long
+    /// checkpoint snapshot, say) before it is answered 503.
     /// The model call of `/v1/score` comes after and has `[inference]`'s
     /// own timeouts.
     pub request_timeout: Duration,

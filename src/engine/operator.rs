@@ -18,6 +18,8 @@
 //!   purging, and switching window results on.
 //! * [`snapshot`](super::snapshot): a state's stored form, both the delta a
 //!   checkpoint writes and the record a cache miss reads back.
+//! * [`query`](super::query): the online API's reads, which use the
+//!   per-event path's functions on the states and change none of them.
 //!
 //! The operator is one struct, not one struct per job. Adding an event and
 //! visiting a key each need the cache's map, its dirty list, the pending

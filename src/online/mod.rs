@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! HTTP handler ──try_send──▶ bounded channel (max_in_flight) ──▶ engine stage
-//!      ▲  503 when full                                          │ between batches:
+//!      ▲  503 when full                                          │ between events:
 //!      │                                                         │ Engine::read / evaluate
 //!      └──────────── oneshot reply (vector, statuses) ◀──────────┘
 //!      └─ /v1/score: the model call, on the API's task, after the reply
@@ -23,14 +23,20 @@
 //! **Bounded and fair.** The channel holds at most `[api] max_in_flight`
 //! requests; one more is refused at once ([`QueryError::Busy`], 503 with
 //! `Retry-After`), never queued without bound. A request waits at most
-//! `[api] request_timeout` for the engine (which may itself wait for a
-//! backpressured downstream): then 503 too, and the engine skips it if it
-//! gets there. The engine stage serves requests beside events and
+//! `[api] request_timeout` for the engine (busy with a long snapshot, a
+//! cache miss, a loaded machine): then 503 too, and the engine skips it if
+//! it gets there. The engine stage serves requests beside events and
 //! barriers: each turn of its loop takes one input batch (at most
 //! `batch_size` records) or one tick, then requests worth at most
-//! `batch_size` keys ([`Inbox::serve`]); an idle input leaves it waiting for
-//! either. So a flood of requests cannot stop ingest or checkpoints, and a
-//! backlog of input delays a request by one batch at most.
+//! `batch_size` keys ([`Inbox::serve`]); inside a batch it also answers
+//! requests worth up to 32 keys after every 32 events; an idle input leaves
+//! it waiting for either. So a flood of requests cannot stop ingest or
+//! checkpoints (a turn answers requests worth about one key per event it
+//! processed, plus `batch_size` keys), and a backlog of input delays a
+//! request by a few dozen events, or a barrier's snapshot. While the
+//! engine waits to hand its outputs on (a slow sink or model backpressures
+//! the pipeline), it keeps answering requests: its state is between two
+//! events then, and reads must not wait for a sink.
 //!
 //! **Which worker answers.** [`route`] is the seam for `[cluster]`: a key
 //! whose shard another worker owns will be forwarded to that worker's API

@@ -1,14 +1,18 @@
 //! The engine stage: events through the window engine into feature
 //! records, window results and late events, on a thread of its own (a
 //! cache miss reads RocksDB); the state delta each barrier collects; the
-//! online API's requests, answered between batches.
+//! online API's requests, answered between events.
 //!
 //! Fairness: each turn of the loop handles the tick, or one input message
 //! (a batch of at most `batch_size` records with the firing it causes, or
 //! a barrier), or a request when nothing else is ready; then it answers
-//! queued requests worth at most `query_budget` keys. Under a backlog of
-//! input, requests still get a turn after every batch; under a flood of
-//! requests, input and barriers still get one after every budget.
+//! queued requests worth at most `query_budget` keys. Inside a batch,
+//! between every [`PREFETCH_AHEAD`] events, it answers queued requests
+//! worth at most as many keys, so a request waits for a few dozen events
+//! rather than a whole batch. While it waits for downstream to take its
+//! outputs, it answers requests as they come. Under a backlog of input,
+//! requests still get answered within every batch; under a flood of
+//! requests, input and barriers still get a turn after every budget.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,22 +42,41 @@ impl ProcessingClock {
     }
 
     /// Sends `message` downstream, counting the wait as stalled time.
+    /// While downstream makes it wait, the online API's requests are
+    /// answered (`serving`: the inbox, the engine, the budget per request
+    /// batch): the state is between two events then, and a slow sink or
+    /// model must not make reads wait for it.
     async fn send<T>(
         &mut self,
         output: &mpsc::Sender<Message<T>>,
         message: Message<T>,
+        serving: Option<(&mut Inbox, &mut Engine, usize)>,
     ) -> Result<(), mpsc::error::SendError<Message<T>>> {
         let started = Instant::now();
-        let sent = output.send(message).await;
+        let sent = match serving {
+            None => output.send(message).await,
+            Some((inbox, engine, budget)) => loop {
+                // The engine stage is the channel's only sender, so a
+                // reservation given up for a request loses no place.
+                let query = tokio::select! {
+                    biased;
+                    permit = output.reserve() => break match permit {
+                        Ok(permit) => {
+                            permit.send(message);
+                            Ok(())
+                        }
+                        Err(_) => Err(mpsc::error::SendError(message)),
+                    },
+                    query = inbox.next() => query,
+                };
+                inbox.serve(engine, Some(query), budget);
+            },
+        };
         self.stalled += started.elapsed();
         sent
     }
 }
 
-/// Runs the window engine: feature records, window results and late events,
-/// plus the state delta each barrier carries to the committer. A firing
-/// burst leaves in chunks of `fire_chunk_keys` keys, each sent (and so
-/// backpressured) before the next is made.
 /// What the engine stage does besides processing events.
 pub(super) struct EngineSettings {
     /// Emit each input record as a `raw` output.
@@ -62,6 +85,11 @@ pub(super) struct EngineSettings {
     pub query_budget: usize,
 }
 
+/// Runs the window engine: feature records, window results and late events,
+/// plus the state delta each barrier carries to the committer, and the
+/// online API's requests. A firing burst leaves in chunks of
+/// `fire_chunk_keys` keys, each sent (and so backpressured) before the next
+/// is made.
 pub(super) async fn engine_stage(
     mut engine: Engine,
     settings: EngineSettings,
@@ -70,7 +98,7 @@ pub(super) async fn engine_stage(
     output: mpsc::Sender<Message<Output>>,
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
-    let emit_raw = settings.emit_raw;
+    let (emit_raw, budget) = (settings.emit_raw, settings.query_budget);
     let events = metrics::counter!("shardflow_events_total");
     let watermark = metrics::gauge!("shardflow_watermark_ms");
     // Processing time drives idleness; a few ticks a second are plenty.
@@ -109,7 +137,7 @@ pub(super) async fn engine_stage(
                     });
                     let mut items = batch.into_iter();
                     loop {
-                        let n = process_batch(&mut engine, &mut items, emit_raw, clock.now(), &mut out)?;
+                        let n = process_batch(&mut engine, &mut items, (emit_raw, queries.as_mut()), clock.now(), &mut out)?;
                         events.increment(n);
                         stats.events.fetch_add(n, Ordering::Relaxed);
                         if items.as_slice().is_empty() {
@@ -117,7 +145,7 @@ pub(super) async fn engine_stage(
                             break;
                         }
                         // A burst stopped the batch: hand it on before the next event.
-                        if !hand_on(&mut engine, &mut clock, &output, std::mem::take(&mut out)).await? {
+                        if !hand_on(&mut engine, &mut clock, (&output, queries.as_mut(), budget), std::mem::take(&mut out)).await? {
                             return Ok(());
                         }
                     }
@@ -125,7 +153,7 @@ pub(super) async fn engine_stage(
                 Some(Message::Barrier(mut b)) => {
                     if b.end_of_input {
                         engine.finish(&mut out)?;
-                        if !hand_on(&mut engine, &mut clock, &output, std::mem::take(&mut out)).await? {
+                        if !hand_on(&mut engine, &mut clock, (&output, queries.as_mut(), budget), std::mem::take(&mut out)).await? {
                             return Ok(());
                         }
                     }
@@ -147,16 +175,28 @@ pub(super) async fn engine_stage(
         let wm = engine.watermark();
         stats.watermark.store(wm, Ordering::Relaxed);
         watermark.set(wm as f64);
-        if !hand_on(&mut engine, &mut clock, &output, out).await? {
+        if !hand_on(
+            &mut engine,
+            &mut clock,
+            (&output, queries.as_mut(), budget),
+            out,
+        )
+        .await?
+        {
             return Ok(());
         }
         if let Some(b) = barrier {
-            if clock.send(&output, Message::Barrier(b)).await.is_err() {
+            let serving = queries.as_mut().map(|q| (q, &mut engine, budget));
+            if clock
+                .send(&output, Message::Barrier(b), serving)
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
         }
         if let Some(inbox) = queries.as_mut() {
-            inbox.serve(&mut engine, query, settings.query_budget);
+            inbox.serve(&mut engine, query, budget);
         }
     }
 }
@@ -166,11 +206,17 @@ pub(super) async fn engine_stage(
 async fn hand_on(
     engine: &mut Engine,
     clock: &mut ProcessingClock,
-    output: &mpsc::Sender<Message<Output>>,
+    (output, mut queries, budget): (&mpsc::Sender<Message<Output>>, Option<&mut Inbox>, usize),
     mut out: Vec<Output>,
 ) -> anyhow::Result<bool> {
     loop {
-        if !out.is_empty() && clock.send(output, Message::Batch(out)).await.is_err() {
+        let serving = queries.as_deref_mut().map(|q| (q, &mut *engine, budget));
+        if !out.is_empty()
+            && clock
+                .send(output, Message::Batch(out), serving)
+                .await
+                .is_err()
+        {
             return Ok(false);
         }
         if !engine.firing() {
@@ -188,7 +234,7 @@ async fn hand_on(
 fn process_batch(
     engine: &mut Engine,
     items: &mut std::vec::IntoIter<Decoded>,
-    emit_raw: bool,
+    (emit_raw, mut queries): (bool, Option<&mut Inbox>),
     now: Millis,
     out: &mut Vec<Output>,
 ) -> anyhow::Result<u64> {
@@ -251,6 +297,11 @@ fn process_batch(
             if engine.firing() {
                 return Ok(events);
             }
+        }
+        // Between two prefetched runs of events (no firing pending): a
+        // request waits for at most this many events, not a whole batch.
+        if let Some(inbox) = queries.as_deref_mut() {
+            inbox.serve(engine, None, PREFETCH_AHEAD);
         }
     }
     Ok(events)

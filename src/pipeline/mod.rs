@@ -35,7 +35,8 @@
 //! - The online API's requests wait in a channel of `[api] max_in_flight`
 //!   (one more is refused with 503), each at most `request_timeout`; the
 //!   engine serves at most `batch_size` keys' worth of them per turn of its
-//!   loop, beside one input batch (see [`crate::online`]).
+//!   loop, beside one input batch, and keeps serving them while it waits
+//!   for downstream (see [`crate::online`]).
 //!
 //! Every command runs this one pipeline: a replay is a run whose source
 //! (the archive), event-time range and extra sinks (the training export)
