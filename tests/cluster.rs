@@ -62,6 +62,11 @@ async fn peers(shards: i32) -> Peers {
 /// A worker's directory and config: its own state and outputs, the shared
 /// stream, table and store.
 fn worker_dir(root: &Path, name: &str, p: &Peers) -> PathBuf {
+    worker_dir_with(root, name, p, "")
+}
+
+/// [`worker_dir`] with more config (an `[api]` table).
+fn worker_dir_with(root: &Path, name: &str, p: &Peers, extra: &str) -> PathBuf {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let config = format!(
@@ -111,6 +116,7 @@ window = {{ type = "tumbling", size = "1d" }}
 type = "file"
 path = "features.ndjson"
 kinds = ["features", "dead_letter", "late"]
+{extra}
 "#,
         s3 = p.s3.url(),
         dynamo = p.dynamo.url(),
@@ -359,6 +365,93 @@ async fn a_paused_worker_is_fenced_and_the_counts_stay_exact() {
     .await;
     emulator::put(&client, STREAM, events(40, 50)).await;
     wait_counts(&all, &mut [&mut a, &mut b], 50, 60).await;
+    a.terminate(30).await;
+    b.terminate(30).await;
+}
+
+/// `GET path` on `addr`: status, headers, body (HTTP/1.1, one exchange,
+/// answered within 10 s).
+async fn get(addr: &str, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await?;
+        std::io::Result::Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("an answer within 10 s")
+        .expect("an HTTP exchange");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The online API under `[cluster]`: a worker answers the keys of the
+/// shards it reads and sends the others, with a 307, to the worker whose
+/// lease holds their shard (its API address is in the lease row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_its_keys_and_redirects_the_others_to_their_owner() {
+    let p = peers(4).await;
+    let root = tempfile::tempdir().unwrap();
+    let apis = [harness::free_addr(), harness::free_addr()];
+    let dirs: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .zip(&apis)
+        .map(|(n, api)| {
+            worker_dir_with(root.path(), n, &p, &format!("\n[api]\naddr = \"{api}\"\n"))
+        })
+        .collect();
+    let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let mut a = start(&dirs[0]);
+    let mut b = start(&dirs[1]);
+    let client = p.kinesis.client().await;
+    emulator::put(&client, STREAM, events(0, 10)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 10, 60).await;
+    wait_owners(
+        &p,
+        |o| o.get("a") == Some(&2) && o.get("b") == Some(&2),
+        60,
+        &mut [&mut a, &mut b],
+    )
+    .await;
+    // A listing later, both workers know where every shard is read.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut local, mut redirected) = (0, 0);
+    for k in 0..KEYS {
+        let path = format!("/v1/features/u{k}");
+        let (mut status, mut head, mut body) = get(&apis[0], &path).await;
+        if status == 307 {
+            redirected += 1;
+            let location = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("location: ")
+                        .or_else(|| l.strip_prefix("Location: "))
+                })
+                .unwrap_or_else(|| panic!("a 307 without Location: {head}"))
+                .trim()
+                .to_owned();
+            assert_eq!(location, format!("http://{}{path}", apis[1]), "sent to b");
+            (status, head, body) = get(&apis[1], &path).await;
+        } else {
+            local += 1;
+        }
+        assert_eq!(status, 200, "u{k}: {head}\n{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["features"]["count_1d"], 10, "u{k}: {json}");
+    }
+    assert!(
+        local > 0 && redirected > 0,
+        "{local} answered by a, {redirected} redirected"
+    );
     a.terminate(30).await;
     b.terminate(30).await;
 }

@@ -94,9 +94,15 @@ async fn run(config: Config, mut options: RunOptions, metrics_addr: String) -> a
         options.online = Some(link);
         parts.push((api.addr, Part::Api(Api::new(online))));
     }
+    let api_addr = config.api.as_ref().map(|a| a.addr);
     for (addr, site) in serve::by_address(parts) {
         // Served until the process ends.
-        serve::serve(addr, site).await?;
+        let server = serve::serve(addr, site).await?;
+        if Some(addr) == api_addr {
+            if let Some(link) = &mut options.online {
+                link.advertise = Some(advertised(server.addr()));
+            }
+        }
     }
     let shutdown = super::stop_on_signal(
         "shutdown requested: draining and committing a final checkpoint (signal again to exit at once)",
@@ -112,4 +118,19 @@ async fn run(config: Config, mut options: RunOptions, metrics_addr: String) -> a
         "stopped"
     );
     Ok(())
+}
+
+/// The API's base URL as other workers of a cluster reach it: the bound
+/// address, with this host's name for an unspecified IP (`0.0.0.0`).
+fn advertised(bound: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return format!("http://{bound}");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("http://{host}:{}", bound.port())
 }

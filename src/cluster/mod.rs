@@ -55,6 +55,7 @@
 //! counter stops and the new worker takes the lease like any expired one.
 
 pub mod assign;
+mod directory;
 mod error;
 mod expr;
 pub mod handoff;
@@ -74,6 +75,7 @@ use crate::source::kinesis::leased::ShardControl;
 use crate::state::remote::RemoteStore;
 use crate::state::StateStore;
 
+pub use self::directory::Directory;
 pub use self::error::LeaseError;
 pub use self::lease::{Checkpoint, HashKeyRange, Lease};
 pub use self::schema::{ENSURE_TIMEOUT, OWNER_INDEX};
@@ -91,6 +93,8 @@ pub const METRIC_LOST_LEASES: &str = "shardflow_cluster_lost_leases_total";
 /// shards, and the source's end of the worker's commands.
 pub struct Cluster {
     pub worker: Worker,
+    /// Where the online API's keys are answered.
+    pub directory: Arc<Directory>,
     pub tap: Arc<handoff::ShardTap>,
     pub control: ShardControl,
 }
@@ -114,7 +118,13 @@ pub fn worker_id(configured: Option<&str>) -> String {
 
 /// Connects to the lease table (created or checked), the stream and the
 /// checkpoint store, for a run under `[cluster]` on `store`.
-pub async fn connect(config: &Config, store: StateStore) -> anyhow::Result<Cluster> {
+/// `api`: this worker's online API as the others reach it, written in the
+/// leases it holds.
+pub async fn connect(
+    config: &Config,
+    store: StateStore,
+    api: Option<String>,
+) -> anyhow::Result<Cluster> {
     let cluster = config
         .cluster
         .as_ref()
@@ -137,7 +147,11 @@ pub async fn connect(config: &Config, store: StateStore) -> anyhow::Result<Clust
     })
     .await
     .context("the lease table's DynamoDB client")?;
-    let table = LeaseTable::new(dynamodb, &cluster.lease_table, &worker);
+    let mut table = LeaseTable::new(dynamodb, &cluster.lease_table, &worker);
+    if let Some(api) = api {
+        table = table.with_address(api);
+    }
+    let directory = Arc::new(Directory::new(&worker));
     table.ensure().await?;
     let kinesis = crate::aws::kinesis::client(&ClientSettings {
         region: source.region.clone(),
@@ -191,7 +205,9 @@ pub async fn connect(config: &Config, store: StateStore) -> anyhow::Result<Clust
             commands: commands_tx,
             exported: export_rx,
             stopping: false,
+            directory: directory.clone(),
         },
+        directory,
         tap,
         control: ShardControl {
             commands: commands_rx,

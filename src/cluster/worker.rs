@@ -72,6 +72,7 @@ pub struct Worker {
     pub(super) exported: mpsc::UnboundedReceiver<Exported>,
     /// The run is stopping: nothing more is taken or started.
     pub(super) stopping: bool,
+    pub(super) directory: Arc<super::Directory>,
 }
 
 /// A lease this worker holds.
@@ -190,6 +191,7 @@ impl Worker {
                         {
                             tracing::info!(shard = %key, to = ?h.lease.owner, "graceful handoff asked: stopping the shard");
                             h.phase = Phase::Stopping(ReleaseReason::Handoff);
+                            self.directory.serving(&key, false);
                             let _ = self.commands.send(ShardCommand::Stop { shard: Arc::from(key.as_str()), why: ReleaseReason::Handoff }).await;
                         }
                     }
@@ -205,6 +207,12 @@ impl Worker {
                     };
                     let now = Instant::now();
                     observed.note(&leases, now);
+                    let serving: HashSet<String> = held
+                        .iter()
+                        .filter(|(_, h)| h.phase == Phase::Running)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    self.directory.listed(&leases, &serving);
                     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
                     if let Some((key, since)) = &steal {
                         match by_key.get(key.as_str()) {
@@ -388,6 +396,7 @@ impl Worker {
                 let start = self.start_of(&h.lease);
                 tracing::info!(shard = %key, checkpoint = %h.lease.checkpoint, ?start, "shard state restored; reading it");
                 h.phase = Phase::Running;
+                self.directory.serving(&key, true);
                 let resume = handoff::position_of(&shard, &h.lease.checkpoint);
                 let _ = self
                     .commands
@@ -497,6 +506,7 @@ impl Worker {
             }
         }
         if releasing {
+            self.directory.serving(&key, false);
             let h = held.remove(&key).expect("present");
             match self.table.release(&h.lease).await {
                 Ok(l) => {

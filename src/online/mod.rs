@@ -275,21 +275,45 @@ pub fn answer(engine: &mut Engine, query: Query) {
 pub enum Route {
     /// This process: its engine holds the key's state.
     Local,
+    /// Another worker holds the key's shard: its API's base URL
+    /// (`http://host:port`), as its lease rows say.
+    Owner(String),
+    /// Nobody serves the key's shard right now (it is moving, or its
+    /// owner's API address is unknown): try again shortly.
+    Moving(String),
 }
 
-/// The seam for `[cluster]`: where a request for `key` is answered. With
-/// a cluster, `MD5(key)` names the shard whose hash range holds it, and the
-/// lease table its owner: `Local` if this worker holds the lease, else the
-/// owner's API address (forward, or 307). Without one, and until the
-/// cluster's worker loop exists, every key is local.
-pub fn route(_key: &str) -> Route {
-    Route::Local
+/// Where keys are answered under `[cluster]` (the lease worker's view of
+/// the table: `crate::cluster::Directory`).
+pub trait KeyRouter: Send + Sync {
+    fn route(&self, key: &str) -> Route;
+}
+
+/// The router a run sets once its cluster worker exists (none without
+/// `[cluster]`: every key is local).
+pub type RouterSlot = Arc<std::sync::OnceLock<Arc<dyn KeyRouter>>>;
+
+/// Where a request for `key` is answered. With a cluster, `MD5(key)`
+/// names the shard whose hash range holds it, and the lease table its
+/// owner: `Local` if this worker serves the shard, else the owner's API
+/// (the handlers answer 307 to it), or `Moving` (503, retry). Without one,
+/// every key is local.
+pub fn route(router: &RouterSlot, key: &str) -> Route {
+    match router.get() {
+        Some(r) => r.route(key),
+        None => Route::Local,
+    }
 }
 
 /// The run's end of the API: what `run` passes the pipeline so that the
 /// engine stage serves the requests and the batcher shares the API's model.
 pub struct Link {
     pub inbox: Inbox,
+    /// Set by the run under `[cluster]`: where keys are answered.
+    pub router: RouterSlot,
+    /// This API's base URL as other workers reach it (written in the lease
+    /// rows this worker holds).
+    pub advertise: Option<String>,
     /// The configured model (none without `[inference]`), shared with the
     /// API's `/v1/score`.
     pub scorer: Option<Arc<Scorer>>,
@@ -301,6 +325,7 @@ pub struct Online {
     queries: Queries,
     decoder: Decoder,
     scorer: Option<Arc<Scorer>>,
+    router: RouterSlot,
     names: FeatureNames,
     /// The `[schema]` key, the entity name of Feast requests.
     entity: String,
@@ -317,6 +342,10 @@ pub enum ApiError {
     /// 502: the model failed for good (after retries, no fallback); the
     /// body still carries the vector.
     Model(Box<ScoreBody>, String),
+    /// 307 to this base URL (another worker holds the key's shard).
+    Elsewhere(String),
+    /// 503 with Retry-After: the key's shard is moving between workers.
+    Moving(String),
 }
 
 impl From<QueryError> for ApiError {
@@ -336,15 +365,65 @@ impl Online {
         let api = config.api.clone().unwrap_or_default();
         let scorer = inference::build_with(config, sdk)?;
         let (queries, inbox) = channel(api.max_in_flight, api.request_timeout.std());
+        let router = RouterSlot::default();
         let online = Online {
             queries,
             decoder: Decoder::new(&config.schema),
             scorer: scorer.clone(),
+            router: router.clone(),
             names: inference::feature_names(config),
             entity: config.schema.key.clone(),
             max_record_bytes: config.schema.max_record_bytes,
         };
-        Ok((online, Link { inbox, scorer }))
+        Ok((
+            online,
+            Link {
+                inbox,
+                scorer,
+                router,
+                advertise: None,
+            },
+        ))
+    }
+
+    /// Ok when this worker answers `key`; else where to go instead.
+    fn local(&self, key: &str) -> Result<(), ApiError> {
+        match route(&self.router, key) {
+            Route::Local => Ok(()),
+            Route::Owner(base) => Err(ApiError::Elsewhere(base)),
+            Route::Moving(why) => Err(ApiError::Moving(why)),
+        }
+    }
+
+    /// Ok when this worker answers every key; a request whose keys one
+    /// other worker holds goes there whole; keys of several workers are a
+    /// 400 naming them (a client splits the request per owner).
+    fn all_local(&self, keys: &[Arc<str>]) -> Result<(), ApiError> {
+        let mut owners = std::collections::BTreeSet::new();
+        for key in keys {
+            match route(&self.router, key) {
+                Route::Local => {
+                    owners.insert(String::new());
+                }
+                Route::Owner(base) => {
+                    owners.insert(base);
+                }
+                Route::Moving(why) => return Err(ApiError::Moving(why)),
+            }
+        }
+        match owners.len() {
+            0 | 1 if owners.first().is_none_or(String::is_empty) => Ok(()),
+            1 => Err(ApiError::Elsewhere(owners.pop_first().unwrap_or_default())),
+            _ => Err(ApiError::BadRequest(format!(
+                "these entities are served by {} workers ({}): send each its own keys",
+                owners.len(),
+                owners
+                    .iter()
+                    .map(|o| if o.is_empty() { "this one" } else { o.as_str() })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     /// The largest request body worth reading: a scored event up to
@@ -356,7 +435,7 @@ impl Online {
 
     /// `GET /v1/features/{key}?at=T`.
     pub async fn features(&self, key: &str, at: Option<Millis>) -> Result<FeaturesBody, ApiError> {
-        let Route::Local = route(key);
+        self.local(key)?;
         let key: Arc<str> = Arc::from(key);
         let mut answer = self.queries.read(vec![key.clone()], at).await?;
         let reading = answer.readings.pop().ok_or_else(|| {
@@ -369,9 +448,7 @@ impl Online {
     pub async fn feast(&self, request: &[u8]) -> Result<feast::Response, ApiError> {
         let request = feast::Request::parse(request, &self.entity, &self.names)
             .map_err(ApiError::BadRequest)?;
-        for key in &request.keys {
-            let Route::Local = route(key);
-        }
+        self.all_local(&request.keys)?;
         let answer = self.queries.read(request.keys.clone(), None).await?;
         Ok(request.respond(&self.entity, &answer.readings))
     }
@@ -383,7 +460,7 @@ impl Online {
             .decoder
             .decode_parts(body)
             .map_err(ApiError::BadRequest)?;
-        let Route::Local = route(&key);
+        self.local(&key)?;
         let event = Event {
             // Not used: an evaluation moves no watermark and has no id.
             position: Position::new(Arc::from("api"), "score"),
@@ -570,6 +647,6 @@ kinds = ["features"]
 
     #[test]
     fn every_key_is_local_until_the_cluster_routes() {
-        assert_eq!(route("u1"), Route::Local);
+        assert_eq!(route(&RouterSlot::default(), "u1"), Route::Local);
     }
 }

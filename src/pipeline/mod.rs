@@ -139,7 +139,15 @@ pub async fn run(
         checkpoint::remote::prepare(&config, choice).await?
     };
     let cluster = match &config.cluster {
-        Some(_) => Some(crate::cluster::connect(&config, store.clone()).await?),
+        Some(_) => {
+            let api = options.online.as_ref().and_then(|l| l.advertise.clone());
+            let c = crate::cluster::connect(&config, store.clone(), api).await?;
+            if let Some(link) = &options.online {
+                let router: Arc<dyn crate::online::KeyRouter> = c.directory.clone();
+                let _ = link.router.set(router);
+            }
+            Some(c)
+        }
         None => None,
     };
     let last_checkpoint = store.committed_checkpoint()?;

@@ -84,6 +84,23 @@ impl IntoResponse for ApiError {
                 tracing::warn!(error = %e, "online API: a state read failed");
                 error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
+            // The handlers turn it into a 307 with the request's own path.
+            ApiError::Elsewhere(base) => {
+                let mut r = error(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    format!("another worker serves this key: {base}"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&base) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                r
+            }
+            ApiError::Moving(why) => {
+                let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
             ApiError::Model(body, reason) => {
                 let mut json = serde_json::to_value(&*body).unwrap_or_default();
                 json["error"] = serde_json::Value::String(reason);
@@ -142,29 +159,44 @@ fn percent_decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
 }
 
+/// Under `[cluster]`, a key another worker serves is answered with a 307
+/// to the same path and query on that worker (a 307 keeps the method and
+/// body, so a POST is sent again there).
+fn redirected<T: serde::Serialize>(answer: Result<T, ApiError>, uri: &axum::http::Uri) -> Response {
+    match answer {
+        Ok(body) => Json(body).into_response(),
+        Err(ApiError::Elsewhere(base)) => {
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            ApiError::Elsewhere(format!("{}{path}", base.trim_end_matches('/'))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn features(
     State(online): State<Arc<Online>>,
     Path(key): Path<String>,
     RawQuery(query): RawQuery,
+    uri: axum::http::Uri,
 ) -> Response {
     let started = Instant::now();
     let answer = match at_param(query.as_deref()) {
-        Ok(at) => online.features(&key, at).await.map(Json),
+        Ok(at) => online.features(&key, at).await,
         Err(e) => Err(e),
     };
-    done("features", started, answer.into_response())
+    done("features", started, redirected(answer, &uri))
 }
 
-async fn feast(State(online): State<Arc<Online>>, body: Bytes) -> Response {
+async fn feast(State(online): State<Arc<Online>>, uri: axum::http::Uri, body: Bytes) -> Response {
     let started = Instant::now();
-    let answer = online.feast(&body).await.map(Json);
-    done("get-online-features", started, answer.into_response())
+    let answer = online.feast(&body).await;
+    done("get-online-features", started, redirected(answer, &uri))
 }
 
-async fn score(State(online): State<Arc<Online>>, body: Bytes) -> Response {
+async fn score(State(online): State<Arc<Online>>, uri: axum::http::Uri, body: Bytes) -> Response {
     let started = Instant::now();
-    let answer = online.score(&body).await.map(Json);
-    done("score", started, answer.into_response())
+    let answer = online.score(&body).await;
+    done("score", started, redirected(answer, &uri))
 }
 
 #[cfg(test)]
