@@ -460,3 +460,27 @@ fn the_shipped_example_loads() {
     let text = model.describe();
     assert!(text.contains("TreeEnsembleClassifier"), "{text}");
 }
+
+/// tract reads a `BRANCH_GTE` split as garbage (a silent wrong score): such
+/// a tree ensemble is refused by name. The fixture's splits are
+/// `BRANCH_LEQ`, a string of the same length, so one can be swapped in place.
+#[test]
+fn a_tree_ensemble_with_greater_or_equal_splits_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(fixture("gbm.onnx")).unwrap();
+    let at = bytes
+        .windows(10)
+        .position(|w| w == b"BRANCH_LEQ")
+        .expect("the fixture has LEQ splits");
+    bytes[at..at + 10].copy_from_slice(b"BRANCH_GTE");
+    let onnx = dir.path().join("gte.onnx");
+    std::fs::write(&onnx, bytes).unwrap();
+    let e = refusal(
+        &onnx,
+        &format!("{INPUTS}\n[outputs]\nscore = \"probabilities\""),
+    );
+    assert!(
+        e.contains("BRANCH_GTE split(s)") && e.contains("re-export"),
+        "{e}"
+    );
+}

@@ -171,6 +171,7 @@ impl OnnxModel {
             .as_ref()
             .with_context(|| format!("{} has no graph", file.display()))?;
         let fixed_rows = check_input(graph, &columns)?;
+        refuse_unsafe_tree_modes(graph, &file)?;
         let mut proto = proto;
         two_column_binary_trees(&mut proto);
         let parsed = tract_onnx::onnx()
@@ -583,6 +584,40 @@ fn find_tensor(model: &InferenceModel, name: &str) -> anyhow::Result<OutletId> {
             outputs.join(", ")
         )
     })
+}
+
+/// Refuses tree ensembles whose nodes tract would misread. tract 0.23's
+/// tree operator takes the node modes LEQ, LT, GT, EQ and NEQ (and leaves)
+/// but not `BRANCH_GTE`: such a node is not an error there but becomes
+/// garbage at evaluation, a silent wrong score. No common exporter writes
+/// it (skl2onnx, onnxmltools' XGBoost and LightGBM write LEQ or LT), so the
+/// model is refused, naming the node, rather than rewritten.
+fn refuse_unsafe_tree_modes(graph: &pb::GraphProto, file: &Path) -> anyhow::Result<()> {
+    for node in graph
+        .node
+        .iter()
+        .filter(|n| n.op_type.starts_with("TreeEnsemble"))
+    {
+        let Some(i) = attribute(&node.attribute, "nodes_modes") else {
+            continue;
+        };
+        let gte = node.attribute[i]
+            .strings
+            .iter()
+            .filter(|m| m.as_slice() == b"BRANCH_GTE")
+            .count();
+        if gte > 0 {
+            bail!(
+                "{}: {} node {:?} has {gte} BRANCH_GTE split(s), which shardflow's ONNX runtime \
+                 (tract) would evaluate wrongly; re-export the model with BRANCH_LEQ or BRANCH_LT \
+                 splits (the default of skl2onnx, XGBoost and LightGBM exports)",
+                file.display(),
+                node.op_type,
+                node.name
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a graph that still holds operators tract does not implement,
