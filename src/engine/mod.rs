@@ -520,6 +520,11 @@ impl Engine {
     ) -> Result<usize, EngineError> {
         self.wm.adopt(shard, range, max_event_time, watermark);
         self.next_seq = self.next_seq.max(next_seq);
+        // The online API's default `at`, as after a restore: a shard handed
+        // over with no new record yet is still read as of its newest event.
+        if let Some(t) = max_event_time {
+            self.newest = self.newest.max(t);
+        }
         self.domains_changed();
         self.op.adopt_range(range)
     }
