@@ -135,6 +135,8 @@ pub struct Engine {
     firing: bool,
     /// The timer domains with keys left to fire.
     pending_domains: Vec<u32>,
+    /// Scratch for [`Engine::fire`]'s list of domains.
+    fire_todo: Vec<u32>,
     /// The newest event time processed (after a restore, the newest of the
     /// restored partitions), the online API's default `at`.
     newest: Millis,
@@ -251,6 +253,7 @@ impl Engine {
             fire_chunk_keys: options.fire_chunk_keys,
             firing: false,
             pending_domains: Vec::new(),
+            fire_todo: Vec::new(),
             newest,
         })
     }
@@ -293,30 +296,43 @@ impl Engine {
     /// due at once (its window is due already) in a domain whose watermark
     /// did not move.
     fn fire_also(&mut self, domain: Option<u32>, out: &mut Vec<Output>) -> Result<(), EngineError> {
-        let mut todo = std::mem::take(&mut self.pending_domains);
+        // Called per event: the lists keep their allocations.
+        let mut todo = std::mem::take(&mut self.fire_todo);
+        todo.clear();
+        todo.append(&mut self.pending_domains);
         if let Some(d) = domain {
             if !todo.contains(&d) {
                 todo.push(d);
             }
         }
-        for d in self.wm.take_changed() {
-            let d = d as u32;
+        self.wm.drain_changed(|d| {
             if !todo.contains(&d) {
                 todo.push(d);
             }
-        }
+        });
         if !todo.contains(&GLOBAL) {
             todo.push(GLOBAL);
         }
         let mut budget = self.fire_chunk_keys.max(1);
-        for d in todo {
-            let w = self.wm.of(d);
-            if budget == 0 || self.op.fire(d, w, &mut budget, out)? {
+        let mut result = Ok(());
+        for &d in &todo {
+            if budget == 0 {
                 self.pending_domains.push(d);
+                continue;
+            }
+            let w = self.wm.of(d);
+            match self.op.fire(d, w, &mut budget, out) {
+                Ok(true) => self.pending_domains.push(d),
+                Ok(false) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
         self.firing = !self.pending_domains.is_empty();
-        Ok(())
+        self.fire_todo = todo;
+        result
     }
 
     /// The watermark `key`'s windows follow: its shard's in per-shard mode,

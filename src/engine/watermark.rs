@@ -35,7 +35,7 @@
 //! are raised to its watermark, and the engine moves its keys' timers to
 //! them. An idle shard is raised to the lowest watermark of the shards still
 //! delivering. Which partitions' own watermarks moved is kept for the engine
-//! ([`Watermarks::take_changed`]) so it fires only those domains.
+//! ([`Watermarks::drain_changed`]) so it fires only those domains.
 //!
 //! A partition a source never announced (tests that drive the engine
 //! directly) is known from its first event, with its clock started there.
@@ -119,7 +119,7 @@ pub struct Watermarks {
     /// watermark governs the keys of its hash range.
     per_shard: bool,
     /// Per-shard mode: partitions whose own watermark advanced since the
-    /// engine last asked ([`Watermarks::take_changed`]).
+    /// engine last asked ([`Watermarks::drain_changed`]).
     changed: Vec<usize>,
 }
 
@@ -157,9 +157,12 @@ impl Watermarks {
         }
     }
 
-    /// Partitions whose own watermark moved since the last call.
-    pub fn take_changed(&mut self) -> Vec<usize> {
-        std::mem::take(&mut self.changed)
+    /// Calls `f` with each partition whose own watermark moved since the
+    /// last call.
+    pub fn drain_changed(&mut self, mut f: impl FnMut(u32)) {
+        for i in self.changed.drain(..) {
+            f(i as u32);
+        }
     }
 
     /// Per-shard mode: the hash ranges of the open partitions that have one,
