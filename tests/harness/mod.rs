@@ -121,6 +121,60 @@ impl Proc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Proc {
+        Proc::spawn(
+            dir,
+            config,
+            metrics,
+            log_name,
+            level,
+            args,
+            env,
+            Stdio::null(),
+        )
+    }
+
+    /// [`Proc::run_with`] with stdout appended to `dir/<stdout_name>` (a
+    /// `stdout` sink writes each batch at once; a file sink only flushes at
+    /// checkpoints).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with_stdout(
+        dir: &Path,
+        config: &Path,
+        metrics: &str,
+        log_name: &str,
+        level: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdout_name: &str,
+    ) -> Proc {
+        let stdout = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(stdout_name))
+            .unwrap();
+        Proc::spawn(
+            dir,
+            config,
+            metrics,
+            log_name,
+            level,
+            args,
+            env,
+            stdout.into(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        dir: &Path,
+        config: &Path,
+        metrics: &str,
+        log_name: &str,
+        level: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdout: Stdio,
+    ) -> Proc {
         let log = dir.join(log_name);
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -136,7 +190,7 @@ impl Proc {
             .envs(AWS_ENV)
             .envs(env.iter().copied())
             .env("RUST_LOG", level)
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .expect("shardflow starts");
