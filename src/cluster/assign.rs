@@ -94,6 +94,12 @@ pub fn parents_done(lease: &Lease, by_key: &BTreeMap<&str, &Lease>) -> bool {
     })
 }
 
+/// Where `key` comes in `worker`'s order of taking: a hash of both, so
+/// stable for a worker and different between workers.
+fn take_order(worker: &str, key: &str) -> [u8; 16] {
+    crate::state::hash_key(&format!("{worker}\u{0}{key}"))
+}
+
 pub fn plan(leases: &[Lease], v: &View<'_>) -> Plan {
     let by_key: BTreeMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
     let open: Vec<&Lease> = leases
@@ -138,9 +144,11 @@ pub fn plan(leases: &[Lease], v: &View<'_>) -> Plan {
                 && parents_done(l, &by_key)
         })
         .collect();
-    // Parents first (a child's parents are never candidates with it, as a
-    // child waits for SHARD_END), then by key: every worker agrees.
-    candidates.sort_by(|a, b| a.lease_key.cmp(&b.lease_key));
+    // In an order of this worker's own (a child's parents are never
+    // candidates with it, as a child waits for SHARD_END): workers that
+    // start together, or survive the same crash, race for different leases
+    // instead of all for the first (KCL shuffles for the same reason).
+    candidates.sort_by_cached_key(|l| take_order(v.me, &l.lease_key));
     for l in candidates.iter() {
         if have >= target {
             break;
@@ -208,6 +216,26 @@ mod tests {
         let p = plan(&leases, &view("a", &held, &observed, now));
         assert_eq!(p.target, 8, "alone: every lease");
         assert_eq!(p.take.len(), 8);
+    }
+
+    #[test]
+    fn workers_race_for_free_leases_in_different_orders() {
+        let leases: Vec<Lease> = (0..8).map(|i| lease(&format!("s{i}"), None, 0)).collect();
+        let mut observed = Observed::default();
+        let now = Instant::now();
+        observed.note(&leases, now);
+        let held = HashSet::new();
+        let a = plan(&leases, &view("a", &held, &observed, now)).take;
+        assert_eq!(
+            a,
+            plan(&leases, &view("a", &held, &observed, now)).take,
+            "stable"
+        );
+        let firsts: HashSet<String> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|w| plan(&leases, &view(w, &held, &observed, now)).take[0].clone())
+            .collect();
+        assert!(firsts.len() > 1, "{firsts:?}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! successor after a crash resumes there), when it releases a shard (the
 //! handoff point) and at its last commit (a clean stop).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -85,6 +85,10 @@ struct TapState {
     /// Shards whose last export is still being uploaded: a periodic export
     /// skips them rather than queue behind a slow store.
     uploading: HashSet<Arc<str>>,
+    /// The position each held shard's lease is checkpointed at: a periodic
+    /// export of a shard that read nothing since is skipped (an idle shard
+    /// costs no upload and no lease write).
+    checkpointed: HashMap<Arc<str>, Checkpoint>,
 }
 
 impl ShardTap {
@@ -110,6 +114,14 @@ impl ShardTap {
         self.lock().uploading.remove(shard);
     }
 
+    /// `shard`'s lease now stands at `checkpoint`, with a snapshot of it.
+    pub fn checkpointed(&self, shard: &Arc<str>, checkpoint: &Checkpoint) {
+        let mut st = self.lock();
+        if st.held.contains_key(shard) {
+            st.checkpointed.insert(shard.clone(), checkpoint.clone());
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, TapState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -130,7 +142,9 @@ impl ShardTap {
                 .find(|p| p.partition == *shard)
                 .map(checkpoint_of),
         };
-        if why == ExportReason::Periodic && checkpoint.is_none() {
+        if why == ExportReason::Periodic
+            && (checkpoint.is_none() || self.lock().checkpointed.get(shard) == checkpoint.as_ref())
+        {
             return Ok(());
         }
         let dir = self.dir.join(&**shard).join(c.id.to_string());
@@ -178,9 +192,11 @@ impl CommitTap for ShardTap {
             let mut st = self.lock();
             for (shard, range) in c.acquired {
                 st.held.insert(shard.clone(), *range);
+                st.checkpointed.remove(shard);
             }
             for r in c.released {
                 st.held.remove(&r.shard);
+                st.checkpointed.remove(&r.shard);
             }
             st.commits += 1;
             let due = c.last || st.commits.is_multiple_of(self.every);

@@ -120,6 +120,8 @@ impl Worker {
         let mut draining: HashSet<String> = HashSet::new();
         let mut jobs: JoinSet<Done> = JoinSet::new();
         let mut last_discovery: Option<Instant> = None;
+        // The lease keys of the last listing: discovery creates only others.
+        let mut listed: HashSet<String> = HashSet::new();
         let mut finished_at: Option<Instant> = None;
         let current = metrics::gauge!(METRIC_CURRENT_LEASES);
         let taken = metrics::counter!(METRIC_TAKEN_LEASES);
@@ -153,15 +155,21 @@ impl Worker {
                 _ = tick.tick() => {
                     if !stopping && last_discovery.is_none_or(|t| t.elapsed() >= self.settings.shard_refresh) {
                         last_discovery = Some(Instant::now());
-                        if let Err(e) = self.discover().await {
+                        if let Err(e) = self.discover(&listed).await {
                             tracing::warn!(error = %format!("{e:#}"), "shard discovery failed; retrying at the next refresh");
                         }
                     }
-                    // Renew first: the rest of the tick may take a while.
+                    // Renew first, all at once: the rest of the tick may
+                    // take a while, and one slow write must not let the
+                    // other leases expire behind it.
                     let keys: Vec<String> = held.keys().cloned().collect();
-                    for key in keys {
+                    let renewals = futures_util::future::join_all(
+                        keys.iter().map(|k| self.table.renew(&held[k].lease)),
+                    )
+                    .await;
+                    for (key, renewal) in keys.into_iter().zip(renewals) {
                         let h = held.get_mut(&key).expect("listed");
-                        match self.table.renew(&h.lease).await {
+                        match renewal {
                             Ok(lease) => {
                                 h.lease = lease;
                                 h.renewed = Instant::now();
@@ -207,6 +215,7 @@ impl Worker {
                     };
                     let now = Instant::now();
                     observed.note(&leases, now);
+                    listed = leases.iter().map(|l| l.lease_key.clone()).collect();
                     let serving: HashSet<String> = held
                         .iter()
                         .filter(|(_, h)| h.phase == Phase::Running)
@@ -477,6 +486,9 @@ impl Worker {
                     Ok(lease) => {
                         h.lease = lease;
                         h.renewed = Instant::now();
+                        if !releasing {
+                            self.tap.checkpointed(&export.shard, &checkpoint);
+                        }
                         if let Some(old) = previous.filter(|o| *o != rel) {
                             let remote = self.remote.clone();
                             tokio::spawn(async move {
@@ -541,8 +553,9 @@ impl Worker {
     }
 
     /// Creates the leases of shards that have none (every worker may, the
-    /// condition makes one row), with their parents and hash ranges.
-    async fn discover(&self) -> anyhow::Result<()> {
+    /// condition makes one row), with their parents and hash ranges. Shards
+    /// whose lease the last listing showed cost no write.
+    async fn discover(&self, listed: &HashSet<String>) -> anyhow::Result<()> {
         let mut token: Option<String> = None;
         let initial = match self.settings.starting_position {
             StartingPosition::Latest => Checkpoint::Latest,
@@ -563,6 +576,9 @@ impl Worker {
                 .await
                 .map_err(|e| anyhow::anyhow!("ListShards: {}", error_text(&e)))?;
             for s in out.shards.unwrap_or_default() {
+                if listed.contains(&s.shard_id) {
+                    continue;
+                }
                 let range = s
                     .hash_key_range
                     .as_ref()

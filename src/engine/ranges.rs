@@ -38,20 +38,19 @@ impl Operator {
     pub(super) fn adopt_range(&mut self, range: HashRange) -> Result<usize, EngineError> {
         self.store_may_have = true;
         let mut adopted = 0;
-        for (due, spec, key) in self.store.load_timers()? {
+        for (due, spec, key) in self.store.load_timers_in(range)? {
             if usize::from(spec) >= self.specs.len() {
                 return Err(EngineError::Corrupt(format!(
                     "timer for unknown window spec {spec}"
                 )));
             }
             let hash = hash_key(&key);
-            if range.contains(&hash) {
-                self.timers
-                    .entry((self.domains.of(&hash), due, spec))
-                    .or_default()
-                    .push(Arc::from(key));
-                adopted += 1;
-            }
+            debug_assert!(range.contains(&hash));
+            self.timers
+                .entry((self.domains.of(&hash), due, spec))
+                .or_default()
+                .push(Arc::from(key));
+            adopted += 1;
         }
         Ok(adopted)
     }

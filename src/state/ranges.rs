@@ -18,7 +18,7 @@ use rocksdb::{
     WriteBatch, WriteOptions,
 };
 
-use super::{Cf, StateError, StateStore};
+use super::{codec, Cf, StateError, StateStore};
 
 /// The MD5 hash of an entity key, as Kinesis computes a record's hash key
 /// from its partition key (the digest's bytes are the big-endian integer).
@@ -282,6 +282,28 @@ impl StateStore {
         Ok(())
     }
 
+    /// Every persisted timer `(due, spec, key)` of `range`, read from its
+    /// window records: a range scan, so adopting one shard costs that
+    /// shard's keys, not the whole store's.
+    pub(crate) fn load_timers_in(
+        &self,
+        range: HashRange,
+    ) -> Result<Vec<(i64, u16, String)>, StateError> {
+        let mut timers = Vec::new();
+        self.for_each_in_range(Cf::Windows, self.range_read(range, None), |k, v| {
+            let corrupt = |e: codec::CodecError| StateError::Corrupt {
+                what: Cf::Windows.name(),
+                detail: e.to_string(),
+            };
+            let (spec, key) = codec::parse_key_prefix(k).map_err(corrupt)?;
+            if let Some(due) = codec::WindowRecord::decode(v).map_err(corrupt)?.timer {
+                timers.push((due, spec, key));
+            }
+            Ok(())
+        })?;
+        Ok(timers)
+    }
+
     /// Calls `f` with every key and value of `range` in `cf`, in key order
     /// (tests and diagnostics). `meta` has no hash ranges.
     pub fn scan_range(
@@ -433,6 +455,47 @@ mod tests {
         );
         store.delete_range(HashRange::ALL).unwrap();
         assert!(!store.has_key_state().unwrap());
+    }
+
+    /// Adopting a shard reads its own range's timers, every one of them,
+    /// and no other range's.
+    #[test]
+    fn timers_load_by_range() {
+        use crate::state::codec::{WindowRecord, Writer};
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), "fp", false).unwrap();
+        let mut delta = StateDelta::empty();
+        for i in 0..300i64 {
+            let key = format!("user-{i}");
+            let mut w = Writer { buf: Vec::new() };
+            // Every third key has no timer (its windows all fired).
+            let timer = (i % 3 != 0).then_some(1_000 + i);
+            WindowRecord::write_head(&mut w, 0, timer, std::iter::empty());
+            WindowRecord::write_separate(&mut w);
+            delta.put(
+                Cf::Windows,
+                &key_prefix(&hash_key(&key), (i % 2) as u16, &key),
+                &w.buf,
+            );
+        }
+        store.commit(1, delta, &[]).unwrap();
+        let mut all = store.load_timers().unwrap();
+        assert_eq!(all.len(), 200);
+        let low = HashRange {
+            start: 0,
+            end: (1 << 127) - 1,
+        };
+        let high = HashRange {
+            start: 1 << 127,
+            end: u128::MAX,
+        };
+        let mut parts = store.load_timers_in(low).unwrap();
+        assert!(parts.iter().all(|(_, _, k)| low.contains(&hash_key(k))));
+        assert!(!parts.is_empty() && parts.len() < all.len());
+        parts.extend(store.load_timers_in(high).unwrap());
+        parts.sort();
+        all.sort();
+        assert_eq!(parts, all);
     }
 
     #[test]
