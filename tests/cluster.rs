@@ -457,3 +457,185 @@ async fn the_api_answers_its_keys_and_redirects_the_others_to_their_owner() {
     a.terminate(30).await;
     b.terminate(30).await;
 }
+
+/// The open shards of the stream, in hash order.
+async fn open_shards(client: &aws_sdk_kinesis::Client) -> Vec<aws_sdk_kinesis::types::Shard> {
+    let mut open: Vec<_> = client
+        .list_shards()
+        .stream_name(STREAM)
+        .send()
+        .await
+        .unwrap()
+        .shards
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| {
+            s.sequence_number_range
+                .as_ref()
+                .is_some_and(|r| r.ending_sequence_number.is_none())
+        })
+        .collect();
+    open.sort_by_key(|s| {
+        s.hash_key_range
+            .as_ref()
+            .map(|r| r.starting_hash_key.parse::<u128>().unwrap())
+    });
+    open
+}
+
+/// Resharding under two workers: a split, then a merge of its children.
+/// Each child starts only after its parents' `SHARD_END`, with their state
+/// restricted to its range (or the union of both parents'), wherever they
+/// ran: the counts of every key go on exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_split_and_merge_while_two_workers_run() {
+    let p = peers(2).await;
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|n| worker_dir(root.path(), n, &p))
+        .collect();
+    let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let mut a = start(&dirs[0]);
+    let mut b = start(&dirs[1]);
+    let client = p.kinesis.client().await;
+    emulator::put(&client, STREAM, events(0, 10)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 10, 60).await;
+    wait_owners(
+        &p,
+        |o| o.get("a") == Some(&1) && o.get("b") == Some(&1),
+        60,
+        &mut [&mut a, &mut b],
+    )
+    .await;
+
+    let open = open_shards(&client).await;
+    let parent = open[0].shard_id.clone();
+    let range = open[0].hash_key_range.as_ref().unwrap();
+    let lo: u128 = range.starting_hash_key.parse().unwrap();
+    let hi: u128 = range.ending_hash_key.parse().unwrap();
+    client
+        .split_shard()
+        .stream_name(STREAM)
+        .shard_to_split(&parent)
+        .new_starting_hash_key((lo + (hi - lo) / 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    emulator::wait_active(&client, STREAM).await;
+    emulator::put(&client, STREAM, events(10, 20)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 20, 90).await;
+
+    let children: Vec<String> = open_shards(&client)
+        .await
+        .into_iter()
+        .filter(|s| s.parent_shard_id.as_deref() == Some(parent.as_str()))
+        .map(|s| s.shard_id)
+        .collect();
+    assert_eq!(children.len(), 2);
+    client
+        .merge_shards()
+        .stream_name(STREAM)
+        .shard_to_merge(&children[0])
+        .adjacent_shard_to_merge(&children[1])
+        .send()
+        .await
+        .unwrap();
+    emulator::wait_active(&client, STREAM).await;
+    emulator::put(&client, STREAM, events(20, 30)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 30, 90).await;
+
+    // The table tells the lineage: parents at SHARD_END, the merged child
+    // with both of them as parents.
+    let leases = p
+        .dynamo
+        .table(TABLE, "observer")
+        .await
+        .list()
+        .await
+        .unwrap();
+    let by_key: BTreeMap<&str, _> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+    for ended in children.iter().chain([&parent]) {
+        assert_eq!(
+            by_key[ended.as_str()].checkpoint.to_string(),
+            "SHARD_END",
+            "{ended}"
+        );
+    }
+    let merged = leases
+        .iter()
+        .find(|l| l.parent_shard_ids.len() == 2)
+        .expect("the merged shard's lease");
+    assert!(children.iter().all(|c| merged.parent_shard_ids.contains(c)));
+    a.terminate(30).await;
+    b.terminate(30).await;
+}
+
+/// A worker joining a balanced cluster gets its share by graceful
+/// handoffs, one lease at a time, while the counts go on exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_worker_takes_its_share_one_handoff_at_a_time() {
+    let p = peers(6).await;
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = ["a", "b", "c"]
+        .iter()
+        .map(|n| worker_dir(root.path(), n, &p))
+        .collect();
+    let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let mut a = start(&dirs[0]);
+    let mut b = start(&dirs[1]);
+    let client = p.kinesis.client().await;
+    emulator::put(&client, STREAM, events(0, 10)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 10, 60).await;
+    wait_owners(
+        &p,
+        |o| o.get("a") == Some(&3) && o.get("b") == Some(&3),
+        60,
+        &mut [&mut a, &mut b],
+    )
+    .await;
+
+    let mut c = start(&dirs[2]);
+    let table = p.dynamo.table(TABLE, "observer").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next = 10;
+    let mut most_pending = 0;
+    loop {
+        // Events keep coming while the leases move.
+        emulator::put(&client, STREAM, events(next, next + 1)).await;
+        next += 1;
+        let leases = table.list().await.unwrap();
+        let pending = leases
+            .iter()
+            .filter(|l| l.owner.as_deref() == Some("c") && l.handoff_pending())
+            .count();
+        most_pending = most_pending.max(pending);
+        let held = leases
+            .iter()
+            .filter(|l| l.owner.as_deref() == Some("c") && !l.handoff_pending())
+            .count();
+        if held == 2 {
+            break;
+        }
+        c.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "c holds {held} leases after 60s\n{}",
+            c.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(most_pending <= 1, "{most_pending} handoffs at once");
+    wait_owners(
+        &p,
+        |o| o.len() == 3 && o.values().all(|&n| n == 2),
+        30,
+        &mut [&mut a, &mut b, &mut c],
+    )
+    .await;
+    emulator::put(&client, STREAM, events(next, next + 10)).await;
+    wait_counts(&all, &mut [&mut a, &mut b, &mut c], next + 10, 60).await;
+    for w in [a, b, c] {
+        w.terminate(30).await;
+    }
+}
