@@ -117,6 +117,7 @@ fn raw_line(i: usize, out: &mut Vec<u8>) {
     );
     let p = i % PARTITIONS;
     Output::Raw(RawOutput {
+        key: None,
         position: Position::new(
             Arc::from(format!("shardId-{p:012}")),
             (i / PARTITIONS).to_string(),

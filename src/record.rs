@@ -259,6 +259,10 @@ pub struct DeadLetter {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawOutput {
     pub position: Position,
+    /// The decoded entity key; `None` when the record was a dead letter.
+    /// Not part of the written record (archives hold the input as it came):
+    /// sinks partition by it, which is how a stream is re-keyed.
+    pub key: Option<Arc<str>>,
     /// The decoded event time; `None` when the record was a dead letter.
     pub event_time: Option<Millis>,
     /// The pipeline watermark just before this record was processed.
@@ -434,7 +438,8 @@ impl Output {
             Output::Prediction(r) | Output::Shadow(r) => Some(&r.features.key),
             Output::Window(r) => Some(&r.key),
             Output::Late(r) => Some(&r.key),
-            Output::DeadLetter(_) | Output::Raw(_) => None,
+            Output::Raw(r) => r.key.as_deref(),
+            Output::DeadLetter(_) => None,
         }
     }
 
@@ -606,6 +611,7 @@ mod tests {
     fn raw_records_keep_exact_bytes() {
         let raw = |data: &'static [u8]| {
             Output::Raw(RawOutput {
+                key: None,
                 position: Position {
                     sub_sequence: Some(2),
                     ..Position::new("shardId-1".into(), "49")

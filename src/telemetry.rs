@@ -45,6 +45,10 @@ pub const API_BUCKETS: [f64; 12] = [
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
 
+/// Buckets of the cluster's restore and handoff durations: seconds, from
+/// a small shard's fraction of one to a large one's minute.
+pub const CLUSTER_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
 /// Installs the Prometheus recorder; returns the handle that renders it.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     PrometheusBuilder::new()
@@ -56,6 +60,12 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             b.set_buckets_for_metric(
                 Matcher::Full("shardflow_api_request_seconds".into()),
                 &API_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Prefix("shardflow_cluster_".into()),
+                &CLUSTER_BUCKETS,
             )
         })
         .map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?

@@ -127,10 +127,15 @@ kinds = ["features", "dead_letter", "late"]
 }
 
 fn start(dir: &Path) -> Proc {
+    start_with_metrics(dir, "off")
+}
+
+/// [`start`] with `/metrics` on `metrics`.
+fn start_with_metrics(dir: &Path, metrics: &str) -> Proc {
     Proc::run_with(
         dir,
         Path::new("config.toml"),
-        "off",
+        metrics,
         "stderr.log",
         "warn,shardflow::cluster=info",
         &[],
@@ -260,8 +265,9 @@ async fn three_workers_share_eight_shards_and_survive_a_sigkill() {
         .map(|n| worker_dir(root.path(), n, &p))
         .collect();
     let mut a = start(&dirs[0]);
-    let mut b = start(&dirs[1]);
-    let mut c = start(&dirs[2]);
+    let metrics = [harness::free_addr(), harness::free_addr()];
+    let mut b = start_with_metrics(&dirs[1], &metrics[0]);
+    let mut c = start_with_metrics(&dirs[2], &metrics[1]);
     let client = p.kinesis.client().await;
     emulator::put(&client, STREAM, events(0, 20)).await;
     let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
@@ -293,6 +299,17 @@ async fn three_workers_share_eight_shards_and_survive_a_sigkill() {
         "cluster: SIGKILL of a worker to its shards' events out again: {:.1}s",
         killed.elapsed().as_secs_f64()
     ));
+    let failovers: f64 = metrics
+        .iter()
+        .map(|m| {
+            let page = harness::scrape(m).expect("metrics answer");
+            harness::metric_sum(&page, "shardflow_cluster_failovers_total")
+        })
+        .sum();
+    assert!(
+        (1.0..=3.0).contains(&failovers),
+        "a's 2 or 3 leases taken over: {failovers}"
+    );
 
     // A clean stop hands every lease off: c ends up with all of them at
     // once, not after failover_time.
@@ -595,7 +612,8 @@ async fn a_joining_worker_takes_its_share_one_handoff_at_a_time() {
     )
     .await;
 
-    let mut c = start(&dirs[2]);
+    let c_metrics = harness::free_addr();
+    let mut c = start_with_metrics(&dirs[2], &c_metrics);
     let table = p.dynamo.table(TABLE, "observer").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut next = 10;
@@ -635,6 +653,16 @@ async fn a_joining_worker_takes_its_share_one_handoff_at_a_time() {
     .await;
     emulator::put(&client, STREAM, events(next, next + 10)).await;
     wait_counts(&all, &mut [&mut a, &mut b, &mut c], next + 10, 60).await;
+    let page = harness::scrape(&c_metrics).expect("c's metrics answer");
+    assert_eq!(
+        harness::metric_sum(&page, "shardflow_cluster_handoff_seconds_count"),
+        2.0,
+        "{page}"
+    );
+    assert_eq!(
+        harness::metric_sum(&page, "shardflow_cluster_failovers_total"),
+        0.0
+    );
     for w in [a, b, c] {
         w.terminate(30).await;
     }

@@ -606,4 +606,13 @@ fn per_shard_children_start_from_their_parent_and_take_its_keys() {
         149,
         "the right child did not move"
     );
+    // Every key so far came on the shard that owns its hash (the parent's
+    // range overlapping its announced children's included).
+    assert_eq!(engine.misrouted_keys(), 0);
+    // b on the left child, twice, and a on the right one: two keys.
+    engine.process(&ev(1, la + 3, b, 300), 0, &mut out).unwrap();
+    engine.process(&ev(1, la + 4, b, 301), 0, &mut out).unwrap();
+    assert_eq!(engine.misrouted_keys(), 1);
+    engine.process(&ev(2, lb + 1, a, 302), 0, &mut out).unwrap();
+    assert_eq!(engine.misrouted_keys(), 2);
 }

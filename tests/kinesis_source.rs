@@ -467,6 +467,7 @@ async fn the_sink_puts_every_output_and_flush_waits_for_all() {
             endpoint_url: Some(emu.url()),
             region: Some("us-east-1".into()),
             max_attempts: 5,
+            payload: Default::default(),
         });
     // 1 234 window results: more than two PutRecords batches.
     let outputs: Vec<Output> = (0..1_234)

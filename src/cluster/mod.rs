@@ -88,6 +88,12 @@ pub const METRIC_CURRENT_LEASES: &str = "shardflow_cluster_current_leases";
 pub const METRIC_TAKEN_LEASES: &str = "shardflow_cluster_taken_leases_total";
 /// Leases this worker lost (KCL's `LostLeases`).
 pub const METRIC_LOST_LEASES: &str = "shardflow_cluster_lost_leases_total";
+/// Expired leases taken from another worker (it died, or stopped renewing).
+pub const METRIC_FAILOVERS: &str = "shardflow_cluster_failovers_total";
+/// A graceful handoff as its thief sees it: asked → the shard read here.
+pub const METRIC_HANDOFF_SECONDS: &str = "shardflow_cluster_handoff_seconds";
+/// A shard's state restored (snapshot or parents) before it is read.
+pub const METRIC_RESTORE_SECONDS: &str = "shardflow_cluster_restore_seconds";
 
 /// A cluster run's parts: the worker task, the commit hook that exports
 /// shards, and the source's end of the worker's commands.

@@ -40,7 +40,10 @@ use super::assign::{self, Observed, View};
 use super::handoff::{self, ExportReason, Exported, ShardTap};
 use super::lease::{Checkpoint, HashKeyRange, Lease};
 use super::table::{Created, LeaseTable, Progress};
-use super::{LeaseError, METRIC_CURRENT_LEASES, METRIC_LOST_LEASES, METRIC_TAKEN_LEASES};
+use super::{
+    LeaseError, METRIC_CURRENT_LEASES, METRIC_FAILOVERS, METRIC_HANDOFF_SECONDS,
+    METRIC_LOST_LEASES, METRIC_RESTORE_SECONDS, METRIC_TAKEN_LEASES,
+};
 use crate::aws::error_text;
 use crate::config::{ClusterConfig, StartingPosition};
 use crate::flow::ReleaseReason;
@@ -82,6 +85,8 @@ struct Held {
     range: HashRange,
     phase: Phase,
     renewed: Instant,
+    /// When this worker asked for it, if it came by graceful handoff.
+    asked: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +131,7 @@ impl Worker {
         let current = metrics::gauge!(METRIC_CURRENT_LEASES);
         let taken = metrics::counter!(METRIC_TAKEN_LEASES);
         let lost = metrics::counter!(METRIC_LOST_LEASES);
+        let failovers = metrics::counter!(METRIC_FAILOVERS);
         tracing::info!(worker = %me, table = self.table.name(), "cluster worker started");
         loop {
             let stopping = *shutdown.borrow();
@@ -223,9 +229,11 @@ impl Worker {
                         .collect();
                     self.directory.listed(&leases, &serving);
                     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+                    // A steal completed at this listing: its lease is adopted below.
+                    let mut handed: Option<(String, Instant)> = None;
                     if let Some((key, since)) = &steal {
                         match by_key.get(key.as_str()) {
-                            Some(l) if l.actual_owner() == Some(&me) => steal = None,
+                            Some(l) if l.actual_owner() == Some(&me) => handed = steal.take(),
                             Some(l) if l.owner.as_deref() == Some(&me) && since.elapsed() >= cfg.handoff_timeout.std() => {
                                 // The holder did not hand it over in time: force it.
                                 tracing::warn!(shard = %key, holder = ?l.checkpoint_owner, "graceful handoff timed out: taking the lease");
@@ -257,6 +265,11 @@ impl Worker {
                             Ok(lease) => {
                                 tracing::info!(shard = %key, "lease handed to this worker");
                                 self.acquire(&mut held, &mut jobs, lease, &leases);
+                                if let (Some((stolen, since)), Some(h)) = (&handed, held.get_mut(key)) {
+                                    if stolen == key {
+                                        h.asked = Some(*since);
+                                    }
+                                }
                             }
                             Err(e) => tracing::debug!(shard = %key, error = %e, "a lease handed here moved on"),
                         }
@@ -266,6 +279,9 @@ impl Worker {
                         match self.table.take(l).await {
                             Ok(lease) => {
                                 taken.increment(1);
+                                if l.actual_owner().is_some() {
+                                    failovers.increment(1);
+                                }
                                 tracing::info!(shard = %key, from = ?l.actual_owner(), "took an expired lease");
                                 self.acquire(&mut held, &mut jobs, lease, &leases);
                             }
@@ -369,8 +385,7 @@ impl Worker {
             let r =
                 handoff::restore(&remote, &store, &l2, range, &parents, &work, &fingerprint).await;
             if r.is_ok() {
-                metrics::histogram!("shardflow_cluster_restore_seconds")
-                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!(METRIC_RESTORE_SECONDS).record(started.elapsed().as_secs_f64());
             }
             Done::Restored(l2.lease_key.clone(), r)
         });
@@ -381,6 +396,7 @@ impl Worker {
                 range,
                 phase: Phase::Restoring,
                 renewed: Instant::now(),
+                asked: None,
             },
         );
     }
@@ -404,6 +420,10 @@ impl Worker {
                 let shard: Arc<str> = Arc::from(key.as_str());
                 let start = self.start_of(&h.lease);
                 tracing::info!(shard = %key, checkpoint = %h.lease.checkpoint, ?start, "shard state restored; reading it");
+                if let Some(asked) = h.asked.take() {
+                    metrics::histogram!(METRIC_HANDOFF_SECONDS)
+                        .record(asked.elapsed().as_secs_f64());
+                }
                 h.phase = Phase::Running;
                 self.directory.serving(&key, true);
                 let resume = handoff::position_of(&shard, &h.lease.checkpoint);

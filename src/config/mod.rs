@@ -70,8 +70,8 @@ pub use s3::{
 };
 pub use schema::{FieldSpec, FieldType, SchemaConfig};
 pub use sink::{
-    DynamoDbSinkConfig, FileSinkConfig, KinesisSinkConfig, SinkConfig, StdoutSinkConfig, WriteMode,
-    DYNAMODB_ITEM_ATTRIBUTES,
+    DynamoDbSinkConfig, FileSinkConfig, KinesisPayload, KinesisSinkConfig, SinkConfig,
+    StdoutSinkConfig, WriteMode, DYNAMODB_ITEM_ATTRIBUTES,
 };
 pub use source::{
     FileSourceConfig, GeneratorConfig, KinesisSourceConfig, SourceConfig, StartingPosition,

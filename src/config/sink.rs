@@ -73,6 +73,20 @@ pub struct KinesisSinkConfig {
     /// Attempts for the entries of one PutRecords batch before the sink fails.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// What a record holds: the output's NDJSON line, or (`original`, with
+    /// `kinds = ["raw"]` only) the input record's own bytes, unchanged,
+    /// partitioned by its entity key: the re-key pipeline.
+    #[serde(default)]
+    pub payload: KinesisPayload,
+}
+
+/// [`KinesisSinkConfig::payload`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KinesisPayload {
+    #[default]
+    Ndjson,
+    Original,
 }
 
 fn default_max_attempts() -> u32 {
@@ -283,6 +297,15 @@ pub(super) fn check_sinks(
             }
             if let Some(msg) = super::endpoint_problem(k.endpoint_url.as_deref()) {
                 return at(sink.span(), format!("{what} type = \"kinesis\": {msg}"));
+            }
+            if k.payload == KinesisPayload::Original && k.kinds != [OutputKind::Raw] {
+                return at(
+                    sink.span(),
+                    format!(
+                        "{what} type = \"kinesis\": payload = \"original\" forwards input records \
+                         unchanged, so it takes kinds = [\"raw\"] only"
+                    ),
+                );
             }
         }
         if let SinkConfig::File(f) = cfg {

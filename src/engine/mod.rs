@@ -140,7 +140,17 @@ pub struct Engine {
     /// The newest event time processed (after a restore, the newest of the
     /// restored partitions), the online API's default `at`.
     newest: Millis,
+    /// Per-shard mode: keys seen on a shard whose hash range does not hold
+    /// their MD5 (see [`Engine::misrouted`]); at most [`MISROUTED_REMEMBERED`].
+    misrouted: std::collections::HashSet<Arc<str>>,
 }
+
+/// How many misrouted keys are told apart; past it, every record of a new
+/// one counts.
+const MISROUTED_REMEMBERED: usize = 100_000;
+
+/// Keys whose records arrived on a shard that does not own their hash.
+pub const METRIC_MISROUTED_KEYS: &str = "shardflow_cluster_misrouted_keys_total";
 
 /// Groups features by window geometry (features sharing one share slices).
 fn plan(config: &Config) -> Result<Vec<SpecPlan>, EngineError> {
@@ -255,6 +265,7 @@ impl Engine {
             pending_domains: Vec::new(),
             fire_todo: Vec::new(),
             newest,
+            misrouted: Default::default(),
         })
     }
 
@@ -447,8 +458,46 @@ impl Engine {
             }));
         }
         self.wm.observe(&event.position.partition, t, now);
+        // A stateless pipeline (the re-keyer itself) keeps no key state.
+        if let Some((own, range)) = self.wm.last_range().filter(|_| !self.op.specs.is_empty()) {
+            // Disjoint open ranges make `domain == own` the common, cheap
+            // answer; a parent and its announced children overlap, hence
+            // the exact test before counting.
+            if own != domain && !range.contains(&crate::state::hash_key(&event.key)) {
+                self.misrouted(event, range);
+            }
+        }
         self.op.refire(out);
         self.fire_also(Some(domain), out)
+    }
+
+    /// A key arrived on a shard whose hash range does not hold its MD5: the
+    /// stream's partition key is not the entity key. Its state then lives
+    /// in another shard's range, so its windows follow that shard's
+    /// watermark and, under `[cluster]`, move with that shard: results
+    /// depend on the assignment. Counted, and told once, with the fix.
+    fn misrouted(&mut self, event: &Event, range: crate::state::HashRange) {
+        let full = self.misrouted.len() >= MISROUTED_REMEMBERED;
+        if !full && !self.misrouted.insert(event.key.clone()) {
+            return;
+        }
+        self.op.stats.misrouted_keys += 1;
+        if self.op.stats.misrouted_keys == 1 {
+            tracing::warn!(
+                key = &*event.key,
+                shard = &*event.position.partition,
+                shard_hash_range = %format_args!("{}..={}", range.start, range.end),
+                "a key arrived on a shard that does not own its hash: the stream's partition key \
+                 is not the entity key, so this key's state is not the shard's (results depend on \
+                 which worker reads which shard). Re-key the stream (README: \"Partition key = \
+                 entity key\"); shardflow_cluster_misrouted_keys_total counts such keys"
+            );
+        }
+    }
+
+    /// Keys seen on a shard that does not own their hash (per-shard mode).
+    pub fn misrouted_keys(&self) -> u64 {
+        self.op.stats.misrouted_keys
     }
 
     /// A source's word on one of its partitions (known, reading, finished;
@@ -519,6 +568,7 @@ impl Engine {
         metrics::counter!("shardflow_engine_window_results_total").absolute(s.window_results);
         metrics::counter!("shardflow_engine_timer_visits_total").absolute(s.timer_visits);
         metrics::counter!("shardflow_distinct_overflow_total").absolute(s.distinct_overflows);
+        metrics::counter!(METRIC_MISROUTED_KEYS).absolute(s.misrouted_keys);
         metrics::gauge!("shardflow_engine_cached_states").set(self.op.cached_states() as f64);
         Ok(delta)
     }

@@ -60,6 +60,8 @@ pub struct EngineStats {
     pub cache_evictions: u64,
     /// Keys visited at their timer (firing, purging).
     pub timer_visits: u64,
+    /// Keys that arrived on a shard not owning their hash (per-shard mode).
+    pub misrouted_keys: u64,
 }
 
 /// The state of one (spec, key): its live slices, a firing cursor `fired`

@@ -176,6 +176,16 @@ impl Watermarks {
             .collect()
     }
 
+    /// Per-shard mode: the partition of the last observed event, and its
+    /// hash range if the source told it.
+    pub fn last_range(&self) -> Option<(u32, HashRange)> {
+        if !self.per_shard {
+            return None;
+        }
+        let p = self.partitions.get(self.last)?;
+        Some((self.last as u32, p.range?))
+    }
+
     /// Per-shard mode: the source said which hash keys `partition` holds.
     pub fn set_range(&mut self, partition: &Arc<str>, range: HashRange) {
         let idx = self.index(partition, IdleClock::Stopped);

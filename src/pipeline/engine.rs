@@ -254,6 +254,7 @@ fn process_batch(
                     events += 1;
                     if emit_raw {
                         out.push(Output::Raw(RawOutput {
+                            key: Some(e.key.clone()),
                             position: e.position.clone(),
                             event_time: Some(e.event_time),
                             watermark: engine.watermark(),
@@ -265,6 +266,7 @@ fn process_batch(
                 Decoded::Dead(d) => {
                     if emit_raw {
                         out.push(Output::Raw(RawOutput {
+                            key: None,
                             position: d.position.clone(),
                             event_time: None,
                             watermark: engine.watermark(),

@@ -3,6 +3,11 @@
 //! gets NDJSON), partitioned by the output's key (its id when it has none:
 //! dead letters).
 //!
+//! With `payload = "original"` a `raw` output is sent as the input record's
+//! own bytes, partitioned by its decoded entity key: a stateless shardflow
+//! so configured re-keys a stream whose producers partition otherwise
+//! (README: "Partition key = entity key").
+//!
 //! Records are sent with PutRecords in batches of at most 500 records and
 //! 5 MiB. A full batch is sent as soon as it fills (memory stays bounded);
 //! `flush`, called at every checkpoint barrier, sends the rest and returns
@@ -20,7 +25,7 @@ use aws_sdk_kinesis::Client;
 
 use super::Sink;
 use crate::aws::{self, error_text, Backoff, ClientSettings};
-use crate::config::KinesisSinkConfig;
+use crate::config::{KinesisPayload, KinesisSinkConfig};
 use crate::flow::BoxFuture;
 use crate::record::Output;
 
@@ -182,8 +187,14 @@ impl Sink for KinesisSink {
     fn write<'a>(&'a mut self, outputs: &'a [&'a Output]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             for o in outputs {
-                let mut data = Vec::with_capacity(256);
-                o.write_ndjson(&mut data);
+                let data = match (self.config.payload, o) {
+                    (KinesisPayload::Original, Output::Raw(r)) => r.data.to_vec(),
+                    _ => {
+                        let mut data = Vec::with_capacity(256);
+                        o.write_ndjson(&mut data);
+                        data
+                    }
+                };
                 let entry = Entry {
                     key: partition_key(o),
                     data,
