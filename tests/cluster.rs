@@ -667,3 +667,70 @@ async fn a_joining_worker_takes_its_share_one_handoff_at_a_time() {
         w.terminate(30).await;
     }
 }
+
+/// DynamoDB out of reach for one worker. Shorter than `failover_time`: it
+/// keeps its shards and goes on processing them (renewals and checkpoints
+/// retried). Longer: it drops them before the other worker takes them over,
+/// and rejoins by handoff once the table is back. Counts stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_outage_is_ridden_out_until_failover_time() {
+    let p = peers(4).await;
+    let proxy = emulator::chaos::ResetProxy::start(p.dynamo.addr).await;
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|n| worker_dir(root.path(), n, &p))
+        .collect();
+    // A longer failover_time, so that the short outage is well inside it on
+    // a loaded machine; a reaches the table through the proxy.
+    for dir in &dirs {
+        let path = dir.join("config.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text = text.replace("failover_time = \"3s\"", "failover_time = \"6s\"");
+        if dir.ends_with("a") {
+            text = text.replace(&p.dynamo.url(), &proxy.url());
+        }
+        std::fs::write(&path, text).unwrap();
+    }
+    let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let mut a = start(&dirs[0]);
+    let client = p.kinesis.client().await;
+    emulator::put(&client, STREAM, events(0, 10)).await;
+    wait_counts(&all, &mut [&mut a], 10, 60).await;
+    let mut b = start(&dirs[1]);
+    let balanced = |o: &BTreeMap<String, usize>| o.get("a") == Some(&2) && o.get("b") == Some(&2);
+    wait_owners(&p, balanced, 60, &mut [&mut a, &mut b]).await;
+
+    // Short: every event is out while the table is still unreachable for a.
+    proxy.set_down(true);
+    emulator::put(&client, STREAM, events(10, 20)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 20, 60).await;
+    // Until a's next renewal (every 2 s) failed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.stderr().contains("lease renewal failed; retrying") {
+        assert!(Instant::now() < deadline, "{}", a.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.set_down(false);
+    assert!(balanced(&owners(&p).await), "a kept its leases");
+    emulator::put(&client, STREAM, events(20, 30)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 30, 60).await;
+
+    // Long: b takes everything, a drops its shards on its own.
+    proxy.set_down(true);
+    emulator::put(&client, STREAM, events(30, 40)).await;
+    wait_owners(&p, |o| o.get("b") == Some(&4), 60, &mut [&mut a, &mut b]).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 40, 60).await;
+    assert!(
+        a.stderr()
+            .contains("dropping the shard before another worker may take it"),
+        "{}",
+        a.stderr()
+    );
+    proxy.set_down(false);
+    wait_owners(&p, balanced, 60, &mut [&mut a, &mut b]).await;
+    emulator::put(&client, STREAM, events(40, 50)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 50, 60).await;
+    a.terminate(30).await;
+    b.terminate(30).await;
+}

@@ -145,15 +145,24 @@ pub async fn connect(
     };
     let CheckpointStoreConfig::S3(s3) = store_config;
     let worker = worker_id(cluster.worker_id.as_deref());
+    // One SDK attempt per table attempt: a renewal's retries must end
+    // within a renewal interval (the SDK's own would stretch a blip into
+    // an expired lease), so the table's are the only ones, sized by it.
     let dynamodb = crate::aws::dynamodb::client(&ClientSettings {
         region: cluster.region.clone().or_else(|| source.region.clone()),
         endpoint_url: cluster.endpoint_url.clone(),
         extra_root_pem: None,
-        max_attempts: None,
+        max_attempts: Some(1),
     })
     .await
     .context("the lease table's DynamoDB client")?;
-    let mut table = LeaseTable::new(dynamodb, &cluster.lease_table, &worker);
+    let renew = cluster.renew_interval();
+    let mut table = LeaseTable::new(dynamodb, &cluster.lease_table, &worker).with_retry(Retry {
+        attempts: 3,
+        base: std::time::Duration::from_millis(50),
+        cap: (renew / 8).max(std::time::Duration::from_millis(100)),
+        attempt_timeout: (renew / 4).max(std::time::Duration::from_secs(1)),
+    });
     if let Some(api) = api {
         table = table.with_address(api);
     }

@@ -23,9 +23,10 @@
 //!    uploaded, checkpointed and the lease released, so the next holder
 //!    starts at once instead of waiting out `failover_time`.
 //!
-//! A lease that cannot be renewed for `failover_time` (the table is
-//! unreachable) is dropped here too: by then another worker may have taken
-//! it, and two holders must never both commit.
+//! While the table is out of reach, held shards go on processing (their
+//! checkpoints wait for it). A lease not renewed for `failover_time` less
+//! one renewal interval is dropped: just before another worker may take it,
+//! as two holders must never both commit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -115,6 +116,11 @@ impl Worker {
         let me = self.table.worker().to_owned();
         let cfg = self.settings.cluster.clone();
         let failover = cfg.failover_time.std();
+        // A lease not renewed this long is dropped here: one renewal
+        // interval before another worker may take it (it sees expiry at
+        // `failover_time` after it saw the last renewal), so the two never
+        // process the shard at once while the table is out of reach.
+        let give_up = failover.saturating_sub(cfg.renew_interval());
         let mut tick = tokio::time::interval(cfg.renew_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut held: BTreeMap<String, Held> = BTreeMap::new();
@@ -169,6 +175,9 @@ impl Worker {
                     // take a while, and one slow write must not let the
                     // other leases expire behind it.
                     let keys: Vec<String> = held.keys().cloned().collect();
+                    // A renewal counts from when it was sent: the others
+                    // judge expiry from the write, which is after it.
+                    let sent = Instant::now();
                     let renewals = futures_util::future::join_all(
                         keys.iter().map(|k| self.table.renew(&held[k].lease)),
                     )
@@ -178,7 +187,7 @@ impl Worker {
                         match renewal {
                             Ok(lease) => {
                                 h.lease = lease;
-                                h.renewed = Instant::now();
+                                h.renewed = sent;
                             }
                             Err(LeaseError::Lost { .. }) => {
                                 lost.increment(1);
@@ -187,9 +196,9 @@ impl Worker {
                                 continue;
                             }
                             Err(e) => {
-                                if h.renewed.elapsed() >= failover {
+                                if h.renewed.elapsed() >= give_up {
                                     lost.increment(1);
-                                    tracing::error!(shard = %key, error = %e, "lease not renewed for failover_time: dropping the shard, another worker may hold it");
+                                    tracing::error!(shard = %key, error = %e, "lease not renewed for failover_time minus a renewal interval: dropping the shard before another worker may take it");
                                     self.drop_shard(&mut held, &mut draining, &key).await;
                                 } else {
                                     tracing::warn!(shard = %key, error = %e, "lease renewal failed; retrying");
@@ -498,6 +507,7 @@ impl Worker {
                     snapshot: Some(rel.clone()),
                     watermark: export.meta.max_event_time,
                 };
+                let sent = Instant::now();
                 match self
                     .table
                     .checkpoint(&h.lease, &checkpoint, &progress)
@@ -505,7 +515,7 @@ impl Worker {
                 {
                     Ok(lease) => {
                         h.lease = lease;
-                        h.renewed = Instant::now();
+                        h.renewed = sent;
                         if !releasing {
                             self.tap.checkpointed(&export.shard, &checkpoint);
                         }
@@ -517,6 +527,14 @@ impl Worker {
                                 }
                             });
                         }
+                    }
+                    Err(e) if !e.is_lost() => {
+                        // The table is out of reach: the lease keeps its last
+                        // checkpoint and snapshot; the next export tries again
+                        // (renewals decide whether the shard stays).
+                        tracing::warn!(shard = %key, error = %e, "checkpointing the lease failed; it keeps its last checkpoint");
+                        let remote = self.remote.clone();
+                        tokio::spawn(async move { remote.delete_snapshot(&rel).await.ok() });
                     }
                     Err(e) => {
                         // The fence: this worker may not write for the shard.

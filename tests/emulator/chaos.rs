@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Request, State};
@@ -100,6 +100,8 @@ pub struct ResetProxy {
     pub addr: SocketAddr,
     generation: watch::Sender<u64>,
     pub resets: Arc<AtomicU64>,
+    /// An outage: every connection is reset as soon as it is accepted.
+    down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -109,12 +111,23 @@ impl ResetProxy {
         let addr = listener.local_addr().unwrap();
         let (generation, rx) = watch::channel(0u64);
         let resets = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(accept(listener, target, rx, resets.clone()));
+        let down = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(accept(listener, target, rx, resets.clone(), down.clone()));
         ResetProxy {
             addr,
             generation,
             resets,
+            down,
             task,
+        }
+    }
+
+    /// Starts (`true`) or ends an outage: while it lasts, open connections
+    /// are reset and new ones refused with an RST.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.reset();
         }
     }
 
@@ -144,11 +157,17 @@ async fn accept(
     target: SocketAddr,
     generation: watch::Receiver<u64>,
     resets: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
+        if down.load(Ordering::SeqCst) {
+            resets.fetch_add(1, Ordering::SeqCst);
+            let _ = client.set_zero_linger();
+            continue;
+        }
         let mut generation = generation.clone();
         generation.mark_unchanged();
         let resets = resets.clone();
