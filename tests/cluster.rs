@@ -97,33 +97,48 @@ consumer_name = "cluster-tests"
 starting_position = "trim_horizon"
 endpoint_url = "{kinesis}"
 shard_refresh_interval = "1s"
-
-[schema]
-key = "userId"
-timestamp = "timestamp"
-fields = {{ n = "i64" }}
-
-[watermark]
-max_out_of_orderness = "1h"
-idle_timeout = "1h"
-
-[[features]]
-name = "count_1d"
-agg = "count"
-window = {{ type = "tumbling", size = "1d" }}
-
-[[sinks]]
-type = "file"
-path = "features.ndjson"
-kinds = ["features", "dead_letter", "late"]
+{common}
 {extra}
 "#,
+        common = common_config(),
         s3 = p.s3.url(),
         dynamo = p.dynamo.url(),
         kinesis = p.kinesis.url(),
     );
     std::fs::write(dir.join("config.toml"), config).unwrap();
     dir
+}
+
+/// What every worker (and the single process it is compared with) shares
+/// besides the source: the schema, a count per day (every event's `count_1d`
+/// is its key's counter + 1) and per 10 ms, whose windows come due as the
+/// stream goes on (a key's events are in order on its shard: nothing late).
+fn common_config() -> &'static str {
+    r#"
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = { n = "i64" }
+
+[watermark]
+max_out_of_orderness = "0ms"
+idle_timeout = "1h"
+
+[[features]]
+name = "count_1d"
+agg = "count"
+window = { type = "tumbling", size = "1d" }
+
+[[features]]
+name = "count_10ms"
+agg = "count"
+window = { type = "tumbling", size = "10ms" }
+
+[[sinks]]
+type = "file"
+path = "features.ndjson"
+kinds = ["features", "dead_letter", "late", "window"]
+"#
 }
 
 fn start(dir: &Path) -> Proc {
@@ -172,7 +187,7 @@ fn counts(dirs: &[&Path]) -> BTreeMap<(String, i64), i64> {
         }
     }
     let mut counts = BTreeMap::new();
-    for line in by_id.values() {
+    for line in by_id.values().filter(|l| l["kind"] != "window") {
         assert!(
             line.get("features").is_some(),
             "not a feature record: {line}"
@@ -184,6 +199,62 @@ fn counts(dirs: &[&Path]) -> BTreeMap<(String, i64), i64> {
         counts.insert((key, n), count);
     }
     counts
+}
+
+/// Every window result in `dirs`' outputs, by id (every copy equal).
+fn windows(dirs: &[&Path]) -> BTreeMap<String, serde_json::Value> {
+    let mut by_id = BTreeMap::new();
+    for dir in dirs {
+        for line in ndjson(&dir.join("features.ndjson")) {
+            if line["kind"] != "window" {
+                continue;
+            }
+            let id = line["id"].as_str().unwrap().to_owned();
+            if let Some(seen) = by_id.get(&id) {
+                assert_eq!(seen, &line, "two copies of {id} differ");
+            }
+            by_id.insert(id, line);
+        }
+    }
+    by_id
+}
+
+/// One `shardflow run` without `[cluster]` on the whole stream, from its
+/// start, until `events` feature records are out; its window results.
+async fn single_process(
+    root: &Path,
+    p: &Peers,
+    events: usize,
+) -> BTreeMap<String, serde_json::Value> {
+    let dir = root.join("single");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = format!(
+        r#"
+[pipeline]
+state_dir = "state"
+checkpoint_interval = "200ms"
+
+[source]
+type = "kinesis"
+stream_name = "{STREAM}"
+consumer_name = "single-process"
+starting_position = "trim_horizon"
+endpoint_url = "{kinesis}"
+{common}
+"#,
+        kinesis = p.kinesis.url(),
+        common = common_config(),
+    );
+    std::fs::write(dir.join("config.toml"), config).unwrap();
+    let mut run = start(&dir);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while counts(&[&dir]).len() < events {
+        run.assert_running();
+        assert!(Instant::now() < deadline, "{}", run.stderr());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    run.terminate(30).await;
+    windows(&[&dir])
 }
 
 /// Waits until events `0..upto` of every key are out, checking each
@@ -326,6 +397,20 @@ async fn three_workers_share_eight_shards_and_survive_a_sigkill() {
         o.is_empty(),
         "every lease released at the clean stop: {o:?}"
     );
+
+    // However the shards moved, the window results are one process's.
+    let clustered = windows(&all);
+    let single = single_process(root.path(), &p, KEYS as usize * 70).await;
+    assert!(
+        clustered.len() > KEYS as usize * 5,
+        "{} windows",
+        clustered.len()
+    );
+    assert_eq!(
+        clustered.keys().collect::<Vec<_>>(),
+        single.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(clustered, single);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
