@@ -425,6 +425,7 @@ mod tests {
             key: "userId".into(),
             timestamp: "ts".into(),
             fields,
+            request_fields: Vec::new(),
             max_record_bytes: 100_000,
             min_event_time: 0,
             max_event_time: 4_102_444_800_000,

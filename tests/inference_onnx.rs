@@ -384,7 +384,7 @@ fn inputs_that_do_not_fit_the_model_are_refused() {
         "inputs = [\"txn_count_1m\", \"amount_sum_1m\", \"amount_max_5m\", \"refunds_1h\"]\n[outputs]\nscore = \"probabilities\"",
     );
     assert!(
-        e.contains("the model uses feature \"refunds_1h\", which is not one of the configured [[features]]"),
+        e.contains("the model uses feature \"refunds_1h\", which is not one of the configured [[features]] or [schema] request_fields"),
         "{e}"
     );
     let e = refusal(
@@ -481,6 +481,76 @@ fn a_tree_ensemble_with_greater_or_equal_splits_is_refused() {
     );
     assert!(
         e.contains("BRANCH_GTE split(s)") && e.contains("re-export"),
+        "{e}"
+    );
+}
+
+/// `[schema] request_fields` join the vector after the features; a model's
+/// `inputs` name them like features. gbm.onnx's fourth column fed from the
+/// request field `amount` (with `merchants_5m` in the vector but not an
+/// input) scores onnxruntime's reference rows exactly: the column is taken
+/// by name. Without `request_fields`, the same inputs are refused.
+#[tokio::test]
+async fn a_request_field_of_the_event_is_a_model_input() {
+    let with_request = |request: &str, model: &Path| {
+        let text = format!(
+            r#"
+[source]
+type = "generator"
+
+[schema]
+key = "userId"
+timestamp = "timestamp"
+fields = {{ amount = "f64", merchant = "string" }}
+{request}
+
+{}
+
+[inference]
+backend = "embedded"
+model = "{}"
+
+{}
+"#,
+            inference_support::FEATURES,
+            model.display(),
+            default_sinks()
+        );
+        shardflow::config::Config::from_str_at(&text, Path::new("test.toml"), |_| None).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let body = "inputs = [\"txn_count_1m\", \"amount_sum_1m\", \"amount_max_5m\", \"amount\"]\n\
+                [outputs]\nscore = \"probabilities\"\nlabel = \"label\"\n\
+                [impute]\namount_sum_1m = 0.0\namount_max_5m = 0.0\namount = 0.0";
+    let path = model_file(dir.path(), &fixture("gbm.onnx"), body);
+    let config = with_request("request_fields = [\"amount\"]", &path);
+    let names = inference::feature_names(&config);
+    assert_eq!(names.last().map(|n| &**n), Some("amount"));
+    let model = inference::load_embedded(&config, &path).unwrap();
+    let r = reference("gbm");
+    let vectors: Vec<FeatureVector> = r
+        .rows
+        .iter()
+        .map(|row| FeatureVector {
+            names: names.clone(),
+            // merchants_5m holds a value the model must not see.
+            values: vec![row[0], row[1], row[2], Some(1e6), row[3]]
+                .into_iter()
+                .map(|v| v.map(Value::Float))
+                .collect(),
+        })
+        .collect();
+    let rows: Vec<&FeatureVector> = vectors.iter().collect();
+    let p = model.predict(&rows).await.unwrap();
+    assert_matches("gbm", "amount as a request field", &r, &p.predictions);
+
+    let without = with_request("", &path);
+    let e = format!(
+        "{:#}",
+        inference::load_embedded(&without, &path).err().unwrap()
+    );
+    assert!(
+        e.contains("\"amount\", which is not one of the configured [[features]] or [schema] request_fields"),
         "{e}"
     );
 }

@@ -97,6 +97,12 @@ fn describe(config: &Config) -> anyhow::Result<String> {
             f.window.get_ref()
         ));
     }
+    for name in &config.schema.request_fields {
+        out.push_str(&format!(
+            "feature:   {name} = the event's own {name} (request field)
+"
+        ));
+    }
     match inference::build(config)? {
         Some(m) => {
             let inf = &config.inference;

@@ -50,6 +50,7 @@ mod tests;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::de::DeTable;
@@ -265,6 +266,16 @@ impl Config {
         for f in &self.features {
             f.check(&self.schema, &mut names)?;
         }
+        for name in &self.schema.request_fields {
+            if !names.insert(name.clone()) {
+                return Err((
+                    None,
+                    format!(
+                        "[schema] request_fields lists {name:?}, which is also a feature's name: a vector holds each name once"
+                    ),
+                ));
+            }
+        }
         self.inference.validate().map_err(|msg| (None, msg))?;
 
         if self.sinks.is_empty() {
@@ -300,6 +311,21 @@ impl Config {
         }
         kinds.insert(OutputKind::Raw);
         kinds
+    }
+
+    /// The names of a feature vector's values, in order: the `[[features]]`,
+    /// then `[schema] request_fields`.
+    pub fn vector_names(&self) -> Vec<Arc<str>> {
+        self.features
+            .iter()
+            .map(|f| Arc::from(f.name.get_ref().as_str()))
+            .chain(
+                self.schema
+                    .request_fields
+                    .iter()
+                    .map(|n| Arc::from(n.as_str())),
+            )
+            .collect()
     }
 
     /// The union of the kinds sinks subscribe to.

@@ -79,6 +79,11 @@ pub struct SchemaConfig {
     /// Typed fields, in the order features and outputs see them.
     #[serde(default)]
     pub fields: BTreeMap<String, FieldSpec>,
+    /// Numeric fields of the event itself that join its feature vector,
+    /// after the `[[features]]`, under their own names (Feast's request
+    /// data): a model sees the transaction's `amount` beside its history.
+    #[serde(default)]
+    pub request_fields: Vec<String>,
     /// Larger records go to dead letters unread.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
@@ -124,6 +129,26 @@ impl SchemaConfig {
         }
         if self.min_event_time >= self.max_event_time {
             return Some("[schema] min_event_time must be less than max_event_time".into());
+        }
+        for (i, name) in self.request_fields.iter().enumerate() {
+            match self.fields.get(name) {
+                None => {
+                    return Some(format!(
+                        "[schema] request_fields lists {name:?}, which is not one of [schema] fields ({})",
+                        self.fields.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ))
+                }
+                Some(spec) if !spec.ty.is_numeric() => {
+                    return Some(format!(
+                        "[schema] request_fields lists {name:?}, a {} field: a feature vector holds numbers (i64 or f64)",
+                        spec.ty.as_str()
+                    ))
+                }
+                Some(_) => {}
+            }
+            if self.request_fields[..i].contains(name) {
+                return Some(format!("[schema] request_fields lists {name:?} twice"));
+            }
         }
         None
     }

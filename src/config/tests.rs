@@ -545,3 +545,43 @@ fn the_api_is_off_unless_configured_and_checked() {
     let e = parse(&format!("{MINIMAL}\n[api]\naddr = \"localhost\"\n")).unwrap_err();
     assert!(e.message.contains("invalid socket address"), "{e}");
 }
+
+#[test]
+fn request_fields_are_numeric_schema_fields_under_a_name_of_their_own() {
+    let with = |fields: &str, request: &str| {
+        MINIMAL.replace(
+            "fields = { amount = \"f64\" }",
+            &format!("fields = {fields}\nrequest_fields = {request}"),
+        )
+    };
+    let c = parse(&with("{ amount = \"f64\", qty = \"i64?\" }", "[\"qty\"]")).unwrap();
+    assert_eq!(
+        c.vector_names().iter().map(|n| &**n).collect::<Vec<_>>(),
+        ["amount_sum_1m", "qty"]
+    );
+    for (fields, request, why) in [
+        (
+            "{ amount = \"f64\" }",
+            "[\"qty\"]",
+            "\"qty\", which is not one of [schema] fields (amount)",
+        ),
+        (
+            "{ amount = \"f64\", m = \"string\" }",
+            "[\"m\"]",
+            "\"m\", a string field",
+        ),
+        (
+            "{ amount = \"f64\" }",
+            "[\"amount\", \"amount\"]",
+            "\"amount\" twice",
+        ),
+        (
+            "{ amount = \"f64\", amount_sum_1m = \"f64\" }",
+            "[\"amount_sum_1m\"]",
+            "also a feature's name",
+        ),
+    ] {
+        let e = parse(&with(fields, request)).expect_err(request);
+        assert!(e.message.contains(why), "{e}");
+    }
+}

@@ -42,7 +42,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, DEFAULT_MAX_DISTINCT};
-use crate::record::{Event, FeatureNames, FeatureRecord, FeatureVector, LateRecord, Output};
+use crate::record::{
+    Event, FeatureNames, FeatureRecord, FeatureVector, FieldValue, LateRecord, Output, Value,
+};
 use crate::state::rocks_meta_key;
 use crate::state::{Cf, HashRange, StateDelta, StateError, StateStore};
 use crate::time::Millis;
@@ -143,6 +145,8 @@ pub struct Engine {
     /// Per-shard mode: keys seen on a shard whose hash range does not hold
     /// their MD5 (see [`Engine::misrouted`]); at most [`MISROUTED_REMEMBERED`].
     misrouted: std::collections::HashSet<Arc<str>>,
+    /// `[schema] request_fields`: (vector slot, event field index).
+    request: Vec<(usize, usize)>,
 }
 
 /// How many misrouted keys are told apart; past it, every record of a new
@@ -209,11 +213,19 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Engine, EngineError> {
         let specs = plan(config)?;
-        let names: FeatureNames = config
-            .features
+        let names: FeatureNames = config.vector_names().into();
+        let request = config
+            .schema
+            .request_fields
             .iter()
-            .map(|f| Arc::from(f.name.get_ref().as_str()))
-            .collect();
+            .enumerate()
+            .map(|(i, name)| {
+                let field = config.schema.field_index(name).ok_or_else(|| {
+                    EngineError::Config(format!("request field {name:?} is not a schema field"))
+                })?;
+                Ok((config.features.len() + i, field))
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
         let wc = &config.watermark;
         let idle_timeout = if options.event_time_only {
             Millis::MAX
@@ -266,6 +278,7 @@ impl Engine {
             fire_todo: Vec::new(),
             newest,
             misrouted: Default::default(),
+            request,
         })
     }
 
@@ -446,6 +459,7 @@ impl Engine {
             let mut values = vec![None; self.names.len()];
             self.op
                 .add_event(event, seq, (w_before, domain), &mut values)?;
+            self.fill_request(event, &mut values);
             out.push(Output::Features(FeatureRecord {
                 id: event.position.id(),
                 key: event.key.clone(),
@@ -492,6 +506,17 @@ impl Engine {
                  which worker reads which shard). Re-key the stream (README: \"Partition key = \
                  entity key\"); shardflow_cluster_misrouted_keys_total counts such keys"
             );
+        }
+    }
+
+    /// Writes the event's own request fields into their slots of `values`.
+    fn fill_request(&self, event: &Event, values: &mut [Option<Value>]) {
+        for &(slot, field) in &self.request {
+            values[slot] = match event.fields.get(field) {
+                Some(Some(FieldValue::I64(v))) => Some(Value::Int(*v)),
+                Some(Some(FieldValue::F64(v))) => Some(Value::Float(*v)),
+                _ => None,
+            };
         }
     }
 

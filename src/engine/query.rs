@@ -215,6 +215,11 @@ impl Engine {
         let (mut values, mut found) = (vec![None; n], vec![false; n]);
         let w = self.watermark_for(key);
         self.op.read(key, at, w, &mut values, &mut found)?;
+        // Request fields come with an event only: null for a known key.
+        let known = found.iter().any(|f| *f);
+        for &(slot, _) in &self.request {
+            found[slot] = known;
+        }
         let mut reading = Reading::new(self.names.clone(), values, &found);
         reading.last_event_time = self
             .op
@@ -239,6 +244,7 @@ impl Engine {
         }
         let mut values = vec![None; self.names.len()];
         self.op.evaluate(event, self.next_seq, w, &mut values)?;
+        self.fill_request(event, &mut values);
         // Every feature's spec holds the event, or is late for it (null).
         let found = vec![true; values.len()];
         let mut reading = Reading::new(self.names.clone(), values, &found);
@@ -259,7 +265,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::engine::EngineOptions;
-    use crate::record::{FieldValue, Output, Position};
+    use crate::record::{FieldValue, Output, Position, Value};
     use crate::state::{StateDelta, StateStore};
 
     /// Every aggregate over three window specs, one of them long enough
@@ -267,7 +273,7 @@ mod tests {
     fn config(lateness: i64, distinct: bool) -> Config {
         let mut text = format!(
             "[source]\ntype = \"generator\"\n[schema]\nkey = \"k\"\ntimestamp = \"t\"\n\
-             fields = {{ amount = \"f64?\", merchant = \"string\" }}\n\
+             fields = {{ amount = \"f64?\", merchant = \"string\" }}\nrequest_fields = [\"amount\"]\n\
              [watermark]\nmax_out_of_orderness = 10\nidle_timeout = 1000000\nallowed_lateness = {lateness}\n\
              [[sinks]]\ntype = \"stdout\"\nkinds = [\"features\", \"window\", \"late\"]\n"
         );
@@ -522,15 +528,28 @@ mod tests {
         engine.process(&e, 0, &mut out).unwrap();
         assert_eq!(engine.newest_event_time(), Some(1_005));
         let r = engine.read("u1", 1_005).unwrap();
+        // The request field (last) comes with an event only.
+        let (request, windowed) = r.statuses.split_last().unwrap();
+        assert_eq!(*request, FeatureStatus::Null, "{r:?}");
         assert!(
-            r.statuses.iter().all(|s| *s == FeatureStatus::Present),
+            windowed.iter().all(|s| *s == FeatureStatus::Present),
             "{r:?}"
         );
         assert_eq!(r.last_event_time, Some(1_005));
         let Output::Features(f) = &out[0] else {
             panic!("{out:?}")
         };
-        assert_eq!(r.features, f.features);
+        assert_eq!(f.features.names.last().map(|n| &**n), Some("amount"));
+        assert_eq!(f.features.values.last(), Some(&Some(Value::Float(2.5))));
+        let n = r.features.values.len() - 1;
+        assert_eq!(r.features.values[..n], f.features.values[..n]);
+        let Evaluation::Features(scored) = engine.evaluate(&e).unwrap() else {
+            panic!("not late")
+        };
+        assert_eq!(
+            scored.features.values.last(),
+            Some(&Some(Value::Float(2.5)))
+        );
         // Much later in event time: the key has state, the window there
         // holds nothing.
         let r = engine.read("u1", 100_000).unwrap();

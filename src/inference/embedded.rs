@@ -108,7 +108,7 @@ impl EmbeddedModel {
         for (name, w) in spec.weights.iter().chain(&spec.impute) {
             if !features.contains(&name.as_str()) {
                 bail!(
-                    "the model uses feature {name:?}, which is not one of the configured [[features]] ({})",
+                    "the model uses feature {name:?}, which is not one of the configured [[features]] or [schema] request_fields ({})",
                     features.join(", ")
                 );
             }

@@ -93,14 +93,9 @@ impl Scorer {
     }
 }
 
-/// The configured feature names, in vector order.
+/// The configured feature names, in vector order (request fields last).
 pub fn feature_names(config: &Config) -> FeatureNames {
-    config
-        .features
-        .iter()
-        .map(|f| Arc::from(f.name.get_ref().as_str()))
-        .collect::<Vec<Arc<str>>>()
-        .into()
+    config.vector_names().into()
 }
 
 /// Loads an embedded model file checked against the configured features.
@@ -108,11 +103,8 @@ pub fn load_embedded(
     config: &Config,
     path: &std::path::Path,
 ) -> anyhow::Result<embedded::EmbeddedModel> {
-    let names: Vec<&str> = config
-        .features
-        .iter()
-        .map(|f| f.name.get_ref().as_str())
-        .collect();
+    let names = config.vector_names();
+    let names: Vec<&str> = names.iter().map(|n| &**n).collect();
     embedded::EmbeddedModel::load(path, &names)
 }
 

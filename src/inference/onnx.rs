@@ -18,7 +18,8 @@
 //! ```
 //!
 //! The model takes one float32 tensor `[rows, features]`, its columns the
-//! `inputs` in order. It is loaded, checked and optimised once, for any row
+//! `inputs` in order: configured features, or `[schema] request_fields`
+//! (the event's own values, e.g. the transaction's `amount`). It is loaded, checked and optimised once, for any row
 //! count (a symbolic batch dimension; a model with a fixed batch size gets
 //! batches cut and padded to it), and only the part of the graph that the
 //! configured outputs need is kept: an operator that tract lacks is refused
@@ -401,7 +402,7 @@ fn columns(spec: &OnnxSpec, features: &[&str]) -> anyhow::Result<Vec<Column>> {
         .map(|name| {
             let slot = features.iter().position(|f| f == name).with_context(|| {
                 format!(
-                    "the model uses feature {name:?}, which is not one of the configured [[features]] ({})",
+                    "the model uses feature {name:?}, which is not one of the configured [[features]] or [schema] request_fields ({})",
                     features.join(", ")
                 )
             })?;

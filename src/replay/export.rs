@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use serde::ser::{SerializeMap as _, Serializer as _};
 
 use super::parquet::ParquetRows;
-use crate::config::{AggKind, Config};
+use crate::config::Config;
 use crate::flow::BoxFuture;
 use crate::record::{KindSet, Output, OutputKind};
 use crate::sink::Sink;
@@ -61,8 +61,8 @@ pub struct ExportSink {
 impl ExportSink {
     pub fn create(options: &ExportOptions, config: &Config) -> anyhow::Result<ExportSink> {
         let label = config.replay_label().map(str::to_owned);
-        for f in &config.features {
-            let name = f.name.get_ref().as_str();
+        for name in config.vector_names() {
+            let name = &*name;
             if RESERVED.contains(&name) || Some(name) == label.as_deref() {
                 anyhow::bail!("--export: feature {name:?} would share a column with the row's {name:?}; rename the feature");
             }
@@ -76,11 +76,7 @@ impl ExportSink {
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
         {
-            let features: Vec<(String, AggKind)> = config
-                .features
-                .iter()
-                .map(|f| (f.name.get_ref().clone(), f.agg))
-                .collect();
+            let features = super::parquet::Column::of_vector(config);
             Rows::Parquet(Box::new(ParquetRows::create(
                 &path,
                 &features,

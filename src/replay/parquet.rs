@@ -37,7 +37,6 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::types::Type;
 
-use crate::config::AggKind;
 use crate::record::{FeatureRecord, Value};
 
 /// Rows per row group: large enough for column statistics and compression
@@ -143,11 +142,41 @@ pub struct ParquetRows {
     finished: bool,
 }
 
+/// The Parquet type of a feature column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    /// `count`, `distinct_count`, an i64 request field.
+    Int,
+    Float,
+}
+
+impl Column {
+    /// The column of each value of `config`'s feature vectors, by name.
+    pub fn of_vector(config: &crate::config::Config) -> Vec<(String, Column)> {
+        use crate::config::{AggKind, FieldType};
+        let features = config.features.iter().map(|f| {
+            let column = match f.agg {
+                AggKind::Count | AggKind::DistinctCount => Column::Int,
+                _ => Column::Float,
+            };
+            (f.name.get_ref().clone(), column)
+        });
+        let request = config.schema.request_fields.iter().map(|name| {
+            let column = match config.schema.fields.get(name).map(|s| s.ty) {
+                Some(FieldType::I64) => Column::Int,
+                _ => Column::Float,
+            };
+            (name.clone(), column)
+        });
+        features.chain(request).collect()
+    }
+}
+
 impl ParquetRows {
-    /// `features`: each feature's name and aggregate, in config order.
+    /// `features`: each vector value's name and column type, in order.
     pub fn create(
         path: &Path,
-        features: &[(String, AggKind)],
+        features: &[(String, Column)],
         label: Option<String>,
     ) -> anyhow::Result<ParquetRows> {
         let mut partial = path.as_os_str().to_owned();
@@ -162,11 +191,9 @@ impl ParquetRows {
             feature_names: features.iter().map(|(n, _)| n.clone()).collect(),
             features: features
                 .iter()
-                .map(|(_, agg)| match agg {
-                    AggKind::Count | AggKind::DistinctCount => {
-                        FeatureBuffer::Int(Optional::default())
-                    }
-                    _ => FeatureBuffer::Float(Optional::default()),
+                .map(|(_, column)| match column {
+                    Column::Int => FeatureBuffer::Int(Optional::default()),
+                    Column::Float => FeatureBuffer::Float(Optional::default()),
                 })
                 .collect(),
             label_name: label,
@@ -524,8 +551,29 @@ mod tests {
         }
     }
 
-    fn columns() -> Vec<(String, AggKind)> {
-        vec![("n".into(), AggKind::Count), ("total".into(), AggKind::Sum)]
+    fn columns() -> Vec<(String, Column)> {
+        vec![("n".into(), Column::Int), ("total".into(), Column::Float)]
+    }
+
+    #[test]
+    fn request_fields_are_columns_of_their_field_type() {
+        let text = "[source]\ntype = \"generator\"\n[schema]\nkey = \"k\"\ntimestamp = \"t\"\n\
+                    fields = { amount = \"f64\", qty = \"i64\" }\nrequest_fields = [\"qty\", \"amount\"]\n\
+                    [[features]]\nname = \"c\"\nagg = \"count\"\nwindow = { type = \"tumbling\", size = 10 }\n\
+                    [[features]]\nname = \"s\"\nagg = \"sum\"\nfield = \"amount\"\nwindow = { type = \"tumbling\", size = 10 }\n\
+                    [[sinks]]\ntype = \"stdout\"\nkinds = [\"features\"]\n";
+        let config =
+            crate::config::Config::from_str_at(text, std::path::Path::new("t.toml"), |_| None)
+                .unwrap();
+        let columns = Column::of_vector(&config);
+        let want = [
+            ("c", Column::Int),
+            ("s", Column::Float),
+            ("qty", Column::Int),
+            ("amount", Column::Float),
+        ];
+        let got: Vec<(&str, Column)> = columns.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+        assert_eq!(got, want);
     }
 
     /// A writer of `columns()` to `t.parquet` in a fresh directory.

@@ -145,6 +145,7 @@ pub fn demo_events(indices: std::ops::Range<u64>, start_time: Millis) -> Vec<Vec
         ]
         .into_iter()
         .collect(),
+        request_fields: Vec::new(),
         max_record_bytes: 1 << 20,
         min_event_time: 0,
         max_event_time: i64::MAX,
