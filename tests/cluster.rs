@@ -474,10 +474,29 @@ async fn a_paused_worker_is_fenced_and_the_counts_stay_exact() {
 /// `GET path` on `addr`: status, headers, body (HTTP/1.1, one exchange,
 /// answered within 10 s).
 async fn get(addr: &str, path: &str) -> (u16, String, String) {
+    exchange(addr, "GET", path, "", "").await
+}
+
+/// `POST path` of a JSON `body` with `headers` (each ending in CRLF).
+async fn post(addr: &str, path: &str, headers: &str, body: &str) -> (u16, String, String) {
+    exchange(addr, "POST", path, headers, body).await
+}
+
+async fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let exchange = async {
         let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n{headers}\r\n{body}",
+            body.len()
+        );
         tcp.write_all(request.as_bytes()).await?;
         let mut answer = Vec::new();
         tcp.read_to_end(&mut answer).await?;
@@ -556,6 +575,47 @@ async fn the_api_answers_its_keys_and_redirects_the_others_to_their_owner() {
         local > 0 && redirected > 0,
         "{local} answered by a, {redirected} redirected"
     );
+
+    // A Feast request for keys of both workers (and one nobody has) is
+    // answered whole by either, in the request's order: each forwards the
+    // other's keys to it.
+    let mut keys: Vec<String> = (0..KEYS).rev().map(|k| format!("\"u{k}\"")).collect();
+    keys.insert(3, "\"nobody\"".into());
+    let request = format!(
+        r#"{{"features": ["stats:count_1d"], "entities": {{"userId": [{}]}}}}"#,
+        keys.join(", ")
+    );
+    for api in &apis {
+        let (status, head, body) = post(api, "/v1/get-online-features", "", &request).await;
+        assert_eq!(status, 200, "{head}\n{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let entities = json["results"][0]["values"].as_array().unwrap();
+        let values = json["results"][1]["values"].as_array().unwrap();
+        let statuses = json["results"][1]["statuses"].as_array().unwrap();
+        assert_eq!(entities.len(), keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            assert_eq!(entities[i].to_string(), *key, "entity {i}");
+            if key.contains("nobody") {
+                assert_eq!(statuses[i], "NOT_FOUND", "{json}");
+            } else {
+                assert_eq!(
+                    (&values[i], &statuses[i]),
+                    (&serde_json::json!(10), &serde_json::json!("PRESENT")),
+                    "{key}: {json}"
+                );
+            }
+        }
+    }
+    // A forwarded request is answered only for the receiver's own keys.
+    let (status, head, body) = post(
+        &apis[0],
+        "/v1/get-online-features",
+        "x-shardflow-forwarded: 1\r\n",
+        &request,
+    )
+    .await;
+    assert_eq!(status, 503, "{head}\n{body}");
+    assert!(body.contains("no longer serves"), "{body}");
     a.terminate(30).await;
     b.terminate(30).await;
 }

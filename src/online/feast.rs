@@ -17,6 +17,7 @@
 //!
 //! [`MAX_ENTITIES`]: super::MAX_ENTITIES
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,10 @@ pub struct Request {
     /// Per requested feature: its index in the vector and its name in the
     /// answer.
     features: Vec<(usize, String)>,
+    /// The features as requested, and `full_feature_names`: what a part of
+    /// the request forwarded to another worker asks.
+    references: Vec<String>,
+    full_feature_names: bool,
 }
 
 impl FeatureStatus {
@@ -129,7 +134,77 @@ impl Request {
             keys,
             values,
             features,
+            references: wire.features,
+            full_feature_names: wire.full_feature_names,
         })
+    }
+
+    /// The request of the entities at `indices` only.
+    pub fn subset(&self, indices: &[usize]) -> Request {
+        Request {
+            keys: indices.iter().map(|&i| self.keys[i].clone()).collect(),
+            values: indices.iter().map(|&i| self.values[i].clone()).collect(),
+            ..self.clone()
+        }
+    }
+
+    /// This request as a Feast request body.
+    pub fn body(&self, entity: &str) -> Vec<u8> {
+        let mut entities = serde_json::Map::new();
+        entities.insert(entity.to_string(), self.values.clone().into());
+        serde_json::to_vec(&serde_json::json!({
+            "features": self.references,
+            "entities": entities,
+            "full_feature_names": self.full_feature_names,
+        }))
+        .unwrap_or_default()
+    }
+
+    /// The answer to the whole request from the answers to its parts, each
+    /// for the entities at its indices (every entity in one part).
+    pub fn assemble(
+        &self,
+        entity: &str,
+        parts: Vec<(Vec<usize>, Response)>,
+    ) -> Result<Response, String> {
+        let n = self.values.len();
+        let mut whole = self.respond(entity, &[]);
+        for column in whole.results.iter_mut().skip(1) {
+            column.values = vec![serde_json::Value::Null; n];
+            column.statuses = vec![Cow::Borrowed("NOT_FOUND"); n];
+            column.event_timestamps = vec![EPOCH.to_string(); n];
+        }
+        for (indices, part) in parts {
+            let fits = part.results.len() == whole.results.len()
+                && part.results.iter().all(|c| {
+                    c.values.len() == indices.len()
+                        && c.statuses.len() == indices.len()
+                        && c.event_timestamps.len() == indices.len()
+                });
+            if !fits {
+                return Err(format!(
+                    "an answer for {} entities has {} columns of {:?} entries; {} columns of {} expected",
+                    indices.len(),
+                    part.results.len(),
+                    part.results.iter().map(|c| c.values.len()).collect::<Vec<_>>(),
+                    whole.results.len(),
+                    indices.len()
+                ));
+            }
+            for (column, from) in whole.results.iter_mut().zip(part.results).skip(1) {
+                let rows = from
+                    .values
+                    .into_iter()
+                    .zip(from.statuses)
+                    .zip(from.event_timestamps);
+                for (&i, ((value, status), stamp)) in indices.iter().zip(rows) {
+                    column.values[i] = value;
+                    column.statuses[i] = status;
+                    column.event_timestamps[i] = stamp;
+                }
+            }
+        }
+        Ok(whole)
     }
 
     /// The answer, from one reading per key (in key order).
@@ -139,7 +214,7 @@ impl Request {
         let n = self.values.len();
         let mut results = vec![Column {
             values: self.values.clone(),
-            statuses: vec!["PRESENT"; n],
+            statuses: vec![Cow::Borrowed("PRESENT"); n],
             event_timestamps: vec![EPOCH.to_string(); n],
         }];
         let stamps: Vec<String> = readings
@@ -161,7 +236,7 @@ impl Request {
                 column
                     .values
                     .push(serde_json::to_value(value).unwrap_or_default());
-                column.statuses.push(status.as_feast());
+                column.statuses.push(Cow::Borrowed(status.as_feast()));
                 column.event_timestamps.push(match status {
                     FeatureStatus::NotFound => EPOCH.to_string(),
                     _ => stamp.clone(),
@@ -176,23 +251,23 @@ impl Request {
     }
 }
 
-/// Feast's answer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// Feast's answer (read back from another worker too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub metadata: Metadata,
     pub results: Vec<Column>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metadata {
     pub feature_names: Vec<String>,
 }
 
 /// One column: a value, a status and a timestamp per entity.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Column {
     pub values: Vec<serde_json::Value>,
-    pub statuses: Vec<&'static str>,
+    pub statuses: Vec<Cow<'static, str>>,
     pub event_timestamps: Vec<String>,
 }
 

@@ -38,13 +38,14 @@
 //! the pipeline), it keeps answering requests: its state is between two
 //! events then, and reads must not wait for a sink.
 //!
-//! **Which worker answers.** [`route`] is the seam for `[cluster]`: a key
-//! whose shard another worker owns will be forwarded to that worker's API
-//! address (from its lease row) or answered 307. Until the cluster's worker
-//! loop exists, every key is answered here.
+//! **Which worker answers.** Under `[cluster]`, [`route`] names the worker
+//! whose lease holds a key's shard (its API address is in the lease row):
+//! a request for another worker's key is answered 307 to it, and a Feast
+//! request naming keys of several workers is split among them ([`forward`]).
 
 pub mod body;
 pub mod feast;
+pub mod forward;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -330,6 +331,8 @@ pub struct Online {
     /// The `[schema]` key, the entity name of Feast requests.
     entity: String,
     max_record_bytes: usize,
+    /// Sends a Feast request's keys to the workers that own them.
+    forwarder: forward::Forwarder,
 }
 
 /// Why a request failed, as the HTTP layer maps it to a status.
@@ -374,6 +377,7 @@ impl Online {
             names: inference::feature_names(config),
             entity: config.schema.key.clone(),
             max_record_bytes: config.schema.max_record_bytes,
+            forwarder: forward::Forwarder::new(api.request_timeout.std()),
         };
         Ok((
             online,
@@ -392,37 +396,6 @@ impl Online {
             Route::Local => Ok(()),
             Route::Owner(base) => Err(ApiError::Elsewhere(base)),
             Route::Moving(why) => Err(ApiError::Moving(why)),
-        }
-    }
-
-    /// Ok when this worker answers every key; a request whose keys one
-    /// other worker holds goes there whole; keys of several workers are a
-    /// 400 naming them (a client splits the request per owner).
-    fn all_local(&self, keys: &[Arc<str>]) -> Result<(), ApiError> {
-        let mut owners = std::collections::BTreeSet::new();
-        for key in keys {
-            match route(&self.router, key) {
-                Route::Local => {
-                    owners.insert(String::new());
-                }
-                Route::Owner(base) => {
-                    owners.insert(base);
-                }
-                Route::Moving(why) => return Err(ApiError::Moving(why)),
-            }
-        }
-        match owners.len() {
-            0 | 1 if owners.first().is_none_or(String::is_empty) => Ok(()),
-            1 => Err(ApiError::Elsewhere(owners.pop_first().unwrap_or_default())),
-            _ => Err(ApiError::BadRequest(format!(
-                "these entities are served by {} workers ({}): send each its own keys",
-                owners.len(),
-                owners
-                    .iter()
-                    .map(|o| if o.is_empty() { "this one" } else { o.as_str() })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
         }
     }
 
@@ -445,12 +418,79 @@ impl Online {
     }
 
     /// `POST /v1/get-online-features`.
-    pub async fn feast(&self, request: &[u8]) -> Result<feast::Response, ApiError> {
+    ///
+    /// Keys of one other worker: 307 there. Keys of several: this worker
+    /// answers its own and forwards the others to their owners
+    /// ([`forward`]), unless the request was itself `forwarded` (then every
+    /// key must be this worker's, or 503: ownership moved meanwhile).
+    pub async fn feast(
+        &self,
+        request: &[u8],
+        forwarded: bool,
+    ) -> Result<feast::Response, ApiError> {
         let request = feast::Request::parse(request, &self.entity, &self.names)
             .map_err(ApiError::BadRequest)?;
-        self.all_local(&request.keys)?;
-        let answer = self.queries.read(request.keys.clone(), None).await?;
-        Ok(request.respond(&self.entity, &answer.readings))
+        let mut by_owner: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+        for (i, key) in request.keys.iter().enumerate() {
+            let owner = match route(&self.router, key) {
+                Route::Local => String::new(),
+                Route::Owner(base) => base,
+                Route::Moving(why) => return Err(ApiError::Moving(why)),
+            };
+            by_owner.entry(owner).or_default().push(i);
+        }
+        let remote = by_owner.keys().filter(|o| !o.is_empty()).count();
+        if remote == 0 {
+            let answer = self.queries.read(request.keys.clone(), None).await?;
+            return Ok(request.respond(&self.entity, &answer.readings));
+        }
+        if forwarded {
+            return Err(ApiError::Moving(
+                "a forwarded request names keys this worker no longer serves (their shard moved); retry"
+                    .into(),
+            ));
+        }
+        if by_owner.len() == 1 {
+            let owner = by_owner.into_keys().next().unwrap_or_default();
+            return Err(ApiError::Elsewhere(owner));
+        }
+        let local = by_owner.remove("");
+        let entity = &self.entity;
+        let remote_parts =
+            futures_util::future::join_all(by_owner.into_iter().map(|(owner, indices)| {
+                let body = request.subset(&indices).body(entity);
+                async move {
+                    let answer = self.forwarder.feast(&owner, body).await;
+                    (owner, indices, answer)
+                }
+            }));
+        let local_part = async {
+            match local {
+                Some(indices) => {
+                    let sub = request.subset(&indices);
+                    let answer = self.queries.read(sub.keys.clone(), None).await?;
+                    Ok::<_, ApiError>(Some((indices, sub.respond(entity, &answer.readings))))
+                }
+                None => Ok(None),
+            }
+        };
+        let (remote_parts, local_part) = tokio::join!(remote_parts, local_part);
+        let mut parts: Vec<(Vec<usize>, feast::Response)> = local_part?.into_iter().collect();
+        for (owner, indices, answer) in remote_parts {
+            match answer {
+                Ok(response) => parts.push((indices, response)),
+                Err(why) => {
+                    tracing::warn!(owner = %owner, error = %why, "online API: forwarding a Feast request's keys failed");
+                    return Err(ApiError::Moving(format!(
+                        "the worker serving {} of these entities did not answer ({why}); retry",
+                        indices.len()
+                    )));
+                }
+            }
+        }
+        request.assemble(entity, parts).map_err(|e| {
+            ApiError::Moving(format!("another worker's answer did not fit: {e}; retry"))
+        })
     }
 
     /// `POST /v1/score`: the event's vector now, including itself, and the

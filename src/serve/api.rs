@@ -187,9 +187,15 @@ async fn features(
     done("features", started, redirected(answer, &uri))
 }
 
-async fn feast(State(online): State<Arc<Online>>, uri: axum::http::Uri, body: Bytes) -> Response {
+async fn feast(
+    State(online): State<Arc<Online>>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
-    let answer = online.feast(&body).await;
+    let forwarded = headers.contains_key(crate::online::forward::FORWARDED);
+    let answer = online.feast(&body, forwarded).await;
     done("get-online-features", started, redirected(answer, &uri))
 }
 
