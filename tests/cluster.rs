@@ -620,6 +620,49 @@ async fn the_api_answers_its_keys_and_redirects_the_others_to_their_owner() {
     b.terminate(30).await;
 }
 
+/// Workers `a` and `b` (the first two of `names`, whose directories are
+/// all made) on a stream of `shards` shards: 10 events per key counted,
+/// the leases balanced between them.
+struct Pair {
+    p: Peers,
+    root: tempfile::TempDir,
+    dirs: Vec<PathBuf>,
+    a: Proc,
+    b: Proc,
+    client: aws_sdk_kinesis::Client,
+}
+
+async fn balanced_pair(shards: i32, names: &[&str]) -> Pair {
+    let p = peers(shards).await;
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = names
+        .iter()
+        .map(|n| worker_dir(root.path(), n, &p))
+        .collect();
+    let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let mut a = start(&dirs[0]);
+    let mut b = start(&dirs[1]);
+    let client = p.kinesis.client().await;
+    emulator::put(&client, STREAM, events(0, 10)).await;
+    wait_counts(&all, &mut [&mut a, &mut b], 10, 60).await;
+    let each = shards as usize / 2;
+    wait_owners(
+        &p,
+        |o| o.get("a") == Some(&each) && o.get("b") == Some(&each),
+        60,
+        &mut [&mut a, &mut b],
+    )
+    .await;
+    Pair {
+        p,
+        root,
+        dirs,
+        a,
+        b,
+        client,
+    }
+}
+
 /// The open shards of the stream, in hash order.
 async fn open_shards(client: &aws_sdk_kinesis::Client) -> Vec<aws_sdk_kinesis::types::Shard> {
     let mut open: Vec<_> = client
@@ -651,25 +694,15 @@ async fn open_shards(client: &aws_sdk_kinesis::Client) -> Vec<aws_sdk_kinesis::t
 /// ran: the counts of every key go on exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_split_and_merge_while_two_workers_run() {
-    let p = peers(2).await;
-    let root = tempfile::tempdir().unwrap();
-    let dirs: Vec<PathBuf> = ["a", "b"]
-        .iter()
-        .map(|n| worker_dir(root.path(), n, &p))
-        .collect();
+    let Pair {
+        p,
+        root: _root,
+        dirs,
+        mut a,
+        mut b,
+        client,
+    } = balanced_pair(2, &["a", "b"]).await;
     let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-    let mut a = start(&dirs[0]);
-    let mut b = start(&dirs[1]);
-    let client = p.kinesis.client().await;
-    emulator::put(&client, STREAM, events(0, 10)).await;
-    wait_counts(&all, &mut [&mut a, &mut b], 10, 60).await;
-    wait_owners(
-        &p,
-        |o| o.get("a") == Some(&1) && o.get("b") == Some(&1),
-        60,
-        &mut [&mut a, &mut b],
-    )
-    .await;
 
     let open = open_shards(&client).await;
     let parent = open[0].shard_id.clone();
@@ -737,25 +770,15 @@ async fn shards_split_and_merge_while_two_workers_run() {
 /// handoffs, one lease at a time, while the counts go on exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_worker_takes_its_share_one_handoff_at_a_time() {
-    let p = peers(6).await;
-    let root = tempfile::tempdir().unwrap();
-    let dirs: Vec<PathBuf> = ["a", "b", "c"]
-        .iter()
-        .map(|n| worker_dir(root.path(), n, &p))
-        .collect();
+    let Pair {
+        p,
+        root: _root,
+        dirs,
+        mut a,
+        mut b,
+        client,
+    } = balanced_pair(6, &["a", "b", "c"]).await;
     let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-    let mut a = start(&dirs[0]);
-    let mut b = start(&dirs[1]);
-    let client = p.kinesis.client().await;
-    emulator::put(&client, STREAM, events(0, 10)).await;
-    wait_counts(&all, &mut [&mut a, &mut b], 10, 60).await;
-    wait_owners(
-        &p,
-        |o| o.get("a") == Some(&3) && o.get("b") == Some(&3),
-        60,
-        &mut [&mut a, &mut b],
-    )
-    .await;
 
     let c_metrics = harness::free_addr();
     let mut c = start_with_metrics(&dirs[2], &c_metrics);
