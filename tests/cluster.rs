@@ -377,10 +377,9 @@ async fn three_workers_share_eight_shards_and_survive_a_sigkill() {
             harness::metric_sum(&page, "shardflow_cluster_failovers_total")
         })
         .sum();
-    assert!(
-        (1.0..=3.0).contains(&failovers),
-        "a's 2 or 3 leases taken over: {failovers}"
-    );
+    // a's 2 or 3 leases (a loaded machine may add a lease that missed
+    // its renewals meanwhile).
+    assert!(failovers >= 2.0, "a's leases taken over: {failovers}");
 
     // A clean stop hands every lease off: c ends up with all of them at
     // once, not after failover_time.
