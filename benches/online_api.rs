@@ -26,6 +26,10 @@
 //! queue it makes (no coordinated omission). The load generator shares
 //! the cores with the pipeline and the API.
 //!
+//! A checkpoint every second by default (`SHARDFLOW_BENCH_CHECKPOINT`, e.g.
+//! `5s` as `[pipeline]`'s default): the engine serves no request while it
+//! snapshots its dirty keys, which is where the slowest requests wait.
+//!
 //! ```sh
 //! cargo bench --bench online_api                      # release profile, as make bench
 //! SHARDFLOW_BENCH_SECS=3 cargo bench --bench online_api -- --warm-up-time 1 --measurement-time 2
@@ -71,11 +75,12 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn config(dir: &Path, rate: u64) -> Config {
+    let checkpoint: String = env_or("SHARDFLOW_BENCH_CHECKPOINT", "1s".to_string());
     let text = format!(
         r#"
 [pipeline]
 state_dir = "{dir}/state"
-checkpoint_interval = "1s"
+checkpoint_interval = "{checkpoint}"
 progress_interval = "0"
 
 [api]
