@@ -90,6 +90,10 @@ pub struct EngineOptions {
     /// watermark of the shard whose hash key range holds it, so results do
     /// not depend on which shards share a process (see `watermark.rs`).
     pub per_shard: bool,
+    /// Whether accepted events become `Features` outputs: false when
+    /// nothing downstream takes them (no sink subscribes to `features`
+    /// and no model scores them). The event is aggregated the same.
+    pub feature_records: bool,
 }
 
 impl Default for EngineOptions {
@@ -101,6 +105,7 @@ impl Default for EngineOptions {
             inline_record_max: snapshot::INLINE_RECORD_MAX,
             fire_chunk_keys: usize::MAX,
             per_shard: false,
+            feature_records: true,
         }
     }
 }
@@ -140,6 +145,8 @@ pub struct Engine {
     /// The newest event time processed (after a restore, the newest of the
     /// restored partitions), the online API's default `at`.
     newest: Millis,
+    /// See [`EngineOptions::feature_records`].
+    feature_records: bool,
 }
 
 /// Groups features by window geometry (features sharing one share slices).
@@ -255,6 +262,7 @@ impl Engine {
             pending_domains: Vec::new(),
             fire_todo: Vec::new(),
             newest,
+            feature_records: options.feature_records,
         })
     }
 
@@ -396,7 +404,8 @@ impl Engine {
     }
 
     /// The five steps for one event (see the module docs). Appends exactly
-    /// one `Features` or `Late` output, then any window results.
+    /// one `Features` (unless [`EngineOptions::feature_records`] is off) or
+    /// `Late` output, then any window results.
     pub fn process(
         &mut self,
         event: &Event,
@@ -431,6 +440,9 @@ impl Engine {
                 watermark: w_before,
                 raw: event.raw.clone(),
             }));
+        } else if !self.feature_records {
+            // Aggregated, no vector: nothing downstream takes it.
+            self.op.add_event(event, seq, (w_before, domain), &mut [])?;
         } else {
             let mut values = vec![None; self.names.len()];
             self.op
