@@ -39,6 +39,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "support/cpu.rs"]
+mod cpu;
 #[path = "../tests/inference_support/mod.rs"]
 mod support;
 
@@ -46,7 +48,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::measurement::{Measurement, ValueFormatter};
+use cpu::{process_cpu_ns, threads_cpu_ns, ProcessCpu};
 use criterion::{criterion_group, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput};
 use shardflow::config::Config;
 use shardflow::inference::{self, Scorer};
@@ -75,134 +77,6 @@ fn records_per_iteration(model: &str, max_batch: usize, http: bool) -> usize {
         1024
     } else {
         4096
-    }
-}
-
-// ---- CPU time ---------------------------------------------------------------
-
-#[repr(C)]
-struct Timespec {
-    tv_sec: std::ffi::c_long,
-    tv_nsec: std::ffi::c_long,
-}
-
-extern "C" {
-    fn clock_gettime(clock: std::ffi::c_int, tp: *mut Timespec) -> std::ffi::c_int;
-}
-
-#[cfg(target_os = "macos")]
-const CLOCK_PROCESS_CPUTIME_ID: std::ffi::c_int = 12;
-#[cfg(not(target_os = "macos"))]
-const CLOCK_PROCESS_CPUTIME_ID: std::ffi::c_int = 2;
-
-/// CPU time of the whole process (all threads, including those that have
-/// exited), in nanoseconds.
-fn process_cpu_ns() -> u64 {
-    let mut t = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid, writable timespec; the clock id is the
-    // platform's process CPU clock.
-    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut t) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
-/// CPU time of the live threads named `name`, in nanoseconds (Linux:
-/// /proc/self/task/*/schedstat), or `None` where /proc cannot tell.
-fn threads_cpu_ns(name: &str) -> Option<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let dir = task.ok()?.path();
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue; // exited meanwhile
-        };
-        if comm.trim_end() != name {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
-            continue;
-        };
-        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(total)
-}
-
-/// Criterion measurement: process CPU time instead of wall time, so that
-/// a throughput reads as records per CPU-second.
-struct ProcessCpu;
-
-impl Measurement for ProcessCpu {
-    type Intermediate = u64;
-    type Value = u64;
-
-    fn start(&self) -> u64 {
-        process_cpu_ns()
-    }
-    fn end(&self, start: u64) -> u64 {
-        process_cpu_ns().saturating_sub(start)
-    }
-    fn add(&self, a: &u64, b: &u64) -> u64 {
-        a + b
-    }
-    fn zero(&self) -> u64 {
-        0
-    }
-    fn to_f64(&self, v: &u64) -> f64 {
-        *v as f64
-    }
-    fn formatter(&self) -> &dyn ValueFormatter {
-        &CpuFormatter
-    }
-}
-
-struct CpuFormatter;
-
-impl ValueFormatter for CpuFormatter {
-    fn scale_values(&self, typical: f64, values: &mut [f64]) -> &'static str {
-        let (div, unit) = if typical < 1e3 {
-            (1.0, "ns CPU")
-        } else if typical < 1e6 {
-            (1e3, "µs CPU")
-        } else if typical < 1e9 {
-            (1e6, "ms CPU")
-        } else {
-            (1e9, "s CPU")
-        };
-        values.iter_mut().for_each(|v| *v /= div);
-        unit
-    }
-
-    fn scale_throughputs(
-        &self,
-        typical: f64,
-        throughput: &Throughput,
-        values: &mut [f64],
-    ) -> &'static str {
-        let (n, units) = match *throughput {
-            Throughput::Elements(n) => (n, ["rec/CPU-s", "Krec/CPU-s", "Mrec/CPU-s"]),
-            Throughput::Bytes(n) | Throughput::BytesDecimal(n) => {
-                (n, ["B/CPU-s", "KB/CPU-s", "MB/CPU-s"])
-            }
-            Throughput::Bits(n) => (n, ["b/CPU-s", "Kb/CPU-s", "Mb/CPU-s"]),
-        };
-        let per_s = n as f64 * 1e9 / typical;
-        let (div, unit) = if per_s < 1e3 {
-            (1.0, units[0])
-        } else if per_s < 1e6 {
-            (1e3, units[1])
-        } else {
-            (1e6, units[2])
-        };
-        values
-            .iter_mut()
-            .for_each(|v| *v = n as f64 * 1e9 / *v / div);
-        unit
-    }
-
-    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
-        "ns"
     }
 }
 

@@ -17,6 +17,8 @@ use crate::config::{FieldSpec, FieldType, SchemaConfig};
 use crate::record::{DeadLetter, Event, FieldValue, Position, RawRecord};
 use crate::time::Millis;
 
+mod scan;
+
 /// A compiled `[schema]`.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -119,6 +121,33 @@ impl Decoder {
         if text.len() > self.max_record_bytes {
             return Err(self.too_large(text.len()));
         }
+        // A plain flat object in one scan; anything else, and every
+        // error, through serde_json (see `decode/scan.rs`).
+        let slots = match scan::scan(self, text) {
+            Some(slots) => slots,
+            None => self.slots_serde(text)?,
+        };
+        self.typed(slots)
+    }
+
+    /// [`decode_text`](Self::decode_text) through serde_json alone, for the
+    /// fast path's tests.
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    fn decode_text_serde(
+        &self,
+        text: &str,
+    ) -> Result<(Arc<str>, Millis, Vec<Option<FieldValue>>), String> {
+        if text.len() > self.max_record_bytes {
+            return Err(self.too_large(text.len()));
+        }
+        let slots = self.slots_serde(text)?;
+        self.typed(slots)
+    }
+
+    /// The schema's slots as serde_json finds them; JSON errors, duplicate
+    /// fields and a record that is not an object are reasons.
+    fn slots_serde<'a>(&self, text: &'a str) -> Result<Slots<'a>, String> {
         let mut de = serde_json::Deserializer::from_str(text);
         let mut slots = Slots {
             key: None,
@@ -133,12 +162,21 @@ impl Decoder {
         .map_err(|e| json_reason(&e))?;
         de.end().map_err(|e| json_reason(&e))?;
         parsed?;
+        Ok(slots)
+    }
 
+    /// Key, event time and typed fields from the slots.
+    #[allow(clippy::type_complexity)]
+    fn typed(
+        &self,
+        mut slots: Slots<'_>,
+    ) -> Result<(Arc<str>, Millis, Vec<Option<FieldValue>>), String> {
         let key = match slots.key.take() {
             Some(Scalar::Str(s)) if !s.is_empty() => Arc::from(s.as_ref()),
             Some(Scalar::Str(_)) => return Err(format!("field {} is an empty string", self.key)),
-            Some(Scalar::I64(n)) => Arc::from(n.to_string()),
-            Some(Scalar::U64(n)) => Arc::from(n.to_string()),
+            // Formatted on the stack: one allocation, the key's own.
+            Some(Scalar::I64(n)) => Arc::from(itoa::Buffer::new().format(n)),
+            Some(Scalar::U64(n)) => Arc::from(itoa::Buffer::new().format(n)),
             Some(Scalar::Null) | None => return Err(format!("missing field {}", self.key)),
             Some(other) => {
                 return Err(format!(

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::Millis;
 
+mod ndjson;
+
 /// Where a record came from: its partition (shard, file, archive group) and
 /// its place in that partition.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -371,14 +373,19 @@ pub enum PartitionStatus {
 
 /// Everything a sink can receive.
 #[derive(Clone, Debug, PartialEq)]
+///
+/// The kinds a pipeline makes by the million (feature vectors, window
+/// results, late events, raw records for an archive) are inline; the
+/// larger, rarer ones (a model's answers, dead letters) are boxed, so that
+/// every output of a batch takes less room (128 bytes instead of 184).
 pub enum Output {
     Features(FeatureRecord),
-    Prediction(PredictionRecord),
+    Prediction(Box<PredictionRecord>),
     Window(WindowResult),
     Late(LateRecord),
-    DeadLetter(DeadLetter),
+    DeadLetter(Box<DeadLetter>),
     /// Written by the shadow model; never affects `Prediction` records.
-    Shadow(PredictionRecord),
+    Shadow(Box<PredictionRecord>),
     /// An input record, for archives (only produced when a sink takes it).
     Raw(RawOutput),
 }
@@ -443,11 +450,17 @@ impl Output {
         }
     }
 
-    /// One NDJSON line, newline included.
+    /// One NDJSON line, newline included: the record's `Serialize` form.
+    /// Feature vectors and window results, most of a pipeline's output,
+    /// are written directly (the same bytes, see `record/ndjson.rs`).
     pub fn write_ndjson(&self, buf: &mut Vec<u8>) {
-        // Serializing these types cannot fail: every map key is a string and
-        // non-finite floats are written as null.
-        serde_json::to_writer(&mut *buf, self).expect("output records always serialize");
+        match self {
+            Output::Features(r) => ndjson::feature_record(buf, r),
+            Output::Window(w) => ndjson::window_result(buf, w),
+            // Serializing these types cannot fail: every map key is a
+            // string and non-finite floats are written as null.
+            _ => serde_json::to_writer(&mut *buf, self).expect("output records always serialize"),
+        }
         buf.push(b'\n');
     }
 
@@ -594,11 +607,11 @@ mod tests {
             raw: Bytes::from_static(b"{\"userId\":\"u1\"}"),
         });
         assert!(late.to_ndjson().contains("\"raw\":{\"userId\":\"u1\"}"));
-        let dead = Output::DeadLetter(DeadLetter {
+        let dead = Output::DeadLetter(Box::new(DeadLetter {
             reason: "missing field userId".into(),
             position: Position::new("f".into(), "2"),
             raw: Bytes::from_static(b"{}"),
-        });
+        }));
         let line = dead.to_ndjson();
         assert!(
             line.contains("\"reason\":\"missing field userId\""),
@@ -628,6 +641,12 @@ mod tests {
         );
         assert!(raw(b" {\"a\":1}").contains("\"data_base64\":\"IHsiYSI6MX0=\""));
         assert!(raw(b"{\"a\":").contains("data_base64"));
+    }
+
+    #[test]
+    fn outputs_stay_small() {
+        // Every output of a batch takes the largest variant's room.
+        assert!(std::mem::size_of::<Output>() <= 128);
     }
 
     #[test]

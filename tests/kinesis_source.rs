@@ -481,11 +481,11 @@ async fn the_sink_puts_every_output_and_flush_waits_for_all() {
                 revision: 0,
             })
         })
-        .chain(std::iter::once(Output::DeadLetter(DeadLetter {
+        .chain(std::iter::once(Output::DeadLetter(Box::new(DeadLetter {
             reason: "r".into(),
             position: Position::new(Arc::from("p"), "1"),
             raw: bytes::Bytes::from_static(b"x"),
-        })))
+        }))))
         .collect();
     let refs: Vec<&Output> = outputs.iter().collect();
     sink.write(&refs).await.unwrap();

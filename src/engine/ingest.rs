@@ -44,7 +44,8 @@ impl Operator {
 
     /// Steps 2 and 3 for an event that is not late: adds it to its slice in
     /// every spec where one of its windows is live, and writes the feature
-    /// values of the earliest-ending live window into `values`.
+    /// values of the earliest-ending live window into `values` (none when
+    /// it is empty: no vector is wanted).
     pub(super) fn add_event(
         &mut self,
         event: &Event,
@@ -116,12 +117,14 @@ impl Operator {
             }
             touch(dirty, plan.id, &event.key, st);
             let j = s.max(live);
-            st.windows
-                .values(&geo, &plan.slots, j, &mut scratch[si], |slot, v| {
-                    if let Some(dst) = values.get_mut(slot.index) {
-                        *dst = v;
-                    }
-                });
+            if !values.is_empty() {
+                st.windows
+                    .values(&geo, &plan.slots, j, &mut scratch[si], |slot, v| {
+                        if let Some(dst) = values.get_mut(slot.index) {
+                            *dst = v;
+                        }
+                    });
+            }
             let again = rules::refired(s..=geo.last_window_of_slice(s), live, st.fired);
             if *results && !again.is_empty() {
                 refire.push((plan.id, event.key.clone(), *again.start(), *again.end()));

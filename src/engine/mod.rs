@@ -92,6 +92,10 @@ pub struct EngineOptions {
     /// watermark of the shard whose hash key range holds it, so results do
     /// not depend on which shards share a process (see `watermark.rs`).
     pub per_shard: bool,
+    /// Whether accepted events become `Features` outputs: false when
+    /// nothing downstream takes them (no sink subscribes to `features`
+    /// and no model scores them). The event is aggregated the same.
+    pub feature_records: bool,
 }
 
 impl Default for EngineOptions {
@@ -103,6 +107,7 @@ impl Default for EngineOptions {
             inline_record_max: snapshot::INLINE_RECORD_MAX,
             fire_chunk_keys: usize::MAX,
             per_shard: false,
+            feature_records: true,
         }
     }
 }
@@ -147,6 +152,8 @@ pub struct Engine {
     misrouted: std::collections::HashSet<Arc<str>>,
     /// `[schema] request_fields`: (vector slot, event field index).
     request: Vec<(usize, usize)>,
+    /// See [`EngineOptions::feature_records`].
+    feature_records: bool,
 }
 
 /// How many misrouted keys are told apart; past it, every record of a new
@@ -279,6 +286,7 @@ impl Engine {
             newest,
             misrouted: Default::default(),
             request,
+            feature_records: options.feature_records,
         })
     }
 
@@ -420,7 +428,8 @@ impl Engine {
     }
 
     /// The five steps for one event (see the module docs). Appends exactly
-    /// one `Features` or `Late` output, then any window results.
+    /// one `Features` (unless [`EngineOptions::feature_records`] is off) or
+    /// `Late` output, then any window results.
     pub fn process(
         &mut self,
         event: &Event,
@@ -455,6 +464,9 @@ impl Engine {
                 watermark: w_before,
                 raw: event.raw.clone(),
             }));
+        } else if !self.feature_records {
+            // Aggregated, no vector: nothing downstream takes it.
+            self.op.add_event(event, seq, (w_before, domain), &mut [])?;
         } else {
             let mut values = vec![None; self.names.len()];
             self.op

@@ -343,14 +343,14 @@ async fn score(scorer: Arc<Scorer>, records: Vec<FeatureRecord>) -> Vec<Output> 
         .into_iter()
         .zip(prediction.predictions)
         .map(|(features, p)| {
-            Output::Prediction(PredictionRecord {
+            Output::Prediction(Box::new(PredictionRecord {
                 features,
                 prediction: p,
                 model: model.clone(),
                 variant: prediction.variant.clone(),
                 fallback,
                 latency_ms,
-            })
+            }))
         })
         .collect()
 }
@@ -374,14 +374,14 @@ async fn score_shadow(scorer: &Scorer, records: Vec<FeatureRecord>) -> Vec<Outpu
                 .into_iter()
                 .zip(p.predictions)
                 .map(|(features, prediction)| {
-                    Output::Shadow(PredictionRecord {
+                    Output::Shadow(Box::new(PredictionRecord {
                         features,
                         prediction,
                         model: model.clone(),
                         variant: p.variant.clone(),
                         fallback: false,
                         latency_ms,
-                    })
+                    }))
                 })
                 .collect()
         }
@@ -407,9 +407,9 @@ fn inference_dead_letter(record: FeatureRecord, reason: &str) -> Output {
     let (partition, sequence) = record.id.rsplit_once('/').unwrap_or((&record.id, ""));
     let position = Position::new(Arc::from(partition), sequence);
     let raw = Output::Features(record).to_ndjson();
-    Output::DeadLetter(DeadLetter {
+    Output::DeadLetter(Box::new(DeadLetter {
         reason: reason.to_string(),
         position,
         raw: bytes::Bytes::from(raw.trim_end().to_string()),
-    })
+    }))
 }

@@ -273,9 +273,9 @@ fn process_batch(
                             data: d.raw.clone(),
                         }));
                     }
-                    out.push(Output::DeadLetter(*d));
+                    out.push(Output::DeadLetter(d));
                 }
-                Decoded::Unreadable(d) => out.push(Output::DeadLetter(*d)),
+                Decoded::Unreadable(d) => out.push(Output::DeadLetter(d)),
                 Decoded::Advance(w) => engine.advance_to(w, out)?,
                 Decoded::Partition(name, status) => {
                     engine.partition_status(&name, status, now, out)?

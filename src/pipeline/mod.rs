@@ -268,6 +268,8 @@ pub async fn run(
             window_results,
             fire_chunk_keys: config.pipeline.batch_size.max(1),
             per_shard,
+            // A model scores the vectors even when no sink takes them.
+            feature_records: subscribed.contains(OutputKind::Features) || model.is_some(),
             ..EngineOptions::default()
         },
     )

@@ -753,14 +753,14 @@ mod tests {
         let Output::Features(r) = of else {
             panic!("features")
         };
-        Output::Prediction(PredictionRecord {
+        Output::Prediction(Box::new(PredictionRecord {
             features: r.clone(),
             prediction: serde_json::json!({"score": 0.25, "label": 0, "why": [null, "x", true]}),
             model: "fraud".into(),
             variant: None,
             fallback: false,
             latency_ms: 1.0,
-        })
+        }))
     }
 
     fn n(v: &str) -> AttributeValue {

@@ -176,11 +176,11 @@ mod tests {
     use crate::record::{DeadLetter, Position};
 
     fn dead(n: usize) -> Output {
-        Output::DeadLetter(DeadLetter {
+        Output::DeadLetter(Box::new(DeadLetter {
             reason: "r".into(),
             position: Position::new("p".into(), n.to_string()),
             raw: bytes::Bytes::from_static(b"x"),
-        })
+        }))
     }
 
     #[tokio::test]

@@ -233,11 +233,11 @@ mod tests {
 
     #[test]
     fn partition_keys_are_bounded() {
-        let o = Output::DeadLetter(DeadLetter {
+        let o = Output::DeadLetter(Box::new(DeadLetter {
             reason: "x".into(),
             position: crate::record::Position::new("p".into(), "1"),
             raw: bytes::Bytes::new(),
-        });
+        }));
         assert_eq!(partition_key(&o), "p/1");
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bytes::Bytes;
+use bytes::BytesMut;
 use tokio::fs::File;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
@@ -18,6 +18,9 @@ use crate::config::FileSourceConfig;
 use crate::flow::BoxFuture;
 use crate::record::{PartitionStatus, Position, RawRecord};
 use crate::time::now_millis;
+
+/// Records of a batch share chunks of this size (a longer line gets one of its own).
+const CHUNK_BYTES: usize = 64 << 10;
 
 pub struct FileSource {
     config: FileSourceConfig,
@@ -84,6 +87,9 @@ impl PartitionReader {
     ) -> anyhow::Result<Vec<RawRecord>> {
         let mut batch = Vec::with_capacity(max.min(1024));
         let arrival = now_millis();
+        // The records' bytes are slices of shared chunks, not one
+        // allocation (and its regrowth) per line.
+        let mut chunk = BytesMut::new();
         while batch.len() < max {
             let n = self
                 .reader
@@ -98,21 +104,29 @@ impl PartitionReader {
                 }
             }
             let consumed = self.partial.len() as u64;
-            let mut text = std::mem::take(&mut self.partial);
             self.offset += consumed;
             self.line += 1;
-            while matches!(text.last(), Some(b'\n' | b'\r')) {
-                text.pop();
+            let mut text = &self.partial[..];
+            while let [rest @ .., b'\n' | b'\r'] = text {
+                text = rest;
             }
             if text.iter().all(u8::is_ascii_whitespace) {
+                self.partial.clear();
                 continue;
             }
-            let mut position = Position::new(self.partition.clone(), self.line.to_string());
+            if chunk.capacity() < text.len() {
+                chunk = BytesMut::with_capacity(CHUNK_BYTES.max(text.len()));
+            }
+            chunk.extend_from_slice(text);
+            let bytes = chunk.split().freeze();
+            self.partial.clear();
+            let sequence: Arc<str> = Arc::from(itoa::Buffer::new().format(self.line));
+            let mut position = Position::new(self.partition.clone(), sequence);
             position.resume_offset = Some(self.offset);
             batch.push(RawRecord {
                 position,
                 arrival,
-                bytes: Bytes::from(text),
+                bytes,
                 replay_watermark: None,
             });
             if self.at_end {

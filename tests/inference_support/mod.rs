@@ -523,7 +523,7 @@ pub fn split(
     let mut dead = Vec::new();
     for o in outputs {
         match o {
-            Output::Prediction(p) => predictions.push(p),
+            Output::Prediction(p) => predictions.push(&**p),
             Output::DeadLetter(d) => dead.push((d.position.to_string(), d.reason.clone())),
             _ => {}
         }
