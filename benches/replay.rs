@@ -117,12 +117,11 @@ fn raw_line(i: usize, out: &mut Vec<u8>) {
     );
     let p = i % PARTITIONS;
     Output::Raw(RawOutput {
-        key: None,
         position: Position::new(
             Arc::from(format!("shardId-{p:012}")),
             (i / PARTITIONS).to_string(),
         ),
-        event_time: Some(t),
+        decoded: Some((Arc::from(format!("u{key}")), t)),
         watermark: T0 + (i / 4) as i64 - 10_000,
         data: Bytes::from(data),
     })

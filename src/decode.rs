@@ -447,27 +447,38 @@ impl<'de> Visitor<'de> for RecordSeed<'_, 'de> {
     }
 }
 
+/// A decoder of `userId`, `ts` and `fields` (name, type, optional), event
+/// times in `times`, records up to 100,000 bytes: the tests' schema.
+#[cfg(test)]
+fn test_decoder(fields: &[(&str, FieldType, bool)], times: (Millis, Millis)) -> Decoder {
+    Decoder::new(&SchemaConfig {
+        key: "userId".into(),
+        timestamp: "ts".into(),
+        fields: fields
+            .iter()
+            .map(|&(name, ty, optional)| (name.to_string(), FieldSpec { ty, optional }))
+            .collect(),
+        request_fields: Vec::new(),
+        max_record_bytes: 100_000,
+        min_event_time: times.0,
+        max_event_time: times.1,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::record::Position;
-    use std::collections::BTreeMap;
 
     fn decoder() -> Decoder {
-        let mut fields = BTreeMap::new();
-        let f = |ty, optional| FieldSpec { ty, optional };
-        fields.insert("amount".to_string(), f(FieldType::F64, false));
-        fields.insert("merchant".to_string(), f(FieldType::String, true));
-        fields.insert("n".to_string(), f(FieldType::I64, true));
-        Decoder::new(&SchemaConfig {
-            key: "userId".into(),
-            timestamp: "ts".into(),
-            fields,
-            request_fields: Vec::new(),
-            max_record_bytes: 100_000,
-            min_event_time: 0,
-            max_event_time: 4_102_444_800_000,
-        })
+        test_decoder(
+            &[
+                ("amount", FieldType::F64, false),
+                ("merchant", FieldType::String, true),
+                ("n", FieldType::I64, true),
+            ],
+            (0, 4_102_444_800_000),
+        )
     }
 
     fn decode(text: &[u8]) -> Result<Event, String> {

@@ -261,18 +261,23 @@ pub struct DeadLetter {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawOutput {
     pub position: Position,
-    /// The decoded entity key; `None` when the record was a dead letter.
-    /// Not part of the written record (archives hold the input as it came):
-    /// sinks partition by it, which is how a stream is re-keyed.
-    pub key: Option<Arc<str>>,
-    /// The decoded event time; `None` when the record was a dead letter.
-    pub event_time: Option<Millis>,
+    /// The decoded entity key and event time; `None` when the record was
+    /// a dead letter. The key is not part of the written record (archives
+    /// hold the input as it came): sinks partition by it, which is how a
+    /// stream is re-keyed. (One field for both keeps an `Output` in 128
+    /// bytes.)
+    pub decoded: Option<(Arc<str>, Millis)>,
     /// The pipeline watermark just before this record was processed.
     pub watermark: Millis,
     pub data: Bytes,
 }
 
 impl RawOutput {
+    /// The decoded event time; `None` for a dead letter.
+    pub fn event_time(&self) -> Option<Millis> {
+        self.decoded.as_ref().map(|(_, t)| *t)
+    }
+
     /// True when `data` is one JSON value with nothing around it, so that
     /// embedding it verbatim as JSON gives back exactly these bytes.
     fn data_is_exact_json(&self) -> bool {
@@ -412,7 +417,7 @@ impl Output {
             Output::Window(r) => Some(r.window_start),
             Output::Late(r) => Some(r.event_time),
             Output::DeadLetter(_) => None,
-            Output::Raw(r) => r.event_time,
+            Output::Raw(r) => r.event_time(),
         }
     }
 
@@ -445,7 +450,7 @@ impl Output {
             Output::Prediction(r) | Output::Shadow(r) => Some(&r.features.key),
             Output::Window(r) => Some(&r.key),
             Output::Late(r) => Some(&r.key),
-            Output::Raw(r) => r.key.as_deref(),
+            Output::Raw(r) => r.decoded.as_ref().map(|(k, _)| &**k),
             Output::DeadLetter(_) => None,
         }
     }
@@ -538,7 +543,7 @@ impl Serialize for Output {
                 if let Some(sub) = r.position.sub_sequence {
                     map.serialize_entry("sub_sequence", &sub)?;
                 }
-                if let Some(t) = r.event_time {
+                if let Some(t) = r.event_time() {
                     map.serialize_entry("event_time", &t)?;
                 }
                 map.serialize_entry("watermark", &r.watermark)?;
@@ -624,12 +629,11 @@ mod tests {
     fn raw_records_keep_exact_bytes() {
         let raw = |data: &'static [u8]| {
             Output::Raw(RawOutput {
-                key: None,
                 position: Position {
                     sub_sequence: Some(2),
                     ..Position::new("shardId-1".into(), "49")
                 },
-                event_time: Some(7),
+                decoded: Some((Arc::from("k"), 7)),
                 watermark: -3,
                 data: Bytes::from_static(data),
             })

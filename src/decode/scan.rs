@@ -212,25 +212,18 @@ pub(super) fn scan<'a>(schema: &Decoder, text: &'a str) -> Option<Slots<'a>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{FieldSpec, FieldType, SchemaConfig};
-    use std::collections::BTreeMap;
+    use crate::config::FieldType;
 
     fn decoder() -> Decoder {
-        let mut fields = BTreeMap::new();
-        let f = |ty, optional| FieldSpec { ty, optional };
-        fields.insert("amount".to_string(), f(FieldType::F64, true));
-        fields.insert("merchant".to_string(), f(FieldType::String, true));
-        fields.insert("n".to_string(), f(FieldType::I64, true));
-        fields.insert("ok".to_string(), f(FieldType::Bool, true));
-        Decoder::new(&SchemaConfig {
-            key: "userId".into(),
-            timestamp: "ts".into(),
-            fields,
-            request_fields: Vec::new(),
-            max_record_bytes: 100_000,
-            min_event_time: i64::MIN,
-            max_event_time: i64::MAX,
-        })
+        super::super::test_decoder(
+            &[
+                ("amount", FieldType::F64, true),
+                ("merchant", FieldType::String, true),
+                ("n", FieldType::I64, true),
+                ("ok", FieldType::Bool, true),
+            ],
+            (i64::MIN, i64::MAX),
+        )
     }
 
     /// Every record gives the same event or the same reason with the fast

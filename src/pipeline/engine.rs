@@ -254,9 +254,8 @@ fn process_batch(
                     events += 1;
                     if emit_raw {
                         out.push(Output::Raw(RawOutput {
-                            key: Some(e.key.clone()),
                             position: e.position.clone(),
-                            event_time: Some(e.event_time),
+                            decoded: Some((e.key.clone(), e.event_time)),
                             watermark: engine.watermark(),
                             data: e.raw.clone(),
                         }));
@@ -266,9 +265,8 @@ fn process_batch(
                 Decoded::Dead(d) => {
                     if emit_raw {
                         out.push(Output::Raw(RawOutput {
-                            key: None,
                             position: d.position.clone(),
-                            event_time: None,
+                            decoded: None,
                             watermark: engine.watermark(),
                             data: d.raw.clone(),
                         }));

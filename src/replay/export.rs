@@ -185,7 +185,7 @@ impl Sink for ExportSink {
         Box::pin(async move {
             for o in outputs {
                 match o {
-                    Output::Raw(r) if r.event_time.is_some() => {
+                    Output::Raw(r) if r.decoded.is_some() => {
                         let label = self.label_of(&r.data);
                         self.waiting.insert(r.position.id(), label);
                     }
