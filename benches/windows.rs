@@ -103,7 +103,7 @@ fn events(n: usize) -> Vec<Event> {
                 arrival: 0,
                 key: Arc::from(format!("user-{key}")),
                 event_time: T0 + (i as i64) / 10 - jitter,
-                fields: vec![Some(FieldValue::F64((next() % 10_000) as f64 / 100.0))],
+                fields: vec![Some(FieldValue::F64((next() % 10_000) as f64 / 100.0))].into(),
                 raw: Default::default(),
             }
         })
@@ -128,7 +128,7 @@ fn fresh(config: &Config, hold_watermark: bool) -> Run {
             arrival: 0,
             key: Arc::from("hold"),
             event_time: T0 - 3_600_000,
-            fields: vec![Some(FieldValue::F64(0.0))],
+            fields: vec![Some(FieldValue::F64(0.0))].into(),
             raw: Default::default(),
         };
         engine.process(&hold, 0, &mut Vec::new()).expect("hold");

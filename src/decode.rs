@@ -14,7 +14,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use smallvec::SmallVec;
 
 use crate::config::{FieldSpec, FieldType, SchemaConfig};
-use crate::record::{DeadLetter, Event, FieldValue, Position, RawRecord};
+use crate::record::{DeadLetter, Event, FieldValue, Fields, Position, RawRecord};
 use crate::time::Millis;
 
 mod scan;
@@ -93,10 +93,7 @@ impl Decoder {
 
     /// The reason is a sentence for a human reading the dead-letter output.
     #[allow(clippy::type_complexity)]
-    pub fn decode_parts(
-        &self,
-        bytes: &[u8],
-    ) -> Result<(Arc<str>, Millis, Vec<Option<FieldValue>>), String> {
+    pub fn decode_parts(&self, bytes: &[u8]) -> Result<(Arc<str>, Millis, Fields), String> {
         if bytes.len() > self.max_record_bytes {
             return Err(self.too_large(bytes.len()));
         }
@@ -114,10 +111,7 @@ impl Decoder {
     }
 
     #[allow(clippy::type_complexity)]
-    fn decode_text(
-        &self,
-        text: &str,
-    ) -> Result<(Arc<str>, Millis, Vec<Option<FieldValue>>), String> {
+    fn decode_text(&self, text: &str) -> Result<(Arc<str>, Millis, Fields), String> {
         if text.len() > self.max_record_bytes {
             return Err(self.too_large(text.len()));
         }
@@ -134,10 +128,7 @@ impl Decoder {
     /// fast path's tests.
     #[cfg(test)]
     #[allow(clippy::type_complexity)]
-    fn decode_text_serde(
-        &self,
-        text: &str,
-    ) -> Result<(Arc<str>, Millis, Vec<Option<FieldValue>>), String> {
+    fn decode_text_serde(&self, text: &str) -> Result<(Arc<str>, Millis, Fields), String> {
         if text.len() > self.max_record_bytes {
             return Err(self.too_large(text.len()));
         }
@@ -167,10 +158,7 @@ impl Decoder {
 
     /// Key, event time and typed fields from the slots.
     #[allow(clippy::type_complexity)]
-    fn typed(
-        &self,
-        mut slots: Slots<'_>,
-    ) -> Result<(Arc<str>, Millis, Vec<Option<FieldValue>>), String> {
+    fn typed(&self, mut slots: Slots<'_>) -> Result<(Arc<str>, Millis, Fields), String> {
         let key = match slots.key.take() {
             Some(Scalar::Str(s)) if !s.is_empty() => Arc::from(s.as_ref()),
             Some(Scalar::Str(_)) => return Err(format!("field {} is an empty string", self.key)),
@@ -190,7 +178,7 @@ impl Decoder {
             None | Some(Scalar::Null) => return Err(format!("missing field {}", self.timestamp)),
             Some(s) => self.event_time(s)?,
         };
-        let mut fields = Vec::with_capacity(self.fields.len());
+        let mut fields = Fields::with_capacity(self.fields.len());
         for ((name, spec), slot) in self.fields.iter().zip(slots.fields) {
             fields.push(typed_field(name, *spec, slot)?);
         }
@@ -500,7 +488,7 @@ mod tests {
         .unwrap();
         assert_eq!(&*e.key, "u1");
         assert_eq!(e.event_time, 1_700_000_000_000);
-        assert_eq!(e.fields, vec![Some(FieldValue::F64(12.0)), None, None]);
+        assert_eq!(e.fields[..], [Some(FieldValue::F64(12.0)), None, None]);
         let e = decode(br#"{"userId":7,"ts":1700000000000,"amount":1.5,"merchant":"m\"1","n":3}"#)
             .unwrap();
         assert_eq!(&*e.key, "7");

@@ -30,8 +30,6 @@
 
 use std::sync::Arc;
 
-use smol_str::SmolStr;
-
 use crate::state::{hash_key, StateStore};
 use crate::time::Millis;
 
@@ -47,7 +45,9 @@ pub const PREFETCH_AHEAD: usize = 32;
 /// in memory.
 #[inline]
 pub(super) fn key_states<'a>(states: &'a mut States, key: &str, specs: usize) -> &'a mut KeyEntry {
-    states.entry(SmolStr::new(key)).or_insert_with(|| KeyEntry {
+    // By reference: the key's owned form (an allocation for one longer
+    // than 23 bytes, a UUID) is made only when the entry is.
+    states.entry_ref(key).or_insert_with(|| KeyEntry {
         hash: hash_key(key),
         slots: (0..specs).map(|_| None).collect(),
         newest: Millis::MIN,

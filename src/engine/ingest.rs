@@ -38,6 +38,7 @@ impl Operator {
             capacity: capacity.max(1),
             inline_max,
             refire: Vec::new(),
+            visiting: Vec::new(),
             stats: EngineStats::default(),
         })
     }

@@ -29,7 +29,7 @@
 //! the same fields to the others anyway. So the fields are `pub(super)`, and
 //! each field's doc names the file that owns it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -150,6 +150,9 @@ pub(super) struct Operator {
     /// [`timers`](super::timers): windows the current event updated after
     /// they were fired (step 5).
     pub(super) refire: Vec<(u16, Arc<str>, i64, i64)>,
+    /// [`timers`](super::timers): the chunk of due keys being visited
+    /// (kept for its allocation).
+    pub(super) visiting: Vec<Arc<str>>,
     pub(super) stats: EngineStats,
 }
 
@@ -199,13 +202,18 @@ pub(super) type KeyRef<'a> = (&'a [u8; 16], &'a str);
 /// short keys; this map is hit for every event and every firing. Keys up to
 /// 23 bytes are stored inline ([`SmolStr`]), so comparing the probed entry's
 /// key does not chase a pointer to another cache line.
-pub(super) type States = HashMap<SmolStr, KeyEntry, foldhash::fast::RandomState>;
+pub(super) type States = hashbrown::HashMap<SmolStr, KeyEntry, foldhash::fast::RandomState>;
 
 /// The timer index: the keys of each spec whose timer is at an instant,
 /// ordered by that instant (a window end or a purge time).
 /// Timers by (domain, due, spec): a domain's timers are one range of the
 /// map, fired at that domain's watermark (see [`Domains`]).
-pub(super) type Timers = BTreeMap<(u32, i64, u16), Vec<Arc<str>>>;
+///
+/// A bucket is a queue: a firing burst takes its keys from the front in
+/// chunks of the budget, in O(chunk) each (taking a chunk off a `Vec`'s
+/// front moved the rest, O(keys²/chunk) for a window end most keys share),
+/// and keys landing in it meanwhile queue behind the ones still waiting.
+pub(super) type Timers = BTreeMap<(u32, i64, u16), VecDeque<Arc<str>>>;
 
 /// Per-shard mode: the open shards' hash ranges `(start, end, domain)`,
 /// sorted and disjoint. A key's windows follow the watermark of the shard

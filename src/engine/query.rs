@@ -323,7 +323,8 @@ mod tests {
                     "m{}",
                     rng.random_range(0..5)
                 )))),
-            ],
+            ]
+            .into(),
             raw: bytes::Bytes::new(),
         }
     }

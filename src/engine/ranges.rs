@@ -49,7 +49,7 @@ impl Operator {
             self.timers
                 .entry((self.domains.of(&hash), due, spec))
                 .or_default()
-                .push(Arc::from(key));
+                .push_back(Arc::from(key));
             adopted += 1;
         }
         Ok(adopted)
@@ -79,7 +79,7 @@ impl Operator {
                 };
                 let to = self.domains.of(&hash);
                 moved += usize::from(to != d);
-                timers.entry((to, due, spec)).or_default().push(key);
+                timers.entry((to, due, spec)).or_default().push_back(key);
             }
         }
         self.timers = timers;

@@ -36,7 +36,7 @@
 //!   call. The due keys it leaves stay at the front of their entry, ahead of
 //!   any keys that visits rescheduled to the same instant.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use crate::record::{Output, Value, WindowResult};
@@ -64,7 +64,7 @@ pub(super) fn restore(store: &StateStore, specs: usize) -> Result<Timers, Engine
         timers
             .entry((GLOBAL, due, spec))
             .or_default()
-            .push(Arc::from(key));
+            .push_back(Arc::from(key));
     }
     Ok(timers)
 }
@@ -151,7 +151,7 @@ pub(super) fn reschedule(
                 timers
                     .entry((domain, d, plan.id))
                     .or_default()
-                    .push(key.clone());
+                    .push_back(key.clone());
             }
         }
     }
@@ -247,21 +247,42 @@ impl Operator {
             if *budget == 0 {
                 return Ok(true);
             }
-            let mut keys = self.timers.remove(&(d, due, spec)).unwrap_or_default();
-            let rest = (keys.len() > *budget).then(|| keys.split_off(*budget));
-            *budget -= keys.len();
-            for chunk in keys.chunks(PREFETCH_AHEAD) {
-                self.prefetch(chunk.iter().map(|k| &**k));
-                for key in chunk {
-                    self.visit(usize::from(spec), key, due, w, out)?;
+            let mut chunk = std::mem::take(&mut self.visiting);
+            chunk.clear();
+            let more = match self.timers.get_mut(&(d, due, spec)) {
+                Some(keys) => {
+                    let n = keys.len().min(*budget);
+                    chunk.extend(keys.drain(..n));
+                    if keys.is_empty() {
+                        self.timers.remove(&(d, due, spec));
+                        false
+                    } else {
+                        true
+                    }
+                }
+                None => false,
+            };
+            *budget -= chunk.len();
+            if self.results {
+                // A visit usually fires one window: a result per feature.
+                // Reserved at once, not grown (and copied) a few at a time.
+                out.reserve(chunk.len() * self.specs[usize::from(spec)].slots.len());
+            }
+            let mut visited = Ok(());
+            'chunk: for keys in chunk.chunks(PREFETCH_AHEAD) {
+                self.prefetch(keys.iter().map(|k| &**k));
+                for key in keys {
+                    visited = self.visit(usize::from(spec), key, due, w, out);
+                    if visited.is_err() {
+                        break 'chunk;
+                    }
                 }
             }
-            if let Some(mut rest) = rest {
-                // Visits reschedule later than `due`, but keep whatever
-                // landed here behind the keys still waiting.
-                let slot = self.timers.entry((d, due, spec)).or_default();
-                rest.append(slot);
-                *slot = rest;
+            self.visiting = chunk;
+            visited?;
+            if more {
+                // Visits reschedule later than `due`; whatever landed here
+                // meanwhile queued behind the keys still waiting.
                 return Ok(true);
             }
         }
@@ -396,6 +417,6 @@ impl Operator {
 
     /// Number of timer entries in memory (including stale ones).
     pub(super) fn timer_entries(&self) -> usize {
-        self.timers.values().map(Vec::len).sum()
+        self.timers.values().map(VecDeque::len).sum()
     }
 }

@@ -554,7 +554,7 @@ mod tests {
             arrival: 0,
             key: "k".into(),
             event_time: t,
-            fields: vec![Some(FieldValue::F64(v))],
+            fields: vec![Some(FieldValue::F64(v))].into(),
             raw: Default::default(),
         }
     }

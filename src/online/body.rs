@@ -211,7 +211,7 @@ mod tests {
             arrival: 0,
             key: "u1".into(),
             event_time: 10,
-            fields: vec![],
+            fields: Default::default(),
             raw: bytes::Bytes::new(),
         }
     }

@@ -121,7 +121,8 @@ pub fn event(e: &In) -> Event {
         fields: vec![
             e.amount.map(|a| FieldValue::F64(a as f64)),
             Some(FieldValue::Str(Arc::from(format!("m{}", e.merchant)))),
-        ],
+        ]
+        .into(),
         raw: bytes::Bytes::from(format!("{{\"ts\":{}}}", e.time)),
     }
 }
