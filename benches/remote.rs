@@ -76,7 +76,7 @@ fn event(i: usize, keys: u64, rng: &mut u64, partition: &Arc<str>) -> Event {
     Event {
         position: Position::new(partition.clone(), i.to_string()),
         arrival: 0,
-        key: Arc::from(format!("user-{}", *rng % keys)),
+        key: format!("user-{}", *rng % keys).into(),
         event_time: T0 + (i as i64) / 10,
         fields: vec![Some(FieldValue::F64((*rng % 10_000) as f64 / 100.0))].into(),
         raw: Default::default(),

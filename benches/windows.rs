@@ -101,7 +101,7 @@ fn events(n: usize) -> Vec<Event> {
             Event {
                 position: Position::new(partition.clone(), i.to_string()),
                 arrival: 0,
-                key: Arc::from(format!("user-{key}")),
+                key: format!("user-{key}").into(),
                 event_time: T0 + (i as i64) / 10 - jitter,
                 fields: vec![Some(FieldValue::F64((next() % 10_000) as f64 / 100.0))].into(),
                 raw: Default::default(),
@@ -126,7 +126,7 @@ fn fresh(config: &Config, hold_watermark: bool) -> Run {
         let hold = Event {
             position: Position::new(Arc::from("hold"), "0"),
             arrival: 0,
-            key: Arc::from("hold"),
+            key: "hold".into(),
             event_time: T0 - 3_600_000,
             fields: vec![Some(FieldValue::F64(0.0))].into(),
             raw: Default::default(),
@@ -176,7 +176,7 @@ fn checkpoint(run: &mut Run, last: &Event) {
 
 /// The floor: the same per-event work without windows or state store.
 fn hashmap_floor(events: &[Event], names: &FeatureNames) -> usize {
-    let mut map: HashMap<Arc<str>, (i64, f64, f64)> = HashMap::new();
+    let mut map: HashMap<shardflow::record::Key, (i64, f64, f64)> = HashMap::new();
     let mut out = Vec::with_capacity(4096);
     let mut n = 0;
     for e in events {
@@ -265,10 +265,11 @@ fn bench(c: &mut Criterion) {
     // Emission: a smaller input (100 events per key) so that a 1 h window's
     // ~370 results per key stay affordable; throughput is in results.
     let emission_events = events((n / 10).max(10)).into_iter().map(|mut e| {
-        e.key = Arc::from(format!(
+        e.key = format!(
             "user-{}",
             e.position.sequence.parse::<u64>().unwrap_or(0) % 1_000
-        ));
+        )
+        .into();
         e
     });
     let emission_events: Vec<Event> = emission_events.collect();

@@ -14,7 +14,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use smallvec::SmallVec;
 
 use crate::config::{FieldSpec, FieldType, SchemaConfig};
-use crate::record::{DeadLetter, Event, FieldValue, Fields, Position, RawRecord};
+use crate::record::{DeadLetter, Event, FieldValue, Fields, Key, Position, RawRecord};
 use crate::time::Millis;
 
 mod scan;
@@ -93,7 +93,7 @@ impl Decoder {
 
     /// The reason is a sentence for a human reading the dead-letter output.
     #[allow(clippy::type_complexity)]
-    pub fn decode_parts(&self, bytes: &[u8]) -> Result<(Arc<str>, Millis, Fields), String> {
+    pub fn decode_parts(&self, bytes: &[u8]) -> Result<(Key, Millis, Fields), String> {
         if bytes.len() > self.max_record_bytes {
             return Err(self.too_large(bytes.len()));
         }
@@ -111,7 +111,7 @@ impl Decoder {
     }
 
     #[allow(clippy::type_complexity)]
-    fn decode_text(&self, text: &str) -> Result<(Arc<str>, Millis, Fields), String> {
+    fn decode_text(&self, text: &str) -> Result<(Key, Millis, Fields), String> {
         if text.len() > self.max_record_bytes {
             return Err(self.too_large(text.len()));
         }
@@ -128,7 +128,7 @@ impl Decoder {
     /// fast path's tests.
     #[cfg(test)]
     #[allow(clippy::type_complexity)]
-    fn decode_text_serde(&self, text: &str) -> Result<(Arc<str>, Millis, Fields), String> {
+    fn decode_text_serde(&self, text: &str) -> Result<(Key, Millis, Fields), String> {
         if text.len() > self.max_record_bytes {
             return Err(self.too_large(text.len()));
         }
@@ -158,13 +158,13 @@ impl Decoder {
 
     /// Key, event time and typed fields from the slots.
     #[allow(clippy::type_complexity)]
-    fn typed(&self, mut slots: Slots<'_>) -> Result<(Arc<str>, Millis, Fields), String> {
+    fn typed(&self, mut slots: Slots<'_>) -> Result<(Key, Millis, Fields), String> {
         let key = match slots.key.take() {
-            Some(Scalar::Str(s)) if !s.is_empty() => Arc::from(s.as_ref()),
+            Some(Scalar::Str(s)) if !s.is_empty() => Key::from(s.as_ref()),
             Some(Scalar::Str(_)) => return Err(format!("field {} is an empty string", self.key)),
-            // Formatted on the stack: one allocation, the key's own.
-            Some(Scalar::I64(n)) => Arc::from(itoa::Buffer::new().format(n)),
-            Some(Scalar::U64(n)) => Arc::from(itoa::Buffer::new().format(n)),
+            // Formatted on the stack, held inline (20 digits at most).
+            Some(Scalar::I64(n)) => Key::from(itoa::Buffer::new().format(n)),
+            Some(Scalar::U64(n)) => Key::from(itoa::Buffer::new().format(n)),
             Some(Scalar::Null) | None => return Err(format!("missing field {}", self.key)),
             Some(other) => {
                 return Err(format!(

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
+use smol_str::SmolStr;
 
 use crate::time::Millis;
 
@@ -120,12 +121,19 @@ pub const INLINE_FIELDS: usize = 4;
 /// engine's, each a cache miss on memory the other core last wrote.
 pub type Fields = SmallVec<[Option<FieldValue>; INLINE_FIELDS]>;
 
+/// An entity key: inline up to 23 bytes (an account, card or device
+/// number), so that the engine's lists and every output it is in hold a
+/// copy of it rather than a count shared between threads, and a sink reads
+/// its bytes from the output itself. A longer key (a UUID) shares one
+/// allocation, as an `Arc<str>` does.
+pub type Key = SmolStr;
+
 /// A decoded record: key, event time and schema fields in schema order.
 #[derive(Clone, Debug)]
 pub struct Event {
     pub position: Position,
     pub arrival: Millis,
-    pub key: Arc<str>,
+    pub key: Key,
     pub event_time: Millis,
     /// One slot per `[schema].fields` entry, in the schema's order; `None`
     /// when an optional field is absent.
@@ -192,7 +200,7 @@ impl Serialize for FeatureVector {
 #[derive(Clone, Debug)]
 pub struct FeatureRecord {
     pub id: String,
-    pub key: Arc<str>,
+    pub key: Key,
     pub event_time: Millis,
     pub features: FeatureVector,
     /// When the event's record arrived (processing time, epoch ms), for
@@ -227,7 +235,7 @@ pub struct PredictionRecord {
 /// The value of one feature for one key in one window.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WindowResult {
-    pub key: Arc<str>,
+    pub key: Key,
     pub feature: Arc<str>,
     pub window_start: Millis,
     pub window_end: Millis,
@@ -250,7 +258,7 @@ impl WindowResult {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LateRecord {
     pub id: String,
-    pub key: Arc<str>,
+    pub key: Key,
     pub event_time: Millis,
     /// The pipeline watermark when the event arrived.
     pub watermark: Millis,

@@ -172,7 +172,7 @@ async fn the_pipeline_scores_with_an_onnx_model() {
         .enumerate()
         .map(|(i, features)| FeatureRecord {
             id: format!("p/{i}"),
-            key: Arc::from(format!("u{}", i % 3)),
+            key: format!("u{}", i % 3).into(),
             event_time: 1_700_000_000_000 + i as i64,
             features,
             arrival: 0,

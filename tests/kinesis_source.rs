@@ -473,7 +473,7 @@ async fn the_sink_puts_every_output_and_flush_waits_for_all() {
     let outputs: Vec<Output> = (0..1_234)
         .map(|i| {
             Output::Window(WindowResult {
-                key: Arc::from(format!("k{}", i % 10)),
+                key: format!("k{}", i % 10).into(),
                 feature: Arc::from("f"),
                 window_start: 0,
                 window_end: 1000 + i,

@@ -28,8 +28,7 @@
 //!   is marked dirty or evicted, so what is written and evicted later is
 //!   what it would have been without the read.
 
-use std::sync::Arc;
-
+use crate::record::Key;
 use crate::state::{hash_key, StateStore};
 use crate::time::Millis;
 
@@ -98,12 +97,7 @@ pub(super) fn slot_state<'a>(
 
 /// Marks `st` dirty, listing it in `dirty` if it was not yet.
 #[inline]
-pub(super) fn touch(
-    dirty: &mut Vec<(u16, Arc<str>)>,
-    spec: u16,
-    key: &Arc<str>,
-    st: &mut KeyState,
-) {
+pub(super) fn touch(dirty: &mut Vec<(u16, Key)>, spec: u16, key: &Key, st: &mut KeyState) {
     if !st.dirty {
         st.dirty = true;
         dirty.push((spec, key.clone()));

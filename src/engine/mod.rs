@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, DEFAULT_MAX_DISTINCT};
 use crate::record::{
-    Event, FeatureNames, FeatureRecord, FeatureVector, FieldValue, LateRecord, Output, Value,
+    Event, FeatureNames, FeatureRecord, FeatureVector, FieldValue, Key, LateRecord, Output, Value,
 };
 use crate::state::rocks_meta_key;
 use crate::state::{Cf, HashRange, StateDelta, StateError, StateStore};
@@ -149,7 +149,7 @@ pub struct Engine {
     newest: Millis,
     /// Per-shard mode: keys seen on a shard whose hash range does not hold
     /// their MD5 (see [`Engine::misrouted`]); at most [`MISROUTED_REMEMBERED`].
-    misrouted: std::collections::HashSet<Arc<str>>,
+    misrouted: std::collections::HashSet<Key>,
     /// `[schema] request_fields`: (vector slot, event field index).
     request: Vec<(usize, usize)>,
     /// See [`EngineOptions::feature_records`].

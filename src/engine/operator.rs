@@ -30,11 +30,11 @@
 //! each field's doc names the file that owns it.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
 
 use smallvec::SmallVec;
 use smol_str::SmolStr;
 
+use crate::record::Key;
 use crate::state::{StateDelta, StateStore};
 use crate::time::Millis;
 
@@ -129,7 +129,7 @@ pub(super) struct Operator {
     /// [`ranges`](super::ranges): per-shard mode's key → timer domain.
     pub(super) domains: Domains,
     /// [`cache`](super::cache): the states changed since the last snapshot.
-    pub(super) dirty: Vec<(u16, Arc<str>)>,
+    pub(super) dirty: Vec<(u16, Key)>,
     /// Deletes of purged slices since the last snapshot (queued by
     /// [`timers`](super::timers), handed out by [`snapshot`](super::snapshot)).
     pub(super) pending: StateDelta,
@@ -149,10 +149,10 @@ pub(super) struct Operator {
     pub(super) scratch: Vec<Acc>,
     /// [`timers`](super::timers): windows the current event updated after
     /// they were fired (step 5).
-    pub(super) refire: Vec<(u16, Arc<str>, i64, i64)>,
+    pub(super) refire: Vec<(u16, Key, i64, i64)>,
     /// [`timers`](super::timers): the chunk of due keys being visited
     /// (kept for its allocation).
-    pub(super) visiting: Vec<Arc<str>>,
+    pub(super) visiting: Vec<Key>,
     pub(super) stats: EngineStats,
 }
 
@@ -213,7 +213,7 @@ pub(super) type States = hashbrown::HashMap<SmolStr, KeyEntry, foldhash::fast::R
 /// chunks of the budget, in O(chunk) each (taking a chunk off a `Vec`'s
 /// front moved the rest, O(keys²/chunk) for a window end most keys share),
 /// and keys landing in it meanwhile queue behind the ones still waiting.
-pub(super) type Timers = BTreeMap<(u32, i64, u16), VecDeque<Arc<str>>>;
+pub(super) type Timers = BTreeMap<(u32, i64, u16), VecDeque<Key>>;
 
 /// Per-shard mode: the open shards' hash ranges `(start, end, domain)`,
 /// sorted and disjoint. A key's windows follow the watermark of the shard

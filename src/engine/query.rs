@@ -314,7 +314,7 @@ mod tests {
                 seq.to_string(),
             ),
             arrival: 0,
-            key: Arc::from(format!("k{}", rng.random_range(0..6))),
+            key: format!("k{}", rng.random_range(0..6)).into(),
             event_time: t,
             fields: vec![
                 rng.random_bool(0.85)

@@ -10,8 +10,7 @@
 //!   states leave the cache and its timers the index, so nothing here fires,
 //!   purges or writes the range again; the next holder does.
 
-use std::sync::Arc;
-
+use crate::record::Key;
 use crate::state::{hash_key, HashRange};
 
 use super::operator::{Domains, Operator, Timers};
@@ -49,7 +48,7 @@ impl Operator {
             self.timers
                 .entry((self.domains.of(&hash), due, spec))
                 .or_default()
-                .push_back(Arc::from(key));
+                .push_back(Key::from(key));
             adopted += 1;
         }
         Ok(adopted)
@@ -103,8 +102,8 @@ impl Operator {
     pub(super) fn forget_range(&mut self, range: HashRange) -> usize {
         let before = self.states.len();
         self.states.retain(|_, entry| !range.contains(&entry.hash));
-        let mut hashes = std::collections::HashMap::<Arc<str>, bool>::new();
-        let mut inside = |key: &Arc<str>| {
+        let mut hashes = std::collections::HashMap::<Key, bool>::new();
+        let mut inside = |key: &Key| {
             *hashes
                 .entry(key.clone())
                 .or_insert_with(|| range.contains(&hash_key(key)))

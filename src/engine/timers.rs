@@ -37,9 +37,8 @@
 //!   any keys that visits rescheduled to the same instant.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
 
-use crate::record::{Output, Value, WindowResult};
+use crate::record::{Key, Output, Value, WindowResult};
 use crate::state::codec::write_slice_key;
 use crate::state::{Cf, StateDelta, StateStore};
 
@@ -64,7 +63,7 @@ pub(super) fn restore(store: &StateStore, specs: usize) -> Result<Timers, Engine
         timers
             .entry((GLOBAL, due, spec))
             .or_default()
-            .push_back(Arc::from(key));
+            .push_back(Key::from(key));
     }
     Ok(timers)
 }
@@ -139,7 +138,7 @@ pub(super) fn reschedule(
     domain: u32,
     plan: &SpecPlan,
     (lateness, results): (i64, bool),
-    key: &Arc<str>,
+    key: &Key,
     st: &mut KeyState,
 ) {
     let due = st.next_due(&plan.geo, lateness, results);
@@ -162,7 +161,7 @@ pub(super) fn reschedule(
 #[allow(clippy::too_many_arguments)]
 fn emit(
     plan: &SpecPlan,
-    key: &Arc<str>,
+    key: &Key,
     st: &mut KeyState,
     scratch: &mut Acc,
     j: i64,
@@ -292,7 +291,7 @@ impl Operator {
     fn visit(
         &mut self,
         si: usize,
-        key: &Arc<str>,
+        key: &Key,
         due: i64,
         w: i64,
         out: &mut Vec<Output>,
@@ -381,7 +380,7 @@ impl Operator {
     /// results were off count as handled; results start with the windows
     /// that come due from now on.
     pub(super) fn start_window_results(&mut self, w: i64) -> Result<(), EngineError> {
-        let keys: Vec<(u16, Arc<str>)> = self
+        let keys: Vec<(u16, Key)> = self
             .timers
             .iter()
             .flat_map(|(&(_, _, spec), keys)| keys.iter().map(move |k| (spec, k.clone())))

@@ -189,6 +189,19 @@ impl KeyWindows {
         {
             prefetch_lines(s);
         }
+        // Where a new slice would go, the usual event of a sparse key (one
+        // that sees an event per window or fewer): the slot after the
+        // newest, which a deque with room fills without reallocating. Only
+        // an address, never read: a guess that is wrong (the slot wrapped
+        // to the buffer's start) loads a line for nothing.
+        if self.slices.len() < self.slices.capacity() {
+            let next = match self.slices.back() {
+                Some(last) => std::ptr::from_ref(last).wrapping_add(1),
+                // Empty: the front slice's start is where the next goes.
+                None => self.slices.as_slices().0.as_ptr(),
+            };
+            prefetch_lines(next);
+        }
         prefetch_lines(self.marks.as_ptr());
     }
 

@@ -126,7 +126,7 @@ impl ScoreBody {
             ),
         };
         ScoreBody {
-            key: event.key.clone(),
+            key: Arc::from(&*event.key),
             event_time: event.event_time,
             watermark: watermark(w),
             late,

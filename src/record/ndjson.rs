@@ -208,7 +208,7 @@ mod tests {
                         (i64::MIN, i64::MAX, u32::MAX),
                     ] {
                         let o = Output::Window(WindowResult {
-                            key: Arc::from(*key),
+                            key: (*key).into(),
                             feature: Arc::from(*feature),
                             window_start: start,
                             window_end: end,
@@ -233,7 +233,7 @@ mod tests {
                         .collect();
                     let o = Output::Features(FeatureRecord {
                         id: (*id).into(),
-                        key: Arc::from(*key),
+                        key: (*key).into(),
                         event_time: 1_700_000_000_000 - n as i64,
                         features: FeatureVector {
                             names,

@@ -541,7 +541,7 @@ mod tests {
         let names: crate::record::FeatureNames = vec![Arc::from("n"), Arc::from("total")].into();
         FeatureRecord {
             id: format!("p/{i}"),
-            key: Arc::from(format!("k{}", i % 3)),
+            key: format!("k{}", i % 3).into(),
             event_time: 1_700_000_000_000 + i,
             features: FeatureVector {
                 names,

@@ -80,7 +80,7 @@ use super::Sink;
 use crate::aws::{self, dynamodb::is_retryable, error_text, Backoff, ClientSettings};
 use crate::config::{DynamoDbSinkConfig, WriteMode};
 use crate::flow::BoxFuture;
-use crate::record::{FeatureRecord, Output, Value};
+use crate::record::{FeatureRecord, Key, Output, Value};
 use crate::time::Millis;
 
 /// Most items of one `BatchWriteItem` (DynamoDB's limit).
@@ -170,7 +170,7 @@ pub struct DynamoDbSink {
 /// The newest output of each key (see "Coalescing" in the module doc).
 #[derive(Default)]
 struct Latest {
-    by_key: HashMap<Arc<str>, Output>,
+    by_key: HashMap<Key, Output>,
 }
 
 /// What [`Latest::offer`] did with an output.

@@ -116,7 +116,7 @@ pub fn event(e: &In) -> Event {
     Event {
         position: Position::new(Arc::from(format!("p{}", e.partition)), e.seq.to_string()),
         arrival: 0,
-        key: Arc::from(format!("k{}", e.key)),
+        key: format!("k{}", e.key).into(),
         event_time: e.time,
         fields: vec![
             e.amount.map(|a| FieldValue::F64(a as f64)),

@@ -427,7 +427,7 @@ pub fn records(n: usize, keys: usize) -> Vec<FeatureRecord> {
             let x = i as f64;
             FeatureRecord {
                 id: format!("p/{i}"),
-                key: Arc::from(format!("u{}", i % keys)),
+                key: format!("u{}", i % keys).into(),
                 event_time: 1_700_000_000_000 + i as i64,
                 features: FeatureVector {
                     names: names.clone(),
