@@ -33,6 +33,7 @@ use crate::state::{hash_key, StateStore};
 use crate::time::Millis;
 
 use super::operator::{EngineStats, KeyEntry, KeyRef, KeyState, Operator, SpecPlan, States};
+use super::window::prefetch_lines;
 use super::EngineError;
 
 /// Keys whose states are loaded into the CPU cache ahead of use
@@ -112,6 +113,9 @@ impl Operator {
         for key in keys {
             if let Some(entry) = self.states.get(key) {
                 for st in entry.slots.iter().flatten() {
+                    // The state itself spans three lines, and the probe
+                    // brought in only the one with the key.
+                    prefetch_lines(st);
                     st.windows.prefetch();
                 }
             }

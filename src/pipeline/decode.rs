@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use crate::checkpoint::Barriers;
 use crate::decode::Decoder;
 use crate::flow::{Decoded, Message, ShardChange, Stats};
-use crate::record::PartitionStatus;
+use crate::record::{DeadLetter, Event, PartitionStatus, RawRecord};
 use crate::source::{DecodedRecord, EventTimeRange, SourceMessage};
 use crate::telemetry::StageClock;
 use crate::time::Millis;
@@ -62,14 +62,7 @@ pub(super) async fn decode_stage(
             message = input.recv() => match message {
                 Some(SourceMessage::Batch(raw)) => {
                     let arrival = raw.first().map(|r| r.arrival);
-                    let batch = raw
-                        .into_iter()
-                        .map(|raw| DecodedRecord {
-                            replay_watermark: raw.replay_watermark,
-                            event: decoder.decode(raw),
-                        })
-                        .collect();
-                    let batch = state.pass_on(batch);
+                    let batch = state.decode_and_pass_on(&decoder, raw);
                     decoded.left(arrival);
                     output.send(Message::Batch(batch)).await
                 }
@@ -141,35 +134,68 @@ impl DecodeState {
     fn pass_on(&mut self, batch: Vec<DecodedRecord>) -> Vec<Decoded> {
         self.barriers
             .passed_on(batch.iter().map(DecodedRecord::position));
-        let records = batch.len() as u64;
+        self.hand_on(batch.into_iter().map(|r| (r.replay_watermark, r.event)))
+    }
+
+    /// [`pass_on`](Self::pass_on) of a source's raw records, each decoded
+    /// straight into the batch handed on rather than into a batch of its
+    /// own first (an event is a few hundred bytes, each copy of it lands in
+    /// memory not yet in the cache).
+    fn decode_and_pass_on(&mut self, decoder: &Decoder, batch: Vec<RawRecord>) -> Vec<Decoded> {
+        self.barriers.passed_on(batch.iter().map(|r| &r.position));
+        self.hand_on(
+            batch
+                .into_iter()
+                .map(|raw| (raw.replay_watermark, decoder.decode(raw))),
+        )
+    }
+
+    /// The batch handed on of records whose positions were noted.
+    fn hand_on(
+        &mut self,
+        records: impl ExactSizeIterator<Item = (Option<Millis>, Result<Event, Box<DeadLetter>>)>,
+    ) -> Vec<Decoded> {
+        let n = records.len() as u64;
         let mut dead = 0;
-        let mut out = Vec::with_capacity(batch.len());
-        for r in batch {
-            if let Some(w) = r.replay_watermark {
-                if self.replayed_watermark.is_none_or(|r| w > r) {
-                    self.replayed_watermark = Some(w);
-                    out.push(Decoded::Advance(w));
-                }
-            }
-            match r.event {
-                Ok(event) => {
-                    if let Some((from, to)) = self.range {
-                        let t = event.event_time;
-                        if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
-                            self.stats.out_of_range.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                    }
-                    out.push(Decoded::Event(event))
-                }
-                Err(d) => {
-                    dead += 1;
-                    out.push(Decoded::Dead(d));
-                }
+        let mut out = Vec::with_capacity(records.len());
+        for (watermark, event) in records {
+            self.push(&mut out, watermark, event, &mut dead);
+        }
+        self.count(n, dead);
+        out
+    }
+
+    /// One record onto `out`: the archived watermark before it when it
+    /// moved on, then the event (when in range) or its dead letter.
+    fn push(
+        &mut self,
+        out: &mut Vec<Decoded>,
+        replay_watermark: Option<Millis>,
+        event: Result<Event, Box<DeadLetter>>,
+        dead: &mut u64,
+    ) {
+        if let Some(w) = replay_watermark {
+            if self.replayed_watermark.is_none_or(|r| w > r) {
+                self.replayed_watermark = Some(w);
+                out.push(Decoded::Advance(w));
             }
         }
-        self.count(records, dead);
-        out
+        match event {
+            Ok(event) => {
+                if let Some((from, to)) = self.range {
+                    let t = event.event_time;
+                    if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
+                        self.stats.out_of_range.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                out.push(Decoded::Event(event))
+            }
+            Err(d) => {
+                *dead += 1;
+                out.push(Decoded::Dead(d));
+            }
+        }
     }
 
     fn count(&self, records: u64, dead: u64) {
