@@ -236,7 +236,10 @@ pub struct PredictionRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct WindowResult {
     pub key: Key,
-    pub feature: Arc<str>,
+    /// Inline (a `SmolStr`, like [`Key`]): a result per key and feature
+    /// each cloning one shared count, bumped by the engine and dropped by
+    /// the sink, kept that count's line moving between the two cores.
+    pub feature: SmolStr,
     pub window_start: Millis,
     pub window_end: Millis,
     pub value: Option<Value>,

@@ -474,7 +474,7 @@ async fn the_sink_puts_every_output_and_flush_waits_for_all() {
         .map(|i| {
             Output::Window(WindowResult {
                 key: format!("k{}", i % 10).into(),
-                feature: Arc::from("f"),
+                feature: "f".into(),
                 window_start: 0,
                 window_end: 1000 + i,
                 value: None,

@@ -22,6 +22,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
+use smol_str::SmolStr;
 
 use crate::config::AggKind;
 use crate::record::{Event, FieldValue, Value};
@@ -32,7 +33,8 @@ use crate::state::codec::{CodecError, Reader, Writer};
 pub struct FeatureSlot {
     /// Position in config order (the feature vector's order).
     pub index: usize,
-    pub name: Arc<str>,
+    /// Cloned into every window result of the feature: inline, a copy.
+    pub name: SmolStr,
     pub agg: AggKind,
     /// Index into `Event::fields`; `None` for count.
     pub field: Option<usize>,

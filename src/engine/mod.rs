@@ -40,6 +40,7 @@ pub use window::Geometry;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 use crate::config::{Config, DEFAULT_MAX_DISTINCT};
 use crate::record::{
@@ -187,7 +188,7 @@ fn plan(config: &Config) -> Result<Vec<SpecPlan>, EngineError> {
         };
         let slot = FeatureSlot {
             index,
-            name: Arc::from(f.name.get_ref().as_str()),
+            name: SmolStr::new(f.name.get_ref()),
             agg: f.agg,
             field,
             max_distinct: f.max_distinct.unwrap_or(DEFAULT_MAX_DISTINCT),

@@ -537,7 +537,6 @@ pub(super) fn prefetch_lines<T>(value: *const T) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     use crate::record::{FieldValue, Position};
 
@@ -553,7 +552,7 @@ mod tests {
         .enumerate()
         .map(|(i, agg)| FeatureSlot {
             index: i,
-            name: Arc::from(agg.as_str()),
+            name: agg.as_str().into(),
             agg: *agg,
             field: (*agg != AggKind::Count).then_some(0),
             max_distinct: 10,

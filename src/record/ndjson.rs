@@ -209,7 +209,7 @@ mod tests {
                     ] {
                         let o = Output::Window(WindowResult {
                             key: (*key).into(),
-                            feature: Arc::from(*feature),
+                            feature: (*feature).into(),
                             window_start: start,
                             window_end: end,
                             value,
