@@ -92,7 +92,6 @@ impl Decoder {
     }
 
     /// The reason is a sentence for a human reading the dead-letter output.
-    #[allow(clippy::type_complexity)]
     pub fn decode_parts(&self, bytes: &[u8]) -> Result<(Key, Millis, Fields), String> {
         if bytes.len() > self.max_record_bytes {
             return Err(self.too_large(bytes.len()));
@@ -110,7 +109,6 @@ impl Decoder {
         )
     }
 
-    #[allow(clippy::type_complexity)]
     fn decode_text(&self, text: &str) -> Result<(Key, Millis, Fields), String> {
         if text.len() > self.max_record_bytes {
             return Err(self.too_large(text.len()));
@@ -127,7 +125,6 @@ impl Decoder {
     /// [`decode_text`](Self::decode_text) through serde_json alone, for the
     /// fast path's tests.
     #[cfg(test)]
-    #[allow(clippy::type_complexity)]
     fn decode_text_serde(&self, text: &str) -> Result<(Key, Millis, Fields), String> {
         if text.len() > self.max_record_bytes {
             return Err(self.too_large(text.len()));
@@ -157,7 +154,6 @@ impl Decoder {
     }
 
     /// Key, event time and typed fields from the slots.
-    #[allow(clippy::type_complexity)]
     fn typed(&self, mut slots: Slots<'_>) -> Result<(Key, Millis, Fields), String> {
         let key = match slots.key.take() {
             Some(Scalar::Str(s)) if !s.is_empty() => Key::from(s.as_ref()),

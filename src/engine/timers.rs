@@ -267,18 +267,13 @@ impl Operator {
                 // Reserved at once, not grown (and copied) a few at a time.
                 out.reserve(chunk.len() * self.specs[usize::from(spec)].slots.len());
             }
-            let mut visited = Ok(());
-            'chunk: for keys in chunk.chunks(PREFETCH_AHEAD) {
+            for keys in chunk.chunks(PREFETCH_AHEAD) {
                 self.prefetch(keys.iter().map(|k| &**k));
                 for key in keys {
-                    visited = self.visit(usize::from(spec), key, due, w, out);
-                    if visited.is_err() {
-                        break 'chunk;
-                    }
+                    self.visit(usize::from(spec), key, due, w, out)?;
                 }
             }
             self.visiting = chunk;
-            visited?;
             if more {
                 // Visits reschedule later than `due`; whatever landed here
                 // meanwhile queued behind the keys still waiting.

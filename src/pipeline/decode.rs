@@ -150,7 +150,9 @@ impl DecodeState {
         )
     }
 
-    /// The batch handed on of records whose positions were noted.
+    /// The batch handed on of records whose positions were noted: each
+    /// event (when in range) or dead letter, after the archived watermark
+    /// before it when that moved on.
     fn hand_on(
         &mut self,
         records: impl ExactSizeIterator<Item = (Option<Millis>, Result<Event, Box<DeadLetter>>)>,
@@ -158,44 +160,32 @@ impl DecodeState {
         let n = records.len() as u64;
         let mut dead = 0;
         let mut out = Vec::with_capacity(records.len());
-        for (watermark, event) in records {
-            self.push(&mut out, watermark, event, &mut dead);
+        for (replay_watermark, event) in records {
+            if let Some(w) = replay_watermark {
+                if self.replayed_watermark.is_none_or(|r| w > r) {
+                    self.replayed_watermark = Some(w);
+                    out.push(Decoded::Advance(w));
+                }
+            }
+            match event {
+                Ok(event) => {
+                    if let Some((from, to)) = self.range {
+                        let t = event.event_time;
+                        if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
+                            self.stats.out_of_range.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                    }
+                    out.push(Decoded::Event(event))
+                }
+                Err(d) => {
+                    dead += 1;
+                    out.push(Decoded::Dead(d));
+                }
+            }
         }
         self.count(n, dead);
         out
-    }
-
-    /// One record onto `out`: the archived watermark before it when it
-    /// moved on, then the event (when in range) or its dead letter.
-    fn push(
-        &mut self,
-        out: &mut Vec<Decoded>,
-        replay_watermark: Option<Millis>,
-        event: Result<Event, Box<DeadLetter>>,
-        dead: &mut u64,
-    ) {
-        if let Some(w) = replay_watermark {
-            if self.replayed_watermark.is_none_or(|r| w > r) {
-                self.replayed_watermark = Some(w);
-                out.push(Decoded::Advance(w));
-            }
-        }
-        match event {
-            Ok(event) => {
-                if let Some((from, to)) = self.range {
-                    let t = event.event_time;
-                    if from.is_some_and(|f| t < f) || to.is_some_and(|to| t >= to) {
-                        self.stats.out_of_range.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
-                out.push(Decoded::Event(event))
-            }
-            Err(d) => {
-                *dead += 1;
-                out.push(Decoded::Dead(d));
-            }
-        }
     }
 
     fn count(&self, records: u64, dead: u64) {
