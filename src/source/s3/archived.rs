@@ -15,7 +15,8 @@ use crate::record::{Position, RawRecord};
 use crate::source::DecodedRecord;
 use crate::time::Millis;
 
-/// One line of shardflow's archive (only `raw` lines are input records).
+/// One line of shardflow's archive (only `raw` lines are input records),
+/// as serde_json reads it.
 #[derive(Deserialize)]
 struct ArchiveLine<'a> {
     #[serde(borrow)]
@@ -32,6 +33,21 @@ struct ArchiveLine<'a> {
     data: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow, default)]
     data_base64: Option<Cow<'a, str>>,
+}
+
+/// What a `raw` line's record is made of.
+struct RawLine<'a> {
+    partition: Cow<'a, str>,
+    sequence: Cow<'a, str>,
+    sub_sequence: Option<u64>,
+    watermark: Option<Millis>,
+    data: Data<'a>,
+}
+
+enum Data<'a> {
+    /// The record's JSON, embedded as is.
+    Json(&'a str),
+    Base64(Cow<'a, str>),
 }
 
 /// Partition names, shared between records. An object holds a few
@@ -56,7 +72,10 @@ impl Interner {
 ///
 /// The record inside (`data`, JSON embedded as is) is decoded straight from
 /// the line, so its bytes are read once more, not copied or re-validated
-/// first.
+/// first. A line as the archive writes it is read in one scan
+/// ([`scan::line`]); any other line, and any line whose record that
+/// reading does not decode, is read by serde_json, which decides and words
+/// the reason.
 pub fn archived_event(
     line: &[u8],
     interner: &mut Interner,
@@ -70,6 +89,25 @@ pub fn archived_event(
             e.valid_up_to()
         )
     })?;
+    match scan::line(line) {
+        Some(None) => return Ok(None),
+        Some(Some(raw)) => {
+            let record = decode(raw, interner, arrival, decoder)?;
+            if record.event.is_ok() {
+                return Ok(Some(record));
+            }
+            // A dead letter: as serde_json's reading of the line has it.
+        }
+        None => {}
+    }
+    match parse_line(line)? {
+        Some(raw) => decode(raw, interner, arrival, decoder).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The line as serde_json reads it; `None` for a line of another kind.
+fn parse_line(line: &str) -> Result<Option<RawLine<'_>>, String> {
     let l: ArchiveLine<'_> =
         serde_json::from_str(line).map_err(|e| format!("not an archive line: {e}"))?;
     if l.kind != "raw" {
@@ -78,11 +116,32 @@ pub fn archived_event(
     let (Some(partition), Some(sequence)) = (l.partition, l.sequence) else {
         return Err("raw line without partition and sequence".into());
     };
-    let mut position = Position::new(interner.get(&partition), sequence.as_ref());
+    let data = match (l.data, l.data_base64) {
+        (Some(d), None) => Data::Json(d.get()),
+        (None, Some(b)) => Data::Base64(b),
+        _ => return Err("raw line needs exactly one of data and data_base64".into()),
+    };
+    Ok(Some(RawLine {
+        partition,
+        sequence,
+        sub_sequence: l.sub_sequence,
+        watermark: l.watermark,
+        data,
+    }))
+}
+
+/// The record of a `raw` line, decoded with the schema.
+fn decode(
+    l: RawLine<'_>,
+    interner: &mut Interner,
+    arrival: Millis,
+    decoder: &Decoder,
+) -> Result<DecodedRecord, String> {
+    let mut position = Position::new(interner.get(&l.partition), l.sequence.as_ref());
     position.sub_sequence = l.sub_sequence;
-    let event = match (l.data, l.data_base64) {
-        (Some(d), None) => decoder.decode_str(position, arrival, d.get()),
-        (None, Some(b)) => {
+    let event = match l.data {
+        Data::Json(d) => decoder.decode_str(position, arrival, d),
+        Data::Base64(b) => {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b.as_bytes())
                 .map_err(|e| format!("data_base64: {e}"))?;
@@ -93,12 +152,233 @@ pub fn archived_event(
                 replay_watermark: None,
             })
         }
-        _ => return Err("raw line needs exactly one of data and data_base64".into()),
     };
-    Ok(Some(DecodedRecord {
+    Ok(DecodedRecord {
         replay_watermark: l.watermark,
         event,
-    }))
+    })
+}
+
+/// The fast reading of an archive line: one scan, no allocation.
+mod scan {
+    use super::{Data, RawLine};
+
+    /// The line read without doubt: `Some(None)` for a line of another
+    /// kind, `Some(Some(..))` for a `raw` line whose record is a JSON
+    /// object, `None` when serde_json must decide. It takes a flat object
+    /// of strings without escapes, integers (in the archive's fields),
+    /// numbers, `true`, `false` and `null` (in others), each of the
+    /// archive's fields at most once, and as `data` an object it finds the
+    /// end of (the record's decoder checks the rest of it). What it reads,
+    /// serde_json reads the same.
+    pub(super) fn line(text: &str) -> Option<Option<RawLine<'_>>> {
+        let mut c = Cursor { text, at: 0 };
+        let (mut kind, mut partition, mut sequence) = (None, None, None);
+        let (mut sub_sequence, mut watermark, mut data, mut base64) = (None, None, None, None);
+        c.ws();
+        c.eat(b'{')?;
+        c.ws();
+        if c.peek() == Some(b'}') {
+            return None;
+        }
+        loop {
+            c.ws();
+            c.eat(b'"')?;
+            let field = c.string()?;
+            c.ws();
+            c.eat(b':')?;
+            c.ws();
+            match field {
+                "kind" => once(&mut kind, c.string_value()?)?,
+                "partition" => once(&mut partition, c.string_value()?)?,
+                "sequence" => once(&mut sequence, c.string_value()?)?,
+                "sub_sequence" => once(&mut sub_sequence, c.integer()?.parse::<u64>().ok()?)?,
+                "watermark" => once(&mut watermark, c.integer()?.parse::<i64>().ok()?)?,
+                "data" => once(&mut data, c.object()?)?,
+                "data_base64" => once(&mut base64, c.string_value()?)?,
+                _ => c.scalar()?,
+            }
+            c.ws();
+            match c.peek()? {
+                b',' => c.at += 1,
+                b'}' => {
+                    c.at += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+        c.ws();
+        if c.at != text.len() {
+            return None;
+        }
+        if kind? != "raw" {
+            return Some(None);
+        }
+        Some(Some(RawLine {
+            partition: partition?.into(),
+            sequence: sequence?.into(),
+            sub_sequence,
+            watermark,
+            data: match (data, base64) {
+                (Some(d), None) => Data::Json(d),
+                (None, Some(b)) => Data::Base64(b.into()),
+                _ => return None,
+            },
+        }))
+    }
+
+    /// Sets `slot`; `None` when it was set (serde_json refuses a duplicate).
+    fn once<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+        slot.is_none().then(|| *slot = Some(value))
+    }
+
+    struct Cursor<'a> {
+        text: &'a str,
+        at: usize,
+    }
+
+    impl<'a> Cursor<'a> {
+        fn peek(&self) -> Option<u8> {
+            self.text.as_bytes().get(self.at).copied()
+        }
+
+        fn ws(&mut self) {
+            while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                self.at += 1;
+            }
+        }
+
+        fn eat(&mut self, b: u8) -> Option<()> {
+            (self.peek() == Some(b)).then(|| self.at += 1)
+        }
+
+        /// A string without escapes or control characters, after its `"`.
+        fn string(&mut self) -> Option<&'a str> {
+            let bytes = self.text.as_bytes();
+            let start = self.at;
+            let len = bytes[start..]
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+            if bytes[start + len] != b'"' {
+                return None;
+            }
+            self.at = start + len + 1;
+            // On a char boundary: `"` is ASCII.
+            Some(&self.text[start..start + len])
+        }
+
+        fn string_value(&mut self) -> Option<&'a str> {
+            self.eat(b'"')?;
+            self.string()
+        }
+
+        /// A JSON number (its grammar checked): its text, and whether it
+        /// is an integer.
+        fn number(&mut self) -> Option<(&'a str, bool)> {
+            let bytes = self.text.as_bytes();
+            let start = self.at;
+            let mut i = start;
+            let digits = |i: &mut usize| {
+                let from = *i;
+                while bytes.get(*i).is_some_and(u8::is_ascii_digit) {
+                    *i += 1;
+                }
+                *i - from
+            };
+            if bytes.get(i) == Some(&b'-') {
+                i += 1;
+            }
+            match bytes.get(i) {
+                Some(b'0') => i += 1,
+                Some(b'1'..=b'9') => {
+                    digits(&mut i);
+                }
+                _ => return None,
+            }
+            let mut integer = true;
+            if bytes.get(i) == Some(&b'.') {
+                i += 1;
+                if digits(&mut i) == 0 {
+                    return None;
+                }
+                integer = false;
+            }
+            if matches!(bytes.get(i), Some(b'e' | b'E')) {
+                i += 1;
+                if matches!(bytes.get(i), Some(b'+' | b'-')) {
+                    i += 1;
+                }
+                if digits(&mut i) == 0 {
+                    return None;
+                }
+                integer = false;
+            }
+            self.at = i;
+            Some((&self.text[start..i], integer))
+        }
+
+        /// An integer, as serde_json reads one: `-0` it reads as a float.
+        fn integer(&mut self) -> Option<&'a str> {
+            let (text, integer) = self.number()?;
+            (integer && text != "-0").then_some(text)
+        }
+
+        /// A value of a field the archive line does not use: skipped when
+        /// it is a scalar serde_json would skip too.
+        fn scalar(&mut self) -> Option<()> {
+            match self.peek()? {
+                b'"' => self.string_value().map(drop),
+                b't' => self.word("true"),
+                b'f' => self.word("false"),
+                b'n' => self.word("null"),
+                _ => self.number().map(drop),
+            }
+        }
+
+        fn word(&mut self, word: &str) -> Option<()> {
+            self.text[self.at..]
+                .starts_with(word)
+                .then(|| self.at += word.len())
+        }
+
+        /// An object's text, up to its matching `}` (strings and their
+        /// escapes followed; the rest of its grammar is its decoder's to
+        /// check).
+        fn object(&mut self) -> Option<&'a str> {
+            let bytes = self.text.as_bytes();
+            let start = self.at;
+            if bytes.get(start) != Some(&b'{') {
+                return None;
+            }
+            let (mut depth, mut in_string, mut i) = (0usize, false, start);
+            while let Some(&b) = bytes.get(i) {
+                if in_string {
+                    match b {
+                        b'\\' => i += 1,
+                        b'"' => in_string = false,
+                        _ => {}
+                    }
+                } else {
+                    match b {
+                        b'"' => in_string = true,
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.at = i + 1;
+                                // On a char boundary: `}` is ASCII.
+                                return Some(&self.text[start..=i]);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                i += 1;
+            }
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -148,5 +428,134 @@ timestamp = "t"
             r.event.unwrap_err().reason,
             "record is a JSON array, expected an object"
         );
+    }
+
+    /// The line as serde_json alone reads it (the code before the scan).
+    fn read_by_serde(
+        line: &[u8],
+        interner: &mut Interner,
+        decoder: &Decoder,
+    ) -> Result<Option<DecodedRecord>, String> {
+        let line = std::str::from_utf8(line).map_err(|e| e.to_string())?;
+        match parse_line(line)? {
+            Some(raw) => decode(raw, interner, 0, decoder).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// One field of a generated line: mostly the archive's own, right or
+    /// subtly wrong, and others a line may carry.
+    fn field() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => Just(r#""kind":"raw""#.to_owned()),
+            1 => Just(r#""kind":"window""#.to_owned()),
+            1 => Just(r#""kind":"r\u0061w""#.to_owned()),
+            1 => Just(r#""kind":null"#.to_owned()),
+            3 => Just(r#""partition":"shardId-000000000001""#.to_owned()),
+            1 => Just(r#""partition":"p\"q""#.to_owned()),
+            3 => Just(r#""sequence":"49590338271490256608559692538361571095921575989136588898""#.to_owned()),
+            1 => Just(r#""sequence":7"#.to_owned()),
+            1 => prop_oneof![Just("1"), Just("0"), Just("-1"), Just("-0"), Just("1.5"), Just("1e2"),
+                Just("18446744073709551615"), Just("18446744073709551616"), Just("null"), Just("\"1\"")]
+                .prop_map(|v| format!(r#""sub_sequence":{v}"#)),
+            3 => prop_oneof![Just("-9"), Just("1700000000000"), Just("-0"), Just("9223372036854775807"),
+                Just("9223372036854775808"), Just("-9223372036854775808"), Just("2.0"), Just("1E3"),
+                Just("01"), Just("-"), Just("null")]
+                .prop_map(|v| format!(r#""watermark":{v}"#)),
+            4 => prop_oneof![
+                Just(r#"{"u":"a b","t":1700000000000}"#),
+                Just(r#"{"u":"a","t":1700000000000,"x":[1,{"y":"}]\""}]}"#),
+                Just(r#"{"u":"x\"y","t":2}"#),
+                Just(r#"{ "t" : 5 , "u" : "k" }"#),
+                Just(r#"{"t":1}"#),
+                Just(r#"{"u":"a","t":1]"#),
+                Just(r#"{"u":"a","t":1"#),
+                Just(r#"[1]"#),
+                Just(r#""{}""#),
+                Just(r#"{"u":"a","t":"#),
+            ]
+            .prop_map(|v| format!(r#""data":{v}"#)),
+            1 => Just(r#""data_base64":"eyJ1IjoiYiIsInQiOjF9""#.to_owned()),
+            1 => Just(r#""data_base64":"!!""#.to_owned()),
+            2 => Just(r#""id":"shardId-000000000001/7:1""#.to_owned()),
+            2 => Just(r#""event_time":1700000000000"#.to_owned()),
+            1 => Just(r#""key":"a b""#.to_owned()),
+            1 => Just(r#""note":{"nested":true}"#.to_owned()),
+            1 => Just(r#""flag":false"#.to_owned()),
+            1 => Just(r#""f":-1.25e-3"#.to_owned()),
+            1 => Just(r#""f":1.""#.to_owned()),
+            1 => Just(r#""f":1e400"#.to_owned()),
+            1 => Just(r#""f":-01"#.to_owned()),
+            1 => Just(r#""f":123456789012345678901234567890"#.to_owned()),
+            1 => Just(r#""k\u0069nd":"raw""#.to_owned()),
+        ]
+    }
+
+    use proptest::strategy::{Just, Strategy as _};
+
+    proptest::proptest! {
+        /// Whatever the line, the scan with its fallback gives what
+        /// serde_json alone gave: the same record, the same dead letter,
+        /// the same error.
+        #[test]
+        fn the_scan_reads_lines_as_serde_json_does(
+            fields in (
+                proptest::collection::vec(proptest::bool::weighted(0.9), 4),
+                proptest::collection::vec(field(), 0..5),
+            )
+                .prop_flat_map(|(keep, extra)| {
+                    // Mostly a line the scan reads, with a few more fields.
+                    let base = [
+                        r#""kind":"raw""#,
+                        r#""partition":"shardId-000000000001""#,
+                        r#""sequence":"7""#,
+                        r#""data":{"u":"a","t":1700000000000}"#,
+                    ];
+                    let mut all: Vec<String> = base
+                        .iter()
+                        .zip(keep)
+                        .filter(|(_, k)| *k)
+                        .map(|(f, _)| f.to_string())
+                        .collect();
+                    all.extend(extra);
+                    Just(all).prop_shuffle()
+                }),
+            ws in proptest::sample::select(vec!["", " ", "\t", " \r\n "]),
+            tail in proptest::sample::select(vec!["", "", "", " ", "x", "}", ","]),
+        ) {
+            let schema: SchemaConfig = toml::from_str("key = \"u\"\ntimestamp = \"t\"\n").unwrap();
+            let decoder = Decoder::new(&schema);
+            let line = format!("{ws}{{{ws}{}{ws}}}{tail}", fields.join(&format!("{ws},{ws}")));
+            let fast = archived_event(line.as_bytes(), &mut Interner::default(), 0, &decoder);
+            let slow = read_by_serde(line.as_bytes(), &mut Interner::default(), &decoder);
+            proptest::prop_assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "line: {}", line);
+        }
+    }
+
+    #[test]
+    fn the_archive_writers_lines_take_the_scan() {
+        use crate::record::{Output, RawOutput};
+        let mut position = Position::new("shardId-000000000001".into(), "4959033827149025");
+        position.sub_sequence = Some(3);
+        let line = Output::Raw(RawOutput {
+            position,
+            decoded: Some(("a b".into(), 1_700_000_000_000)),
+            watermark: -9,
+            data: Bytes::from_static(br#"{"u":"a b","t":1700000000000}"#),
+        })
+        .to_ndjson();
+        let raw = scan::line(line.trim_end())
+            .expect("read by the scan")
+            .expect("a raw line");
+        assert_eq!(
+            (&*raw.partition, &*raw.sequence),
+            ("shardId-000000000001", "4959033827149025")
+        );
+        assert_eq!((raw.sub_sequence, raw.watermark), (Some(3), Some(-9)));
+        assert!(matches!(
+            raw.data,
+            Data::Json(r#"{"u":"a b","t":1700000000000}"#)
+        ));
     }
 }

@@ -191,6 +191,10 @@ fn decode_object(
     let mut interner = Interner::default();
     let arrival = now_millis();
     let mut batch = Vec::with_capacity(s.batch_size);
+    // The batch handed on, and a new one of the same room in its place: one
+    // grown from empty again copied its records at every doubling.
+    let full =
+        |batch: &mut Vec<DecodedRecord>| std::mem::replace(batch, Vec::with_capacity(s.batch_size));
     let mut index = 0u64;
     let mut other_lines = 0u64;
     loop {
@@ -201,7 +205,7 @@ fn decode_object(
                 let offset = splitter.offset();
                 let dead = read_error(e, offset, &mut done);
                 // What was decoded before the failure goes on (a retry skips it).
-                if !batch.is_empty() && !send(ObjectMsg::Batch(std::mem::take(&mut batch))) {
+                if !batch.is_empty() && !send(ObjectMsg::Batch(full(&mut batch))) {
                     return done;
                 }
                 if let Some(d) = dead {
@@ -263,14 +267,12 @@ fn decode_object(
         match msg {
             Ok(r) => {
                 batch.push(r);
-                if batch.len() >= s.batch_size
-                    && !send(ObjectMsg::Batch(std::mem::take(&mut batch)))
-                {
+                if batch.len() >= s.batch_size && !send(ObjectMsg::Batch(full(&mut batch))) {
                     return done;
                 }
             }
             Err(d) => {
-                if !(batch.is_empty() || send(ObjectMsg::Batch(std::mem::take(&mut batch)))) {
+                if !(batch.is_empty() || send(ObjectMsg::Batch(full(&mut batch)))) {
                     return done;
                 }
                 if !send(ObjectMsg::Bad(d)) {
