@@ -17,7 +17,7 @@ use crate::config::{FieldSpec, FieldType, SchemaConfig};
 use crate::record::{DeadLetter, Event, FieldValue, Fields, Key, Position, RawRecord};
 use crate::time::Millis;
 
-mod scan;
+pub(crate) mod scan;
 
 /// A compiled `[schema]`.
 #[derive(Debug, Clone)]

@@ -21,28 +21,35 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
-struct Cursor<'a> {
-    text: &'a str,
-    at: usize,
+/// A reading position in a JSON text: the pieces of a fast path that
+/// takes only what it can read without doubt (the archive line's reader
+/// in `source/s3` uses them too).
+pub(crate) struct Cursor<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) at: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn peek(&self) -> Option<u8> {
+    pub(crate) fn new(text: &'a str) -> Cursor<'a> {
+        Cursor { text, at: 0 }
+    }
+
+    pub(crate) fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.at).copied()
     }
 
-    fn skip_ws(&mut self) {
+    pub(crate) fn skip_ws(&mut self) {
         while self.peek().is_some_and(is_ws) {
             self.at += 1;
         }
     }
 
-    fn eat(&mut self, b: u8) -> Option<()> {
+    pub(crate) fn eat(&mut self, b: u8) -> Option<()> {
         (self.peek() == Some(b)).then(|| self.at += 1)
     }
 
     /// A string without escapes or control characters, after its `"`.
-    fn string(&mut self) -> Option<&'a str> {
+    pub(crate) fn string(&mut self) -> Option<&'a str> {
         let bytes = self.text.as_bytes();
         let start = self.at;
         let len = bytes[start..]
@@ -58,7 +65,7 @@ impl<'a> Cursor<'a> {
 
     /// A JSON number's text (its grammar checked), and whether it is an
     /// integer (no fraction, no exponent).
-    fn number(&mut self) -> Option<(&'a str, bool)> {
+    pub(crate) fn number(&mut self) -> Option<(&'a str, bool)> {
         let bytes = self.text.as_bytes();
         let start = self.at;
         let mut i = start;
@@ -106,7 +113,7 @@ impl<'a> Cursor<'a> {
         Some((&self.text[start..i], integer))
     }
 
-    fn literal(&mut self, word: &str) -> Option<()> {
+    pub(crate) fn literal(&mut self, word: &str) -> Option<()> {
         self.text[self.at..]
             .starts_with(word)
             .then(|| self.at += word.len())

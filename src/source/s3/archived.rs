@@ -162,6 +162,7 @@ fn decode(
 /// The fast reading of an archive line: one scan, no allocation.
 mod scan {
     use super::{Data, RawLine};
+    use crate::decode::scan::Cursor;
 
     /// The line read without doubt: `Some(None)` for a line of another
     /// kind, `Some(Some(..))` for a `raw` line whose record is a JSON
@@ -172,33 +173,33 @@ mod scan {
     /// end of (the record's decoder checks the rest of it). What it reads,
     /// serde_json reads the same.
     pub(super) fn line(text: &str) -> Option<Option<RawLine<'_>>> {
-        let mut c = Cursor { text, at: 0 };
+        let mut c = Cursor::new(text);
         let (mut kind, mut partition, mut sequence) = (None, None, None);
         let (mut sub_sequence, mut watermark, mut data, mut base64) = (None, None, None, None);
-        c.ws();
+        c.skip_ws();
         c.eat(b'{')?;
-        c.ws();
+        c.skip_ws();
         if c.peek() == Some(b'}') {
             return None;
         }
         loop {
-            c.ws();
+            c.skip_ws();
             c.eat(b'"')?;
             let field = c.string()?;
-            c.ws();
+            c.skip_ws();
             c.eat(b':')?;
-            c.ws();
+            c.skip_ws();
             match field {
-                "kind" => once(&mut kind, c.string_value()?)?,
-                "partition" => once(&mut partition, c.string_value()?)?,
-                "sequence" => once(&mut sequence, c.string_value()?)?,
-                "sub_sequence" => once(&mut sub_sequence, c.integer()?.parse::<u64>().ok()?)?,
-                "watermark" => once(&mut watermark, c.integer()?.parse::<i64>().ok()?)?,
-                "data" => once(&mut data, c.object()?)?,
-                "data_base64" => once(&mut base64, c.string_value()?)?,
-                _ => c.scalar()?,
+                "kind" => once(&mut kind, string(&mut c)?)?,
+                "partition" => once(&mut partition, string(&mut c)?)?,
+                "sequence" => once(&mut sequence, string(&mut c)?)?,
+                "sub_sequence" => once(&mut sub_sequence, integer(&mut c)?.parse::<u64>().ok()?)?,
+                "watermark" => once(&mut watermark, integer(&mut c)?.parse::<i64>().ok()?)?,
+                "data" => once(&mut data, object(&mut c)?)?,
+                "data_base64" => once(&mut base64, string(&mut c)?)?,
+                _ => skip_scalar(&mut c)?,
             }
-            c.ws();
+            c.skip_ws();
             match c.peek()? {
                 b',' => c.at += 1,
                 b'}' => {
@@ -208,7 +209,7 @@ mod scan {
                 _ => return None,
             }
         }
-        c.ws();
+        c.skip_ws();
         if c.at != text.len() {
             return None;
         }
@@ -233,151 +234,64 @@ mod scan {
         slot.is_none().then(|| *slot = Some(value))
     }
 
-    struct Cursor<'a> {
-        text: &'a str,
-        at: usize,
+    /// A string value without escapes.
+    fn string<'a>(c: &mut Cursor<'a>) -> Option<&'a str> {
+        c.eat(b'"')?;
+        c.string()
     }
 
-    impl<'a> Cursor<'a> {
-        fn peek(&self) -> Option<u8> {
-            self.text.as_bytes().get(self.at).copied()
-        }
+    /// An integer, as serde_json reads one: `-0` it reads as a float.
+    fn integer<'a>(c: &mut Cursor<'a>) -> Option<&'a str> {
+        let (text, integer) = c.number()?;
+        (integer && text != "-0").then_some(text)
+    }
 
-        fn ws(&mut self) {
-            while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-                self.at += 1;
-            }
+    /// A value of a field the archive line does not use: skipped when it
+    /// is a scalar serde_json would skip too.
+    fn skip_scalar(c: &mut Cursor<'_>) -> Option<()> {
+        match c.peek()? {
+            b'"' => string(c).map(drop),
+            b't' => c.literal("true"),
+            b'f' => c.literal("false"),
+            b'n' => c.literal("null"),
+            _ => c.number().map(drop),
         }
+    }
 
-        fn eat(&mut self, b: u8) -> Option<()> {
-            (self.peek() == Some(b)).then(|| self.at += 1)
+    /// An object's text, up to its matching `}` (strings and their escapes
+    /// followed; the rest of its grammar is its decoder's to check).
+    fn object<'a>(c: &mut Cursor<'a>) -> Option<&'a str> {
+        let bytes = c.text.as_bytes();
+        let start = c.at;
+        if bytes.get(start) != Some(&b'{') {
+            return None;
         }
-
-        /// A string without escapes or control characters, after its `"`.
-        fn string(&mut self) -> Option<&'a str> {
-            let bytes = self.text.as_bytes();
-            let start = self.at;
-            let len = bytes[start..]
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-            if bytes[start + len] != b'"' {
-                return None;
-            }
-            self.at = start + len + 1;
-            // On a char boundary: `"` is ASCII.
-            Some(&self.text[start..start + len])
-        }
-
-        fn string_value(&mut self) -> Option<&'a str> {
-            self.eat(b'"')?;
-            self.string()
-        }
-
-        /// A JSON number (its grammar checked): its text, and whether it
-        /// is an integer.
-        fn number(&mut self) -> Option<(&'a str, bool)> {
-            let bytes = self.text.as_bytes();
-            let start = self.at;
-            let mut i = start;
-            let digits = |i: &mut usize| {
-                let from = *i;
-                while bytes.get(*i).is_some_and(u8::is_ascii_digit) {
-                    *i += 1;
+        let (mut depth, mut in_string, mut i) = (0usize, false, start);
+        while let Some(&b) = bytes.get(i) {
+            if in_string {
+                match b {
+                    b'\\' => i += 1,
+                    b'"' => in_string = false,
+                    _ => {}
                 }
-                *i - from
-            };
-            if bytes.get(i) == Some(&b'-') {
-                i += 1;
-            }
-            match bytes.get(i) {
-                Some(b'0') => i += 1,
-                Some(b'1'..=b'9') => {
-                    digits(&mut i);
-                }
-                _ => return None,
-            }
-            let mut integer = true;
-            if bytes.get(i) == Some(&b'.') {
-                i += 1;
-                if digits(&mut i) == 0 {
-                    return None;
-                }
-                integer = false;
-            }
-            if matches!(bytes.get(i), Some(b'e' | b'E')) {
-                i += 1;
-                if matches!(bytes.get(i), Some(b'+' | b'-')) {
-                    i += 1;
-                }
-                if digits(&mut i) == 0 {
-                    return None;
-                }
-                integer = false;
-            }
-            self.at = i;
-            Some((&self.text[start..i], integer))
-        }
-
-        /// An integer, as serde_json reads one: `-0` it reads as a float.
-        fn integer(&mut self) -> Option<&'a str> {
-            let (text, integer) = self.number()?;
-            (integer && text != "-0").then_some(text)
-        }
-
-        /// A value of a field the archive line does not use: skipped when
-        /// it is a scalar serde_json would skip too.
-        fn scalar(&mut self) -> Option<()> {
-            match self.peek()? {
-                b'"' => self.string_value().map(drop),
-                b't' => self.word("true"),
-                b'f' => self.word("false"),
-                b'n' => self.word("null"),
-                _ => self.number().map(drop),
-            }
-        }
-
-        fn word(&mut self, word: &str) -> Option<()> {
-            self.text[self.at..]
-                .starts_with(word)
-                .then(|| self.at += word.len())
-        }
-
-        /// An object's text, up to its matching `}` (strings and their
-        /// escapes followed; the rest of its grammar is its decoder's to
-        /// check).
-        fn object(&mut self) -> Option<&'a str> {
-            let bytes = self.text.as_bytes();
-            let start = self.at;
-            if bytes.get(start) != Some(&b'{') {
-                return None;
-            }
-            let (mut depth, mut in_string, mut i) = (0usize, false, start);
-            while let Some(&b) = bytes.get(i) {
-                if in_string {
-                    match b {
-                        b'\\' => i += 1,
-                        b'"' => in_string = false,
-                        _ => {}
-                    }
-                } else {
-                    match b {
-                        b'"' => in_string = true,
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                self.at = i + 1;
-                                // On a char boundary: `}` is ASCII.
-                                return Some(&self.text[start..=i]);
-                            }
+            } else {
+                match b {
+                    b'"' => in_string = true,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            c.at = i + 1;
+                            // On a char boundary: `}` is ASCII.
+                            return Some(&c.text[start..=i]);
                         }
-                        _ => {}
                     }
+                    _ => {}
                 }
-                i += 1;
             }
-            None
+            i += 1;
         }
+        None
     }
 }
 
