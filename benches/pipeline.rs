@@ -184,6 +184,9 @@ fn reset_peak_rss() {
 struct Sample {
     wall: Duration,
     cpu: Duration,
+    /// `cpu` split: user and system time.
+    user: Duration,
+    system: Duration,
     peak_rss: u64,
 }
 
@@ -231,6 +234,7 @@ impl Bench {
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         reset_peak_rss();
         let cpu0 = cpu::process_cpu_ns();
+        let (user0, system0) = cpu::process_user_system_ns();
         let started = Instant::now();
         let summary = self
             .runtime
@@ -243,6 +247,9 @@ impl Bench {
             .expect("pipeline run");
         let wall = started.elapsed();
         let cpu = Duration::from_nanos(cpu::process_cpu_ns() - cpu0);
+        let (user1, system1) = cpu::process_user_system_ns();
+        let user = Duration::from_nanos(user1.saturating_sub(user0));
+        let system = Duration::from_nanos(system1.saturating_sub(system0));
         let peak_rss = peak_rss_bytes();
         assert_eq!(summary.records_in as usize, self.events);
         assert_eq!(summary.dead_letters, 0);
@@ -250,15 +257,19 @@ impl Bench {
         let s = Sample {
             wall,
             cpu,
+            user,
+            system,
             peak_rss,
         };
         eprintln!(
-            "{}: {} events in {:.2}s = {:.0} events/s; {:.2} CPU-s per 1 M events ({:.2} cores busy); peak RSS {} MiB; {:.0} MB written",
+            "{}: {} events in {:.2}s = {:.0} events/s; {:.2} CPU-s per 1 M events (user {:.2}, system {:.2}; {:.2} cores busy); peak RSS {} MiB; {:.0} MB written",
             job.name,
             self.events,
             wall.as_secs_f64(),
             self.events as f64 / wall.as_secs_f64(),
             per_million(cpu, self.events),
+            per_million(user, self.events),
+            per_million(system, self.events),
             cpu.as_secs_f64() / wall.as_secs_f64(),
             peak_rss >> 20,
             out as f64 / 1e6
@@ -313,8 +324,8 @@ fn bench_with(c: &mut Criterion, samples: &Samples) {
         b.events
     );
     println!(
-        "{:>24} {:>5} {:>12} {:>16} {:>14}",
-        "job", "runs", "events/s", "CPU-s per 1 M", "peak RSS MiB"
+        "{:>24} {:>5} {:>12} {:>16} {:>8} {:>8} {:>14}",
+        "job", "runs", "events/s", "CPU-s per 1 M", "user", "system", "peak RSS MiB"
     );
     for job in jobs() {
         let mine: Vec<Sample> = samples
@@ -325,8 +336,11 @@ fn bench_with(c: &mut Criterion, samples: &Samples) {
         if mine.is_empty() {
             continue;
         }
+        let per_1m = |f: fn(&Sample) -> Duration| {
+            median(mine.iter().map(|s| per_million(f(s), b.events)).collect())
+        };
         println!(
-            "{:>24} {:>5} {:>12.0} {:>16.3} {:>14.0}",
+            "{:>24} {:>5} {:>12.0} {:>16.3} {:>8.3} {:>8.3} {:>14.0}",
             job.name,
             mine.len(),
             median(
@@ -334,7 +348,9 @@ fn bench_with(c: &mut Criterion, samples: &Samples) {
                     .map(|s| b.events as f64 / s.wall.as_secs_f64())
                     .collect()
             ),
-            median(mine.iter().map(|s| per_million(s.cpu, b.events)).collect()),
+            per_1m(|s| s.cpu),
+            per_1m(|s| s.user),
+            per_1m(|s| s.system),
             median(mine.iter().map(|s| (s.peak_rss >> 20) as f64).collect()),
         );
     }
