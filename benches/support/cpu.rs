@@ -16,7 +16,11 @@ struct Timespec {
 #[repr(C)]
 struct Timeval {
     tv_sec: std::ffi::c_long,
+    /// `suseconds_t`: a `long` on Linux, an `int` on macOS.
+    #[cfg(not(target_os = "macos"))]
     tv_usec: std::ffi::c_long,
+    #[cfg(target_os = "macos")]
+    tv_usec: std::ffi::c_int,
 }
 
 /// `struct rusage`: the two times, then fourteen `long` counters.
