@@ -329,6 +329,46 @@ mod tests {
         }
     }
 
+    /// A key whose windows have all fired and been purged holds no room
+    /// for slices in any spec, while a key with live windows does.
+    #[test]
+    fn purged_keys_hold_no_room_for_slices() {
+        let config = config(0, false);
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), &config.state_fingerprint(), false).unwrap();
+        let mut engine = Engine::with_options(&config, store, EngineOptions::default()).unwrap();
+        let event = |key: &str, t: i64| Event {
+            position: Position::new(Arc::from("p"), t.to_string()),
+            arrival: 0,
+            key: key.into(),
+            event_time: t,
+            fields: vec![
+                Some(FieldValue::F64(1.0)),
+                Some(FieldValue::Str(Arc::from("m"))),
+            ]
+            .into(),
+            raw: bytes::Bytes::new(),
+        };
+        let mut out = Vec::new();
+        engine.process(&event("a", 1_000), 0, &mut out).unwrap();
+        // Past the purge time of every window holding 1 000 (the longest
+        // ends at 1 300).
+        engine.process(&event("b", 2_000), 0, &mut out).unwrap();
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Window(w) if &*w.key == "a")));
+        let room = |key: &str| -> Vec<usize> {
+            let entry = engine.op.states.get(key).expect("in memory");
+            entry
+                .slots
+                .iter()
+                .map(|st| st.as_ref().map_or(0, |st| st.windows.slices.capacity()))
+                .collect()
+        };
+        assert_eq!(room("a"), vec![0, 0, 0]);
+        assert_eq!(room("b"), vec![1, 1, 1]);
+    }
+
     fn ops(delta: &StateDelta) -> Vec<(crate::state::Cf, bool, Vec<u8>, Vec<u8>)> {
         delta
             .ops

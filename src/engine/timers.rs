@@ -366,6 +366,13 @@ impl Operator {
             key,
             st,
         );
+        // Emptied: the room its slices took goes back to the allocator now,
+        // for the next key's slices, rather than waiting in the key's state
+        // for its next window (most keys are sparse) or the next commit, while
+        // new keys take fresh pages.
+        if st.windows.slices.is_empty() {
+            st.windows.release();
+        }
         Ok(())
     }
 

@@ -172,6 +172,13 @@ impl KeyWindows {
         self.slices.is_empty()
     }
 
+    /// Frees the room of an empty deque and block marks.
+    pub fn release(&mut self) {
+        debug_assert!(self.slices.is_empty());
+        self.slices = VecDeque::new();
+        self.marks = Vec::new();
+    }
+
     /// Asks the CPU to start loading the memory the next event or visit of
     /// this key reads (its slices and block marks), without waiting for it.
     pub fn prefetch(&self) {
@@ -229,6 +236,13 @@ impl KeyWindows {
         event: &Event,
         seq: u64,
     ) -> AddOutcome {
+        // Most keys are sparse: one live slice, two while the next window
+        // starts before the last one is purged. The deque's first growth
+        // would make room for four, and three slices a key of unused room,
+        // each a fresh page to fault in, are most of a tumbling job's state.
+        if self.slices.len() == self.slices.capacity() && self.slices.len() < 2 {
+            self.slices.reserve_exact(1);
+        }
         let pos = match self.slices.back() {
             Some(last) if last.idx == idx => self.slices.len() - 1,
             Some(last) if last.idx > idx => {
@@ -619,6 +633,28 @@ mod tests {
             cached_path > 100,
             "only {cached_path} reads took the cached path"
         );
+    }
+
+    /// A sparse key holds room for the slices it has, not the deque's
+    /// usual four, and gives it all back once its slices are purged.
+    #[test]
+    fn sparse_keys_hold_room_for_their_slices_only() {
+        let geo = Geometry::new(10, 10);
+        let slots = slots();
+        let mut kw = KeyWindows::default();
+        kw.add(&geo, &slots, 0, &event(5, 1.0), 0);
+        assert_eq!(kw.slices.capacity(), 1);
+        kw.add(&geo, &slots, 1, &event(15, 1.0), 1);
+        assert_eq!(kw.slices.capacity(), 2);
+        kw.add(&geo, &slots, 2, &event(25, 1.0), 2);
+        assert!(kw.slices.capacity() >= 3);
+        kw.purge(&geo, i64::MAX, 0, |_| {});
+        assert!(kw.is_empty());
+        kw.release();
+        assert_eq!(kw.slices.capacity(), 0);
+        // Empty again, it starts over as a sparse key.
+        kw.add(&geo, &slots, 9, &event(95, 1.0), 3);
+        assert_eq!(kw.slices.capacity(), 1);
     }
 
     #[test]

@@ -239,7 +239,7 @@ impl Source for GeneratorSource {
                     .map(|i| RawRecord {
                         position: Position::new(
                             partitions[(i % u64::from(c.partitions)) as usize].clone(),
-                            i.to_string(),
+                            itoa::Buffer::new().format(i),
                         ),
                         arrival,
                         bytes: Bytes::from(self.event_bytes(i, start_time, &zipf)),
