@@ -238,8 +238,8 @@ impl KeyWindows {
     ) -> AddOutcome {
         // Most keys are sparse: one live slice, two while the next window
         // starts before the last one is purged. The deque's first growth
-        // would make room for four, and three slices a key of unused room,
-        // each a fresh page to fault in, are most of a tumbling job's state.
+        // makes room for four; three unused slices per key, in memory
+        // faulted in fresh, were most of a tumbling job's state.
         if self.slices.len() == self.slices.capacity() && self.slices.len() < 2 {
             self.slices.reserve_exact(1);
         }
