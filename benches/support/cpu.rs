@@ -7,52 +7,15 @@
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::Throughput;
 
-#[repr(C)]
-struct Timespec {
-    tv_sec: std::ffi::c_long,
-    tv_nsec: std::ffi::c_long,
-}
-
-#[repr(C)]
-struct Timeval {
-    tv_sec: std::ffi::c_long,
-    /// `suseconds_t`: a `long` on Linux, an `int` on macOS.
-    #[cfg(not(target_os = "macos"))]
-    tv_usec: std::ffi::c_long,
-    #[cfg(target_os = "macos")]
-    tv_usec: std::ffi::c_int,
-}
-
-/// `struct rusage`: the two times, then fourteen `long` counters.
-#[repr(C)]
-struct Rusage {
-    ru_utime: Timeval,
-    ru_stime: Timeval,
-    counters: [std::ffi::c_long; 14],
-}
-
-const RUSAGE_SELF: std::ffi::c_int = 0;
-
-extern "C" {
-    fn clock_gettime(clock: std::ffi::c_int, tp: *mut Timespec) -> std::ffi::c_int;
-    fn getrusage(who: std::ffi::c_int, usage: *mut Rusage) -> std::ffi::c_int;
-}
-
-#[cfg(target_os = "macos")]
-const CLOCK_PROCESS_CPUTIME_ID: std::ffi::c_int = 12;
-#[cfg(not(target_os = "macos"))]
-const CLOCK_PROCESS_CPUTIME_ID: std::ffi::c_int = 2;
-
 /// CPU time of the whole process (all threads, including those that have
 /// exited), in nanoseconds.
 pub fn process_cpu_ns() -> u64 {
-    let mut t = Timespec {
+    let mut t = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `t` is a valid, writable timespec; the clock id is the
-    // platform's process CPU clock.
-    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    // SAFETY: `t` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
@@ -66,21 +29,12 @@ pub fn process_cpu_ns() -> u64 {
 /// host fault on its next first touch, inside the guest's page fault or
 /// page-cache write), while the user time holds within a few per cent.
 pub fn process_user_system_ns() -> (u64, u64) {
-    let mut u = Rusage {
-        ru_utime: Timeval {
-            tv_sec: 0,
-            tv_usec: 0,
-        },
-        ru_stime: Timeval {
-            tv_sec: 0,
-            tv_usec: 0,
-        },
-        counters: [0; 14],
-    };
+    // SAFETY: all zeros is a valid `struct rusage` (integers only).
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `u` is a valid, writable `struct rusage`.
-    let rc = unsafe { getrusage(RUSAGE_SELF, &mut u) };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     assert_eq!(rc, 0, "getrusage(RUSAGE_SELF) failed");
-    let ns = |t: &Timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    let ns = |t: &libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
     (ns(&u.ru_utime), ns(&u.ru_stime))
 }
 
