@@ -21,6 +21,8 @@ use crate::time::Millis;
 
 mod ndjson;
 
+pub use ndjson::LineWriter;
+
 /// Where a record came from: its partition (shard, file, archive group) and
 /// its place in that partition.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -477,16 +479,10 @@ impl Output {
 
     /// One NDJSON line, newline included: the record's `Serialize` form.
     /// Feature vectors and window results, most of a pipeline's output,
-    /// are written directly (the same bytes, see `record/ndjson.rs`).
+    /// are written directly (the same bytes, see `record/ndjson.rs`); a
+    /// sink writing line after line keeps a [`LineWriter`] instead.
     pub fn write_ndjson(&self, buf: &mut Vec<u8>) {
-        match self {
-            Output::Features(r) => ndjson::feature_record(buf, r),
-            Output::Window(w) => ndjson::window_result(buf, w),
-            // Serializing these types cannot fail: every map key is a
-            // string and non-finite floats are written as null.
-            _ => serde_json::to_writer(&mut *buf, self).expect("output records always serialize"),
-        }
-        buf.push(b'\n');
+        LineWriter::default().write(self, buf);
     }
 
     pub fn to_ndjson(&self) -> String {

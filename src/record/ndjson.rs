@@ -9,11 +9,211 @@
 //! characters; nothing else), through serde_json itself when one needs it;
 //! integers by `itoa`, floats by `zmij`, serde_json's own float formatter
 //! (non-finite values are `null`, as in [`Value`]'s `Serialize`).
+//!
+//! A sink writes through one [`LineWriter`], which keeps what consecutive
+//! lines share: a firing writes the results of one window end for key
+//! after key, and the vectors of a run share one list of names. So a
+//! window's times are formatted once per window rather than three times a
+//! line, and a vector's names are escaped once per list. A line whose key,
+//! feature or id needs escaping is written piece by piece as before.
 
-use super::{FeatureRecord, FeatureVector, Value, WindowResult};
+use std::ptr;
+
+use super::{FeatureNames, FeatureRecord, FeatureVector, Output, Value, WindowResult};
+use crate::time::Millis;
+
+/// Writes output records as NDJSON lines, remembering what the previous
+/// lines share with the next (see the module docs). The bytes do not
+/// depend on what it remembers.
+#[derive(Default)]
+pub struct LineWriter {
+    /// The `(start, end)` of the last window written, the digits of its
+    /// end, and `,"window_start":S,"window_end":E,"value":` for it.
+    window: Option<(Millis, Millis)>,
+    window_end: Vec<u8>,
+    window_tail: Vec<u8>,
+    /// The last list of feature names written (held, so that comparing
+    /// its address with the next list's is sound), each name rendered as
+    /// `"name":` (the first as `{"name":`, the rest as `,"name":`) and
+    /// where each ends in `names_text`.
+    names: Option<FeatureNames>,
+    names_text: Vec<u8>,
+    names_ends: Vec<usize>,
+}
+
+impl LineWriter {
+    /// Appends `o`'s line, newline included.
+    pub fn write(&mut self, o: &Output, buf: &mut Vec<u8>) {
+        match o {
+            Output::Features(r) => self.feature_record(buf, r),
+            Output::Window(w) => self.window_result(buf, w),
+            // Serializing these types cannot fail: every map key is a
+            // string and non-finite floats are written as null.
+            _ => serde_json::to_writer(&mut *buf, o).expect("output records always serialize"),
+        }
+        buf.push(b'\n');
+    }
+
+    fn window_result(&mut self, buf: &mut Vec<u8>, w: &WindowResult) {
+        let (key, feature) = (w.key.as_bytes(), w.feature.as_bytes());
+        if needs_escape(key) || needs_escape(feature) {
+            return window_result(buf, w);
+        }
+        if self.window != Some((w.window_start, w.window_end)) {
+            self.window = Some((w.window_start, w.window_end));
+            self.window_end.clear();
+            int(&mut self.window_end, w.window_end);
+            self.window_tail.clear();
+            self.window_tail.extend_from_slice(b",\"window_start\":");
+            int(&mut self.window_tail, w.window_start);
+            self.window_tail.extend_from_slice(b",\"window_end\":");
+            int(&mut self.window_tail, w.window_end);
+            self.window_tail.extend_from_slice(b",\"value\":");
+        }
+        let mut revision = itoa::Buffer::new();
+        let revision = revision.format(w.revision).as_bytes();
+        let mut number = Number::default();
+        let value = number.format(w.value);
+        buf.reserve(
+            LINE_FIXED
+                + 2 * (key.len() + feature.len() + revision.len())
+                + self.window_end.len()
+                + self.window_tail.len()
+                + value.len(),
+        );
+        put(buf, b"{\"kind\":\"window\",\"id\":\"");
+        put(buf, feature);
+        put(buf, b"/");
+        put(buf, key);
+        put(buf, b"/");
+        put(buf, &self.window_end);
+        put(buf, b"/");
+        put(buf, revision);
+        put(buf, b"\",\"key\":\"");
+        put(buf, key);
+        put(buf, b"\",\"feature\":\"");
+        put(buf, feature);
+        put(buf, b"\"");
+        buf.extend_from_slice(&self.window_tail);
+        put(buf, value);
+        put(buf, b",\"revision\":");
+        put(buf, revision);
+        put(buf, b"}");
+    }
+
+    fn feature_record(&mut self, buf: &mut Vec<u8>, r: &FeatureRecord) {
+        let (id, key) = (r.id.as_bytes(), r.key.as_bytes());
+        let names = &r.features.names;
+        if needs_escape(id) || needs_escape(key) || r.features.values.len() != names.len() {
+            return feature_record(buf, r);
+        }
+        if !self
+            .names
+            .as_ref()
+            .is_some_and(|n| FeatureNames::ptr_eq(n, names))
+        {
+            self.names_text.clear();
+            self.names_ends.clear();
+            for (i, name) in names.iter().enumerate() {
+                self.names_text.push(if i == 0 { b'{' } else { b',' });
+                string(&mut self.names_text, name);
+                self.names_text.push(b':');
+                self.names_ends.push(self.names_text.len());
+            }
+            self.names = Some(names.clone());
+        }
+        let mut time = itoa::Buffer::new();
+        let time = time.format(r.event_time).as_bytes();
+        buf.reserve(LINE_FIXED + id.len() + key.len() + time.len() + self.names_text.len());
+        put(buf, b"{\"kind\":\"features\",\"id\":\"");
+        put(buf, id);
+        put(buf, b"\",\"key\":\"");
+        put(buf, key);
+        put(buf, b"\",\"event_time\":");
+        put(buf, time);
+        put(buf, b",\"features\":");
+        if names.is_empty() {
+            put(buf, b"{}}");
+            return;
+        }
+        let mut from = 0;
+        for (&end, v) in self.names_ends.iter().zip(&r.features.values) {
+            let mut number = Number::default();
+            let value = number.format(*v);
+            buf.reserve(end - from + value.len() + 2);
+            put(buf, &self.names_text[from..end]);
+            put(buf, value);
+            from = end;
+        }
+        put(buf, b"}}");
+    }
+}
+
+/// Room for the constant parts of a line (the longest is a window
+/// result's, 106 bytes), and its newline.
+const LINE_FIXED: usize = 128;
+
+/// A value's JSON text, formatted on the stack.
+#[derive(Default)]
+struct Number {
+    int: itoa::Buffer,
+    float: zmij::Buffer,
+}
+
+impl Number {
+    fn format(&mut self, v: Option<Value>) -> &[u8] {
+        match v {
+            Some(Value::Int(n)) => self.int.format(n).as_bytes(),
+            Some(Value::Float(f)) if f.is_finite() => self.float.format_finite(f).as_bytes(),
+            Some(Value::Float(_)) | None => b"null",
+        }
+    }
+}
+
+/// Appends `s`, for which `buf` has room (else it grows as
+/// `extend_from_slice` does). Pieces of up to 32 bytes (keys, names,
+/// digits: nearly all of a line) are copied with two overlapping loads and
+/// stores instead of a call to `memcpy`, which for pieces this short costs
+/// more than the copy.
+#[inline(always)]
+fn put(buf: &mut Vec<u8>, s: &[u8]) {
+    let n = s.len();
+    if n > 32 || buf.capacity() - buf.len() < n {
+        buf.extend_from_slice(s);
+        return;
+    }
+    let src = s.as_ptr();
+    // SAFETY: every load reads within `s` (at `0` and `n - k` for `k ≤ n`)
+    // and every store writes within `buf`'s spare room, which holds at
+    // least `n` bytes; the `n` bytes after `len` are then all written.
+    unsafe {
+        let dst = buf.as_mut_ptr().add(buf.len());
+        if n >= 16 {
+            let a = ptr::read_unaligned(src.cast::<u128>());
+            let b = ptr::read_unaligned(src.add(n - 16).cast::<u128>());
+            ptr::write_unaligned(dst.cast::<u128>(), a);
+            ptr::write_unaligned(dst.add(n - 16).cast::<u128>(), b);
+        } else if n >= 8 {
+            let a = ptr::read_unaligned(src.cast::<u64>());
+            let b = ptr::read_unaligned(src.add(n - 8).cast::<u64>());
+            ptr::write_unaligned(dst.cast::<u64>(), a);
+            ptr::write_unaligned(dst.add(n - 8).cast::<u64>(), b);
+        } else if n >= 4 {
+            let a = ptr::read_unaligned(src.cast::<u32>());
+            let b = ptr::read_unaligned(src.add(n - 4).cast::<u32>());
+            ptr::write_unaligned(dst.cast::<u32>(), a);
+            ptr::write_unaligned(dst.add(n - 4).cast::<u32>(), b);
+        } else {
+            for i in 0..n {
+                *dst.add(i) = *src.add(i);
+            }
+        }
+        buf.set_len(buf.len() + n);
+    }
+}
 
 /// A JSON string: quoted, escaped as serde_json does.
-pub(super) fn string(buf: &mut Vec<u8>, s: &str) {
+fn string(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
     string_body(buf, s);
     buf.push(b'"');
@@ -36,29 +236,39 @@ fn string_body(buf: &mut Vec<u8>, s: &str) {
 /// Whether `s` holds a byte JSON escapes (`"`, `\\`, a control
 /// character). Every byte is tested, with no early exit, eight at a time:
 /// the strings written are mostly short and clean, and a per-byte loop that
-/// stops at the first hit cannot be vectorised.
+/// stops at the first hit cannot be vectorised. A string's tail is the last
+/// eight bytes (or two overlapping four-byte loads under eight), re-testing
+/// a few bytes rather than looping over the rest one by one.
 fn needs_escape(s: &[u8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     // Per byte, the high bit of the result is set where the byte is zero
     // (a byte `b` below 0x80 maps to `b - 1` with its high bit only when
     // it was 0), ignoring bytes that had their high bit (UTF-8, never
-    // escaped).
+    // escaped). Exact for "any byte of the word", which is all this asks.
     let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
     let below_space = |v: u64| v.wrapping_sub(ONES * 0x20) & !v & HIGHS;
-    let mut chunks = s.chunks_exact(8);
-    let mut hit = 0u64;
-    for c in &mut chunks {
-        let v = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        hit |= below_space(v)
-            | zero(v ^ (ONES * u64::from(b'"')))
-            | zero(v ^ (ONES * u64::from(b'\\')));
+    let hit = |v: u64| {
+        below_space(v) | zero(v ^ (ONES * u64::from(b'"'))) | zero(v ^ (ONES * u64::from(b'\\')))
+    };
+    let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
+    let half = |c: &[u8]| u64::from(u32::from_le_bytes(c.try_into().expect("4 bytes")));
+    let n = s.len();
+    if n < 4 {
+        return s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
     }
-    hit != 0
-        || chunks
-            .remainder()
-            .iter()
-            .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    if n < 8 {
+        return hit(half(&s[..4]) | half(&s[n - 4..]) << 32) != 0;
+    }
+    let mut chunks = s.chunks_exact(8);
+    let mut found = 0u64;
+    for c in &mut chunks {
+        found |= hit(word(c));
+    }
+    if !chunks.remainder().is_empty() {
+        found |= hit(word(&s[n - 8..]));
+    }
+    found != 0
 }
 
 fn int(buf: &mut Vec<u8>, v: impl itoa::Integer) {
@@ -88,8 +298,8 @@ fn features(buf: &mut Vec<u8>, v: &FeatureVector) {
     buf.push(b'}');
 }
 
-/// `{"kind":"features",…}` without the newline.
-pub(super) fn feature_record(buf: &mut Vec<u8>, r: &FeatureRecord) {
+/// `{"kind":"features",…}` without the newline, each piece on its own.
+fn feature_record(buf: &mut Vec<u8>, r: &FeatureRecord) {
     buf.extend_from_slice(b"{\"kind\":\"features\",\"id\":");
     string(buf, &r.id);
     buf.extend_from_slice(b",\"key\":");
@@ -102,8 +312,8 @@ pub(super) fn feature_record(buf: &mut Vec<u8>, r: &FeatureRecord) {
 }
 
 /// `{"kind":"window",…}` without the newline; the id is
-/// [`WindowResult::id`], written in pieces.
-pub(super) fn window_result(buf: &mut Vec<u8>, w: &WindowResult) {
+/// [`WindowResult::id`], written in pieces, each on its own.
+fn window_result(buf: &mut Vec<u8>, w: &WindowResult) {
     buf.extend_from_slice(b"{\"kind\":\"window\",\"id\":\"");
     string_body(buf, &w.feature);
     buf.push(b'/');
@@ -218,6 +428,66 @@ mod tests {
                         assert_eq!(o.to_ndjson(), serde_line(&o));
                     }
                 }
+            }
+        }
+    }
+
+    /// One writer over a run of records, so that what it keeps from one
+    /// line to the next (a window's times, a list's names) is used, changed
+    /// and used again, with lines that need escaping in between.
+    #[test]
+    fn a_writer_s_lines_are_serde_json_s_whatever_came_before() {
+        let short: FeatureNames = ["c", "s\"q", "max_amount_1h"].map(Arc::from).into();
+        let other: FeatureNames = ["amount_count"].map(Arc::from).into();
+        let mut outputs = Vec::new();
+        for (i, key) in STRINGS.iter().enumerate() {
+            for (start, end) in [(0, 60_000), (0, 60_000), (60_000, 120_000), (0, 60_000)] {
+                for feature in ["amount_count", "a\"b", "amount_sum"] {
+                    outputs.push(Output::Window(WindowResult {
+                        key: (*key).into(),
+                        feature: feature.into(),
+                        window_start: start,
+                        window_end: end,
+                        value: values()[i % values().len()],
+                        revision: i as u32,
+                    }));
+                }
+            }
+            for names in [&short, &short, &other, &short] {
+                outputs.push(Output::Features(FeatureRecord {
+                    id: format!("{key}/{i}"),
+                    key: (*key).into(),
+                    event_time: i as i64 - 3,
+                    features: FeatureVector {
+                        names: names.clone(),
+                        values: values()[i..i + names.len()].to_vec(),
+                    },
+                    arrival: 0,
+                }));
+            }
+        }
+        let mut writer = LineWriter::default();
+        for o in &outputs {
+            let mut buf = b"before".to_vec();
+            writer.write(o, &mut buf);
+            assert_eq!(&buf[..6], b"before");
+            assert_eq!(String::from_utf8(buf[6..].to_vec()).unwrap(), serde_line(o));
+        }
+    }
+
+    /// Every length a piece can have, at every amount of room left in the
+    /// buffer (the inline copies' edges), against `extend_from_slice`.
+    #[test]
+    fn pieces_are_copied_whole() {
+        let text: Vec<u8> = (0..64u8).map(|b| b'0' + b % 75).collect();
+        for n in 0..=40 {
+            for room in 0..=40 {
+                let mut buf = Vec::with_capacity(room + 3);
+                buf.extend_from_slice(b"abc");
+                put(&mut buf, &text[..n]);
+                let mut want = b"abc".to_vec();
+                want.extend_from_slice(&text[..n]);
+                assert_eq!(buf, want, "{n} bytes, {room} of room");
             }
         }
     }

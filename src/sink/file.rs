@@ -13,7 +13,7 @@
 //! last complete line, so appending never glues a new line onto a broken one.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -21,15 +21,23 @@ use anyhow::Context as _;
 use super::Sink;
 use crate::config::FileSinkConfig;
 use crate::flow::BoxFuture;
-use crate::record::Output;
+use crate::record::{LineWriter, Output};
+
+/// Bytes gathered before a `write` to the file.
+const BUFFER: usize = 256 << 10;
 
 pub struct FileSink {
     config: FileSinkConfig,
-    writer: BufWriter<File>,
+    file: File,
+    /// Lines not yet written to `file`, formatted in place (no copy of
+    /// each line into a writer's buffer): written out when `BUFFER` is
+    /// reached, at rotation and at a flush.
+    buf: Vec<u8>,
+    lines: LineWriter,
     /// Index of the file being written: 0 is `path` itself.
     index: u32,
+    /// Bytes of the current file, those still in `buf` included.
     bytes_in_file: u64,
-    line: Vec<u8>,
 }
 
 fn numbered(path: &Path, index: u32) -> PathBuf {
@@ -107,19 +115,33 @@ impl FileSink {
         let bytes_in_file = cut_torn_tail(&path)?;
         Ok(FileSink {
             config,
-            writer: BufWriter::with_capacity(256 << 10, file),
+            file,
+            buf: Vec::with_capacity(BUFFER + 4096),
+            lines: LineWriter::default(),
             index,
             bytes_in_file,
-            line: Vec::with_capacity(512),
+        })
+    }
+
+    /// Writes the first `upto` bytes of the buffer to the file. They leave
+    /// the buffer even when the write fails, so that nothing writes them a
+    /// second time after a part went out (the error stops the pipeline; the
+    /// restart cuts a torn tail and produces the lines again).
+    fn write_out(&mut self, upto: usize) -> anyhow::Result<()> {
+        let written = self.file.write_all(&self.buf[..upto]);
+        self.buf.drain(..upto);
+        written.with_context(|| {
+            format!(
+                "writing {}",
+                numbered(&self.config.path, self.index).display()
+            )
         })
     }
 
     fn rotate(&mut self) -> anyhow::Result<()> {
-        self.writer.flush()?;
-        self.writer.get_ref().sync_data()?;
+        self.file.sync_data()?;
         self.index += 1;
-        let file = open_append(&numbered(&self.config.path, self.index))?;
-        self.writer = BufWriter::with_capacity(256 << 10, file);
+        self.file = open_append(&numbered(&self.config.path, self.index))?;
         self.bytes_in_file = 0;
         Ok(())
     }
@@ -143,18 +165,20 @@ impl Sink for FileSink {
     fn write<'a>(&'a mut self, outputs: &'a [&'a Output]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             for o in outputs {
-                self.line.clear();
-                o.write_ndjson(&mut self.line);
+                let start = self.buf.len();
+                self.lines.write(o, &mut self.buf);
+                let line = (self.buf.len() - start) as u64;
                 if let Some(limit) = self.config.rotate_bytes {
-                    if self.bytes_in_file > 0 && self.bytes_in_file + self.line.len() as u64 > limit
-                    {
+                    if self.bytes_in_file > 0 && self.bytes_in_file + line > limit {
+                        // The line just formatted opens the next file.
+                        self.write_out(start)?;
                         self.rotate()?;
                     }
                 }
-                self.writer
-                    .write_all(&self.line)
-                    .with_context(|| format!("writing {}", self.config.path.display()))?;
-                self.bytes_in_file += self.line.len() as u64;
+                self.bytes_in_file += line;
+                if self.buf.len() >= BUFFER {
+                    self.write_out(self.buf.len())?;
+                }
             }
             Ok(())
         })
@@ -162,11 +186,20 @@ impl Sink for FileSink {
 
     fn flush(&mut self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
-            self.writer
-                .flush()
-                .and_then(|_| self.writer.get_ref().sync_data())
+            self.write_out(self.buf.len())?;
+            self.file
+                .sync_data()
                 .with_context(|| format!("flushing {}", self.config.path.display()))
         })
+    }
+}
+
+impl Drop for FileSink {
+    /// What is left goes to the file, as a `BufWriter` would have it (a
+    /// sink dropped without a last flush, e.g. on an error elsewhere);
+    /// an error here has no one to go to.
+    fn drop(&mut self) {
+        let _ = self.file.write_all(&self.buf);
     }
 }
 

@@ -27,7 +27,7 @@ use super::Sink;
 use crate::aws::{self, error_text, Backoff, ClientSettings};
 use crate::config::{KinesisPayload, KinesisSinkConfig};
 use crate::flow::BoxFuture;
-use crate::record::Output;
+use crate::record::{LineWriter, Output};
 
 const MAX_RECORDS: usize = 500;
 const MAX_REQUEST_BYTES: usize = 5 << 20;
@@ -51,6 +51,7 @@ pub struct KinesisSink {
     client: Option<Client>,
     pending: Vec<Entry>,
     pending_bytes: usize,
+    lines: LineWriter,
 }
 
 impl KinesisSink {
@@ -60,6 +61,7 @@ impl KinesisSink {
             client: None,
             pending: Vec::new(),
             pending_bytes: 0,
+            lines: LineWriter::default(),
         }
     }
 
@@ -191,7 +193,7 @@ impl Sink for KinesisSink {
                     (KinesisPayload::Original, Output::Raw(r)) => r.data.to_vec(),
                     _ => {
                         let mut data = Vec::with_capacity(256);
-                        o.write_ndjson(&mut data);
+                        self.lines.write(o, &mut data);
                         data
                     }
                 };

@@ -30,7 +30,7 @@ use crate::archive::{self, layout};
 use crate::aws::{self, error_text};
 use crate::config::S3SinkConfig;
 use crate::flow::BoxFuture;
-use crate::record::Output;
+use crate::record::{LineWriter, Output};
 use crate::time::{now_millis, Millis};
 
 struct Multipart {
@@ -70,6 +70,7 @@ pub struct S3Sink {
     /// (first checkpoint, seq) of the last object opened.
     last_name: Option<(u64, u32)>,
     line: Vec<u8>,
+    lines: LineWriter,
     objects_written: metrics::Counter,
     bytes_written: metrics::Counter,
 }
@@ -89,6 +90,7 @@ impl S3Sink {
             durable: before,
             last_name: None,
             line: Vec::with_capacity(1024),
+            lines: LineWriter::default(),
         }
     }
 
@@ -309,7 +311,7 @@ impl Sink for S3Sink {
                 }
                 let o = self.open.as_mut().expect("opened above");
                 self.line.clear();
-                out.write_ndjson(&mut self.line);
+                self.lines.write(out, &mut self.line);
                 o.encoder.write_all(&self.line)?;
                 o.records += 1;
                 if o.time.is_none() {

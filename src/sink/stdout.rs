@@ -7,7 +7,7 @@ use std::io::Write as _;
 
 use super::Sink;
 use crate::flow::BoxFuture;
-use crate::record::Output;
+use crate::record::{LineWriter, Output};
 
 /// The reader of standard output went away (`shardflow run | head`). The
 /// run stops without committing what stdout did not take, so a next run
@@ -26,12 +26,14 @@ fn stdout_error(e: std::io::Error) -> anyhow::Error {
 
 pub struct StdoutSink {
     buf: Vec<u8>,
+    lines: LineWriter,
 }
 
 impl StdoutSink {
     pub fn new() -> Self {
         StdoutSink {
             buf: Vec::with_capacity(64 << 10),
+            lines: LineWriter::default(),
         }
     }
 }
@@ -55,7 +57,7 @@ impl Sink for StdoutSink {
         Box::pin(async move {
             self.buf.clear();
             for o in outputs {
-                o.write_ndjson(&mut self.buf);
+                self.lines.write(o, &mut self.buf);
             }
             let mut out = std::io::stdout().lock();
             out.write_all(&self.buf)
