@@ -52,15 +52,13 @@ impl<'a> Cursor<'a> {
     pub(crate) fn string(&mut self) -> Option<&'a str> {
         let bytes = self.text.as_bytes();
         let start = self.at;
-        let len = bytes[start..]
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
-        if bytes[start + len] != b'"' {
+        let end = string_end(bytes, start)?;
+        if bytes[end] != b'"' {
             return None;
         }
-        self.at = start + len + 1;
+        self.at = end + 1;
         // On a char boundary: `"` is ASCII.
-        Some(&self.text[start..start + len])
+        Some(&self.text[start..end])
     }
 
     /// A JSON number's text (its grammar checked), and whether it is an
@@ -138,12 +136,173 @@ impl<'a> Cursor<'a> {
                 self.literal("null")?;
                 Scalar::Null
             }
-            _ => {
-                let (text, integer) = self.number()?;
-                number(text, integer)?
-            }
+            _ => self.number_value()?,
         })
     }
+
+    /// A number as [`number`] gives it, its value taken as its digits are
+    /// scanned: an integer of at most 18 characters is exact in a `u64`,
+    /// and a decimal of at most 15 significant digits with a power of ten
+    /// within ±22 is one correctly rounded operation on two exact doubles
+    /// (Clinger's fast path), so the same double as the standard library's
+    /// parse. Any other number is parsed from its text as before.
+    fn number_value(&mut self) -> Option<Scalar<'a>> {
+        let bytes = self.text.as_bytes();
+        let start = self.at;
+        let mut i = start;
+        let negative = bytes.get(i) == Some(&b'-');
+        if negative {
+            i += 1;
+        }
+        // Digits, integer part and fraction together, while they fit.
+        let mut mantissa: u64 = 0;
+        let mut taken = 0u32;
+        let mut exact = true;
+        let mut digit = |mantissa: &mut u64, taken: &mut u32, d: u8| {
+            if *taken < 19 {
+                *mantissa = *mantissa * 10 + u64::from(d - b'0');
+                *taken += 1;
+            } else {
+                exact = false;
+            }
+        };
+        match bytes.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                while let Some(&d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
+                    digit(&mut mantissa, &mut taken, d);
+                    i += 1;
+                }
+            }
+            _ => return None,
+        }
+        let mut integer = true;
+        let mut fraction = 0i32;
+        if bytes.get(i) == Some(&b'.') {
+            i += 1;
+            integer = false;
+            let from = i;
+            while let Some(&d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
+                // Leading zeros of a fraction add nothing to the mantissa
+                // and take no room in it.
+                if mantissa != 0 || d != b'0' {
+                    digit(&mut mantissa, &mut taken, d);
+                }
+                fraction += 1;
+                i += 1;
+            }
+            if i == from {
+                return None;
+            }
+        }
+        let mut exponent = 0i32;
+        if matches!(bytes.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            integer = false;
+            let sign = match bytes.get(i) {
+                Some(b'-') => {
+                    i += 1;
+                    -1
+                }
+                Some(b'+') => {
+                    i += 1;
+                    1
+                }
+                _ => 1,
+            };
+            let from = i;
+            while let Some(&d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
+                // Past this no fast path applies; the text decides.
+                exponent = (exponent * 10 + i32::from(d - b'0')).min(100_000);
+                i += 1;
+            }
+            if i == from {
+                return None;
+            }
+            exponent *= sign;
+        }
+        if bytes.get(i).is_some_and(u8::is_ascii_digit) {
+            return None;
+        }
+        self.at = i;
+        let text = &self.text[start..i];
+        if integer {
+            // At most 18 characters: every digit was taken, and no overflow
+            // of u64 or i64 to think about.
+            if text.len() > 18 {
+                return None;
+            }
+            return match (negative, mantissa) {
+                (false, m) => Some(Scalar::U64(m)),
+                (true, 0) => None, // -0: serde_json's own reading
+                (true, m) => Some(Scalar::I64(-(m as i64))),
+            };
+        }
+        let power = exponent - fraction;
+        if exact && mantissa < 1 << 53 && (-22..=22).contains(&power) {
+            let m = mantissa as f64;
+            let v = if power < 0 {
+                m / POWERS_OF_TEN[power.unsigned_abs() as usize]
+            } else {
+                m * POWERS_OF_TEN[power as usize]
+            };
+            return Some(Scalar::F64(if negative { -v } else { v }));
+        }
+        number(text, false)
+    }
+}
+
+/// `a == b`, a field name against the schema's: names are short, and a
+/// name up to 16 bytes is compared in two overlapping loads of each
+/// rather than through a call to `memcmp`.
+#[inline(always)]
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8"));
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4"));
+    match n {
+        0..=3 => a == b,
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        _ => a == b,
+    }
+}
+
+/// The powers of ten a double holds exactly.
+const POWERS_OF_TEN: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// The first byte at or after `from` that ends a string without escapes
+/// (`"`, `\`, a control character), eight bytes at a time: in a word, the
+/// lowest byte flagged is always a true hit (a borrow only flags bytes
+/// above one), and little-endian order makes it the first in the text.
+fn string_end(bytes: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    let below_space = |v: u64| v.wrapping_sub(ONES * 0x20) & !v & HIGHS;
+    let mut i = from;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        let hit = below_space(v)
+            | zero(v ^ (ONES * u64::from(b'"')))
+            | zero(v ^ (ONES * u64::from(b'\\')));
+        if hit != 0 {
+            return Some(i + (hit.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    bytes
+        .get(i..)?
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|p| i + p)
 }
 
 /// The number as serde_json gives it, or `None` to leave it to serde_json.
@@ -186,15 +345,15 @@ pub(super) fn scan<'a>(schema: &Decoder, text: &'a str) -> Option<Slots<'a>> {
             c.eat(b':')?;
             c.skip_ws();
             let value = c.scalar()?;
-            let slot = if name == schema.key {
+            let slot = if same(name, &schema.key) {
                 Some(&mut slots.key)
-            } else if name == schema.timestamp {
+            } else if same(name, &schema.timestamp) {
                 Some(&mut slots.timestamp)
             } else {
                 schema
                     .fields
                     .iter()
-                    .position(|(n, _)| n == name)
+                    .position(|(n, _)| same(n, name))
                     .map(|i| &mut slots.fields[i])
             };
             if let Some(slot) = slot {
@@ -301,6 +460,124 @@ mod tests {
             let both = d.decode_text(text);
             let serde = d.decode_text_serde(text);
             assert_eq!(format!("{both:?}"), format!("{serde:?}"), "{text}");
+        }
+    }
+
+    /// The old reading: the number's text, then parsed.
+    fn parsed(text: &str) -> Option<Scalar<'_>> {
+        let mut c = Cursor::new(text);
+        let (t, integer) = c.number()?;
+        (c.at == text.len()).then_some(())?;
+        number(t, integer)
+    }
+
+    fn scanned(text: &str) -> Option<Scalar<'_>> {
+        let mut c = Cursor::new(text);
+        let v = c.number_value()?;
+        (c.at == text.len()).then_some(v)
+    }
+
+    #[test]
+    fn numbers_read_while_scanned_are_the_parsed_ones() {
+        let cases = [
+            "0",
+            "-0",
+            "7",
+            "-7",
+            "0.5",
+            "-0.0",
+            "0.000123",
+            "350.30",
+            "1e5",
+            "1E+5",
+            "1e-5",
+            "123456789012345678",
+            "-12345678901234567",
+            "1234567890123456789",
+            "9007199254740993.0",
+            "9007199254740992e0",
+            "0.1",
+            "0.3",
+            "1e22",
+            "1e23",
+            "1e-22",
+            "1e-23",
+            "123456789012345.6",
+            "1234567890123456.7",
+            "4.9e-324",
+            "1.7976931348623157e308",
+            "1e999",
+            "01",
+            "1.",
+            ".5",
+            "1e",
+            "-",
+            "2.2250738585072014e-308",
+            "0e0",
+            "-0e-0",
+            "100000000000000000000000000.5",
+            "0.0000000000000000000000000001",
+        ];
+        for text in cases {
+            assert_eq!(
+                format!("{:?}", scanned(text)),
+                format!("{:?}", parsed(text)),
+                "{text}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+        #[test]
+        fn any_number_reads_as_parsed(
+            negative in proptest::bool::ANY,
+            int in proptest::collection::vec(0u8..10, 1..26),
+            fraction in proptest::option::of(proptest::collection::vec(0u8..10, 1..25)),
+            exponent in proptest::option::of((0usize..6, proptest::collection::vec(0u8..10, 1..5))),
+        ) {
+            let digits = |d: &[u8]| d.iter().map(|d| char::from(b'0' + d)).collect::<String>();
+            // Mostly valid JSON (no leading zero), sometimes not.
+            let int = match int.as_slice() {
+                [0, rest @ ..] if rest.len() % 3 != 0 => "0".to_string(),
+                d => digits(d),
+            };
+            let text = format!(
+                "{}{int}{}{}",
+                if negative { "-" } else { "" },
+                fraction.map(|f| format!(".{}", digits(&f))).unwrap_or_default(),
+                exponent
+                    .map(|(form, e)| format!("{}{}", ["e", "E", "e+", "e-", "E-", "E+"][form], digits(&e)))
+                    .unwrap_or_default(),
+            );
+            proptest::prop_assert_eq!(
+                format!("{:?}", scanned(&text)),
+                format!("{:?}", parsed(&text)),
+                "{}", text
+            );
+        }
+
+        #[test]
+        fn a_string_ends_where_a_byte_by_byte_search_says(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![
+                    8 => 0x20u8..0x7f,
+                    1 => proptest::prelude::Just(b'"'),
+                    1 => proptest::prelude::Just(b'\\'),
+                    1 => 0u8..0x20,
+                    1 => 0x80u8..=0xff,
+                ],
+                0..40,
+            ),
+            from in 0usize..8,
+        ) {
+            let from = from.min(bytes.len());
+            let naive = bytes[from..]
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .map(|p| from + p);
+            proptest::prop_assert_eq!(string_end(&bytes, from), naive);
         }
     }
 }
