@@ -170,16 +170,16 @@ fn emit(
     out: &mut Vec<Output>,
 ) {
     let geo = plan.geo;
-    if !st.windows.window(&geo, &plan.slots, j, scratch) {
+    let Some(at) = st.windows.merge(&geo, &plan.slots, j, scratch) else {
         return;
-    }
+    };
     let revision = if refire { st.next_revision(j) } else { 0 };
     let (start, end) = (geo.start_of(j), geo.end_of(j));
     st.windows.values_of_merged(
         &geo,
         &plan.slots,
         j,
-        scratch,
+        st.windows.merged(at, scratch),
         |slot, value: Option<Value>| {
             stats.window_results += 1;
             out.push(Output::Window(WindowResult {

@@ -143,6 +143,15 @@ impl Slice {
     }
 }
 
+/// Where [`KeyWindows::merge`] left a window's value.
+#[derive(Clone, Copy, Debug)]
+pub enum Merged {
+    /// In the slice at this position (a tumbling window).
+    Slice(usize),
+    /// In the scratch accumulator.
+    Scratch,
+}
+
 /// Validity marks of one block's caches.
 #[derive(Clone, Copy, Debug)]
 struct BlockMark {
@@ -324,6 +333,40 @@ impl KeyWindows {
             }
         }
         out.count > 0
+    }
+
+    /// Makes window `j`'s value readable through [`KeyWindows::merged`]:
+    /// a tumbling window's one slice is read in place (firing visits a key
+    /// per window, and copying the slice into `scratch` first was most of
+    /// reading it), any other window is merged into `scratch`. `None` when
+    /// the window holds no event.
+    pub fn merge(
+        &mut self,
+        geo: &Geometry,
+        slots: &[FeatureSlot],
+        j: i64,
+        scratch: &mut Acc,
+    ) -> Option<Merged> {
+        if geo.n == 1 {
+            return match self.slices.front() {
+                Some(first) if first.idx == j => Some(Merged::Slice(0)),
+                _ => self
+                    .slices
+                    .binary_search_by_key(&j, |s| s.idx)
+                    .ok()
+                    .map(Merged::Slice),
+            };
+        }
+        self.window(geo, slots, j, scratch)
+            .then_some(Merged::Scratch)
+    }
+
+    /// The value [`KeyWindows::merge`] made readable.
+    pub fn merged<'a>(&'a self, at: Merged, scratch: &'a Acc) -> &'a Acc {
+        match at {
+            Merged::Slice(p) => &self.slices[p].acc,
+            Merged::Scratch => scratch,
+        }
     }
 
     /// Position of the last slice of block `b` with `idx ≤ j`, with its
