@@ -142,8 +142,9 @@ impl<'a> Cursor<'a> {
 
     /// A number as [`number`] gives it, its value taken as its digits are
     /// scanned: an integer of at most 18 characters is exact in a `u64`,
-    /// and a decimal of at most 15 significant digits with a power of ten
-    /// within ±22 is one correctly rounded operation on two exact doubles
+    /// and a decimal whose digits make an integer below 2^53, with a power
+    /// of ten within ±22, is one correctly rounded operation on two exact
+    /// doubles
     /// (Clinger's fast path), so the same double as the standard library's
     /// parse. Any other number is parsed from its text as before.
     fn number_value(&mut self) -> Option<Scalar<'a>> {
