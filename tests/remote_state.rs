@@ -289,6 +289,16 @@ async fn losing_the_machine_at_random_moments_changes_no_result() {
         newest = wait_for_manifest(&server, "p/", newest, &mut crashed).await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         crashed.kill9();
+        // The next kill waits for a checkpoint of the next run: one the
+        // killed run finished meanwhile (its upload ran during the sleep
+        // above, or was on the wire at the kill) must not count, or the
+        // next run could be killed before it has restored anything.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        newest = manifests(&server, "p/")
+            .await
+            .last()
+            .copied()
+            .unwrap_or(newest);
         // Every other kill (and at least once) the machine is lost too.
         let lost = k % 2 == 1 || rng.random_bool(0.3);
         if lost {
