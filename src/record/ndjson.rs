@@ -104,7 +104,7 @@ impl LineWriter {
     fn feature_record(&mut self, buf: &mut Vec<u8>, r: &FeatureRecord) {
         let (id, key) = (r.id.as_bytes(), r.key.as_bytes());
         let names = &r.features.names;
-        if needs_escape(id) || needs_escape(key) || r.features.values.len() != names.len() {
+        if needs_escape(id) || needs_escape(key) {
             return feature_record(buf, r);
         }
         if !self
@@ -124,7 +124,14 @@ impl LineWriter {
         }
         let mut time = itoa::Buffer::new();
         let time = time.format(r.event_time).as_bytes();
-        buf.reserve(LINE_FIXED + id.len() + key.len() + time.len() + self.names_text.len());
+        buf.reserve(
+            LINE_FIXED
+                + id.len()
+                + key.len()
+                + time.len()
+                + self.names_text.len()
+                + VALUE_MAX * names.len(),
+        );
         put(buf, b"{\"kind\":\"features\",\"id\":\"");
         put(buf, id);
         put(buf, b"\",\"key\":\"");
@@ -139,10 +146,8 @@ impl LineWriter {
         let mut from = 0;
         for (&end, v) in self.names_ends.iter().zip(&r.features.values) {
             let mut number = Number::default();
-            let value = number.format(*v);
-            buf.reserve(end - from + value.len() + 2);
             put(buf, &self.names_text[from..end]);
-            put(buf, value);
+            put(buf, number.format(*v));
             from = end;
         }
         put(buf, b"}}");
@@ -153,6 +158,10 @@ impl LineWriter {
 /// most, a vector's), with some to spare: reserving too little only
 /// costs a growth, never a wrong byte.
 const LINE_FIXED: usize = 128;
+
+/// The longest text of a value: a double's shortest form
+/// (`-2.2250738585072014e-308`); an `i64` takes 20 at most.
+const VALUE_MAX: usize = 24;
 
 /// A value's JSON text, formatted on the stack.
 #[derive(Default)]
