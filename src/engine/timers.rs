@@ -239,8 +239,8 @@ impl Operator {
         budget: &mut usize,
         out: &mut Vec<Output>,
     ) -> Result<bool, EngineError> {
-        while let Some((&(d, due, spec), _)) = self.timers.range((domain, i64::MIN, 0)..).next() {
-            if d != domain || !rules::due(due, w) {
+        while let Some((d, due, spec)) = self.first_timer(domain) {
+            if !rules::due(due, w) {
                 break;
             }
             if *budget == 0 {
@@ -281,6 +281,24 @@ impl Operator {
             }
         }
         Ok(false)
+    }
+
+    /// The earliest timer entry of `domain`. Called after every event, and
+    /// usually nothing is due: when `domain` is the smallest one present
+    /// (always, outside per-shard mode) the map's first entry answers
+    /// without a search.
+    fn first_timer(&self, domain: u32) -> Option<(u32, i64, u16)> {
+        let (&first, _) = self.timers.first_key_value()?;
+        match first.0.cmp(&domain) {
+            std::cmp::Ordering::Equal => Some(first),
+            std::cmp::Ordering::Greater => None,
+            std::cmp::Ordering::Less => self
+                .timers
+                .range((domain, i64::MIN, 0)..)
+                .next()
+                .map(|(&k, _)| k)
+                .filter(|k| k.0 == domain),
+        }
     }
 
     fn visit(

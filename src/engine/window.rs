@@ -60,13 +60,26 @@ impl Geometry {
         t.div_euclid(self.slide)
     }
 
-    /// End (exclusive) of window `j`.
+    /// End (exclusive) of window `j`: the exact value, clamped to `i64`.
+    /// Called several times per event: `i64` arithmetic while it does not
+    /// overflow (for any real time), the 128-bit sum only when it would.
     pub fn end_of(&self, j: i64) -> i64 {
-        saturate((j as i128 + 1) * self.slide as i128)
+        match j.checked_add(1).and_then(|e| e.checked_mul(self.slide)) {
+            Some(end) => end,
+            None => saturate((j as i128 + 1) * self.slide as i128),
+        }
     }
 
+    /// Start of window `j`, clamped like [`Geometry::end_of`].
     pub fn start_of(&self, j: i64) -> i64 {
-        saturate((j as i128 + 1) * self.slide as i128 - self.size as i128)
+        let start = j
+            .checked_add(1)
+            .and_then(|e| e.checked_mul(self.slide))
+            .and_then(|e| e.checked_sub(self.size));
+        match start {
+            Some(start) => start,
+            None => saturate((j as i128 + 1) * self.slide as i128 - self.size as i128),
+        }
     }
 
     /// Smallest window index not purged at watermark `w`
@@ -249,7 +262,11 @@ impl KeyWindows {
         // starts before the last one is purged. The deque's first growth
         // makes room for four; three unused slices per key, in memory
         // faulted in fresh, were most of a tumbling job's state.
-        if self.slices.len() == self.slices.capacity() && self.slices.len() < 2 {
+        if self.slices.capacity() == 0 {
+            // New or released (the usual case of a sparse key): a plain
+            // allocation, not the deque's growth path.
+            self.slices = VecDeque::with_capacity(1);
+        } else if self.slices.len() == self.slices.capacity() && self.slices.len() < 2 {
             self.slices.reserve_exact(1);
         }
         let pos = match self.slices.back() {
@@ -714,6 +731,43 @@ mod tests {
         assert_eq!(g.last_due_window(i64::MAX), i64::MAX / 20 - 1);
         assert!(!g.is_late(0, 68, 10));
         assert!(g.is_late(0, 69 + 40, 10));
+    }
+
+    /// A window's bounds are the exact 128-bit values clamped, whether the
+    /// `i64` arithmetic overflows on the way or not.
+    #[test]
+    fn window_bounds_are_the_clamped_exact_values() {
+        let sizes = [
+            (1, 1),
+            (60, 20),
+            (3_600_000, 10_000),
+            (i64::MAX, 1 << 40),
+            (7, 3),
+        ];
+        for (size, slide) in sizes {
+            let g = Geometry::new(size, slide);
+            let edge = i64::MAX / g.slide;
+            for j in [
+                i64::MIN,
+                i64::MIN + 1,
+                -edge - 1,
+                -edge,
+                -1,
+                0,
+                1,
+                edge - 1,
+                edge,
+                i64::MAX,
+            ] {
+                let end = (j as i128 + 1) * g.slide as i128;
+                assert_eq!(g.end_of(j), saturate(end), "{g:?}, j {j}");
+                assert_eq!(
+                    g.start_of(j),
+                    saturate(end - g.size as i128),
+                    "{g:?}, j {j}"
+                );
+            }
+        }
     }
 
     /// A purge time is the clamped window end plus the lateness. For every
