@@ -39,6 +39,7 @@ impl Operator {
             inline_max,
             refire: Vec::new(),
             visiting: Vec::new(),
+            results_per_visit: 0,
             stats: EngineStats::default(),
         })
     }

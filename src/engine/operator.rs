@@ -153,6 +153,9 @@ pub(super) struct Operator {
     /// [`timers`](super::timers): the chunk of due keys being visited
     /// (kept for its allocation).
     pub(super) visiting: Vec<Key>,
+    /// [`timers`](super::timers): window results the last chunk of visits
+    /// gave per key, to reserve the next chunk's room at once.
+    pub(super) results_per_visit: usize,
     pub(super) stats: EngineStats,
 }
 

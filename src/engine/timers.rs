@@ -262,10 +262,15 @@ impl Operator {
                 None => false,
             };
             *budget -= chunk.len();
+            let before = out.len();
             if self.results {
-                // A visit usually fires one window: a result per feature.
-                // Reserved at once, not grown (and copied) a few at a time.
-                out.reserve(chunk.len() * self.specs[usize::from(spec)].slots.len());
+                // A visit usually fires one window, a result per feature,
+                // but a sliding window's last visits fire all its windows
+                // at once: room for what the last chunk's visits gave,
+                // reserved at once rather than doubled (and copied) a few
+                // times over.
+                let slots = self.specs[usize::from(spec)].slots.len();
+                out.reserve(chunk.len() * self.results_per_visit.max(slots));
             }
             for keys in chunk.chunks(PREFETCH_AHEAD) {
                 self.prefetch(keys.iter().map(|k| &**k));
@@ -273,6 +278,7 @@ impl Operator {
                     self.visit(usize::from(spec), key, due, w, out)?;
                 }
             }
+            self.results_per_visit = (out.len() - before).div_ceil(chunk.len().max(1));
             self.visiting = chunk;
             if more {
                 // Visits reschedule later than `due`; whatever landed here
