@@ -353,10 +353,11 @@ impl KeyWindows {
     }
 
     /// Makes window `j`'s value readable through [`KeyWindows::merged`]:
-    /// a tumbling window's one slice is read in place (firing visits a key
-    /// per window, and copying the slice into `scratch` first was most of
-    /// reading it), any other window is merged into `scratch`. `None` when
-    /// the window holds no event.
+    /// a window of one slice (every tumbling window, most of a sparse key's
+    /// sliding ones) is read in place (firing visits a key per window, and
+    /// copying the slice into `scratch` first was most of reading it), any
+    /// other window is merged into `scratch`. `None` when the window holds
+    /// no event.
     pub fn merge(
         &mut self,
         geo: &Geometry,
@@ -373,6 +374,15 @@ impl KeyWindows {
                     .ok()
                     .map(Merged::Slice),
             };
+        }
+        // Merging one slice into the cleared scratch gives its own lanes.
+        let lo = self
+            .slices
+            .partition_point(|s| s.idx <= j.saturating_sub(geo.n));
+        if self.slices.get(lo).is_some_and(|s| s.idx <= j)
+            && self.slices.get(lo + 1).is_none_or(|s| s.idx > j)
+        {
+            return (self.slices[lo].acc.count > 0).then_some(Merged::Slice(lo));
         }
         self.window(geo, slots, j, scratch)
             .then_some(Merged::Scratch)
@@ -496,8 +506,9 @@ impl KeyWindows {
         self.slices.range(lo..hi.max(lo)).map(|s| &s.acc)
     }
 
-    /// Feature values of window `j`, merged into `scratch`, passed to `put`
-    /// slot by slot. Returns whether the window has events.
+    /// Feature values of window `j` (merged into `scratch` unless it is one
+    /// slice), passed to `put` slot by slot. Returns whether the window has
+    /// events.
     pub fn values(
         &mut self,
         geo: &Geometry,
@@ -519,10 +530,10 @@ impl KeyWindows {
             self.values_of_merged(geo, slots, j, &self.slices[p].acc, put);
             return true;
         }
-        if !self.window(geo, slots, j, scratch) {
+        let Some(at) = self.merge(geo, slots, j, scratch) else {
             return false;
-        }
-        self.values_of_merged(geo, slots, j, scratch, put);
+        };
+        self.values_of_merged(geo, slots, j, self.merged(at, scratch), put);
         true
     }
 
