@@ -253,11 +253,12 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// `a == b`, a field name against the schema's: names are short, and a
-/// name up to 16 bytes is compared in two overlapping loads of each
-/// rather than through a call to `memcmp`.
+/// `a == b`, a field name against the schema's (the NDJSON writer's
+/// feature names too): names are short, and a name up to 16 bytes is
+/// compared in two overlapping loads of each rather than through a call
+/// to `memcmp`.
 #[inline(always)]
-fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let n = a.len();
     if n != b.len() {

@@ -19,6 +19,10 @@
 
 use std::ptr;
 
+use smol_str::SmolStr;
+
+use crate::decode::scan::same;
+
 use super::{FeatureNames, FeatureRecord, FeatureVector, Output, Value, WindowResult};
 use crate::time::Millis;
 
@@ -27,11 +31,16 @@ use crate::time::Millis;
 /// depend on what it remembers.
 #[derive(Default)]
 pub struct LineWriter {
-    /// The `(start, end)` of the last window written, the digits of its
-    /// end, and `,"window_start":S,"window_end":E,"value":` for it.
+    /// The `(start, end)` of the last window written, `/E/` (its end in
+    /// an id) and `,"window_start":S,"window_end":E,"value":` for it.
     window: Option<(Millis, Millis)>,
-    window_end: Vec<u8>,
+    window_id: Vec<u8>,
     window_tail: Vec<u8>,
+    /// The pieces of the features written (names recur window after window).
+    features: Vec<FeaturePieces>,
+    /// Where in `features` the last line's feature was: a firing writes
+    /// a key's features in turn, so the next line's is usually the next.
+    last_feature: usize,
     /// The last list of feature names written (held, so that comparing
     /// its address with the next list's is sound), each name rendered as
     /// `"name":` (the first as `{"name":`, the rest as `,"name":`) and
@@ -55,14 +64,16 @@ impl LineWriter {
     }
 
     fn window_result(&mut self, buf: &mut Vec<u8>, w: &WindowResult) {
-        let (key, feature) = (w.key.as_bytes(), w.feature.as_bytes());
-        if needs_escape(key) || needs_escape(feature) {
+        let key = w.key.as_bytes();
+        if needs_escape(key) {
             return window_result(buf, w);
         }
         if self.window != Some((w.window_start, w.window_end)) {
             self.window = Some((w.window_start, w.window_end));
-            self.window_end.clear();
-            int(&mut self.window_end, w.window_end);
+            self.window_id.clear();
+            self.window_id.push(b'/');
+            int(&mut self.window_id, w.window_end);
+            self.window_id.push(b'/');
             self.window_tail.clear();
             self.window_tail.extend_from_slice(b",\"window_start\":");
             int(&mut self.window_tail, w.window_start);
@@ -70,35 +81,75 @@ impl LineWriter {
             int(&mut self.window_tail, w.window_end);
             self.window_tail.extend_from_slice(b",\"value\":");
         }
+        let Some(f) = self.feature_pieces(w) else {
+            return window_result(buf, w);
+        };
+        let f = &self.features[f];
         let mut revision = itoa::Buffer::new();
         let revision = revision.format(w.revision).as_bytes();
         let mut number = Number::default();
         let value = number.format(w.value);
         buf.reserve(
             LINE_FIXED
-                + 2 * (key.len() + feature.len() + revision.len())
-                + self.window_end.len()
+                + f.head.len()
+                + f.mid.len()
+                + 2 * (key.len() + revision.len())
+                + self.window_id.len()
                 + self.window_tail.len()
                 + value.len(),
         );
-        put(buf, b"{\"kind\":\"window\",\"id\":\"");
-        put(buf, feature);
-        put(buf, b"/");
+        put(buf, &f.head);
         put(buf, key);
-        put(buf, b"/");
-        put(buf, &self.window_end);
-        put(buf, b"/");
+        put(buf, &self.window_id);
         put(buf, revision);
         put(buf, b"\",\"key\":\"");
         put(buf, key);
-        put(buf, b"\",\"feature\":\"");
-        put(buf, feature);
-        put(buf, b"\"");
+        put(buf, &f.mid);
         buf.extend_from_slice(&self.window_tail);
         put(buf, value);
         put(buf, b",\"revision\":");
         put(buf, revision);
         put(buf, b"}");
+    }
+
+    /// The index in `features` of `w`'s feature (made if it is new), or
+    /// `None` if its name needs escaping.
+    fn feature_pieces(&mut self, w: &WindowResult) -> Option<usize> {
+        let name = w.feature.as_str();
+        let n = self.features.len();
+        let guess = if self.last_feature + 1 < n {
+            self.last_feature + 1
+        } else {
+            0
+        };
+        let found = (0..n)
+            .map(|i| (guess + i) % n)
+            .find(|&i| same(&self.features[i].name, name));
+        let i = match found {
+            Some(i) => i,
+            None => {
+                if needs_escape(name.as_bytes()) {
+                    return None;
+                }
+                if n >= FEATURES_KEPT {
+                    self.features.clear();
+                }
+                let mut head = b"{\"kind\":\"window\",\"id\":\"".to_vec();
+                head.extend_from_slice(name.as_bytes());
+                head.push(b'/');
+                let mut mid = b"\",\"feature\":\"".to_vec();
+                mid.extend_from_slice(name.as_bytes());
+                mid.push(b'"');
+                self.features.push(FeaturePieces {
+                    name: w.feature.clone(),
+                    head,
+                    mid,
+                });
+                self.features.len() - 1
+            }
+        };
+        self.last_feature = i;
+        Some(i)
     }
 
     fn feature_record(&mut self, buf: &mut Vec<u8>, r: &FeatureRecord) {
@@ -153,6 +204,18 @@ impl LineWriter {
         put(buf, b"}}");
     }
 }
+
+/// What the lines of one feature share: `{"kind":"window","id":"F/` before
+/// the key, and `","feature":"F"` after the id's key.
+struct FeaturePieces {
+    name: SmolStr,
+    head: Vec<u8>,
+    mid: Vec<u8>,
+}
+
+/// Features whose pieces a writer keeps (a pipeline's features, usually).
+/// More start the list over; the bytes are the same.
+const FEATURES_KEPT: usize = 64;
 
 /// Room for the constant parts of a line and its newline (65 bytes at
 /// most, a vector's), with some to spare: reserving too little only
@@ -482,6 +545,31 @@ mod tests {
             writer.write(o, &mut buf);
             assert_eq!(&buf[..6], b"before");
             assert_eq!(String::from_utf8(buf[6..].to_vec()).unwrap(), serde_line(o));
+        }
+    }
+
+    /// More features in one window than a writer keeps pieces for, in an
+    /// order that is not the order they were first seen in.
+    #[test]
+    fn a_window_of_many_features_is_written_whole() {
+        let names: Vec<String> = (0..FEATURES_KEPT * 2 + 3)
+            .map(|i| format!("f{i}"))
+            .collect();
+        let mut writer = LineWriter::default();
+        for round in 0..3 {
+            for (i, name) in names.iter().enumerate().rev().step_by(round + 1) {
+                let o = Output::Window(WindowResult {
+                    key: "k".into(),
+                    feature: name.as_str().into(),
+                    window_start: 0,
+                    window_end: 60_000,
+                    value: Some(Value::Int(i as i64)),
+                    revision: round as u32,
+                });
+                let mut buf = Vec::new();
+                writer.write(&o, &mut buf);
+                assert_eq!(String::from_utf8(buf).unwrap(), serde_line(&o));
+            }
         }
     }
 
