@@ -25,6 +25,9 @@ pub struct Decoder {
     key: String,
     timestamp: String,
     fields: Vec<(String, FieldSpec)>,
+    /// The schema's names as a record usually spells them, with where
+    /// their values go (see [`scan::Token`]).
+    tokens: Vec<scan::Token>,
     max_record_bytes: usize,
     min_event_time: Millis,
     max_event_time: Millis,
@@ -32,14 +35,17 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(schema: &SchemaConfig) -> Self {
+        let fields: Vec<(String, FieldSpec)> = schema
+            .fields
+            .iter()
+            .map(|(name, spec)| (name.clone(), *spec))
+            .collect();
+        let tokens = scan::tokens(&schema.key, &schema.timestamp, &fields);
         Decoder {
             key: schema.key.clone(),
             timestamp: schema.timestamp.clone(),
-            fields: schema
-                .fields
-                .iter()
-                .map(|(name, spec)| (name.clone(), *spec))
-                .collect(),
+            fields,
+            tokens,
             max_record_bytes: schema.max_record_bytes,
             min_event_time: schema.min_event_time,
             max_event_time: schema.max_event_time,

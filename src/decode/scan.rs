@@ -159,21 +159,22 @@ impl<'a> Cursor<'a> {
         let mut mantissa: u64 = 0;
         let mut taken = 0u32;
         let mut exact = true;
-        let mut digit = |mantissa: &mut u64, taken: &mut u32, d: u8| {
-            if *taken < 19 {
-                *mantissa = *mantissa * 10 + u64::from(d - b'0');
-                *taken += 1;
+        let mut take = |mantissa: &mut u64, taken: &mut u32, run: &[u8]| {
+            let n = run.len() as u32;
+            if *taken + n <= MAX_TAKEN {
+                *mantissa = *mantissa * POWERS_OF_TEN_U64[n as usize] + digits_value(run);
+                *taken += n;
             } else {
+                // Never read: past this the text decides.
                 exact = false;
             }
         };
         match bytes.get(i) {
             Some(b'0') => i += 1,
             Some(b'1'..=b'9') => {
-                while let Some(&d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
-                    digit(&mut mantissa, &mut taken, d);
-                    i += 1;
-                }
+                let end = digits_end(bytes, i);
+                take(&mut mantissa, &mut taken, &bytes[i..end]);
+                i = end;
             }
             _ => return None,
         }
@@ -183,18 +184,19 @@ impl<'a> Cursor<'a> {
             i += 1;
             integer = false;
             let from = i;
-            while let Some(&d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
-                // Leading zeros of a fraction add nothing to the mantissa
-                // and take no room in it.
-                if mantissa != 0 || d != b'0' {
-                    digit(&mut mantissa, &mut taken, d);
-                }
-                fraction += 1;
-                i += 1;
-            }
+            i = digits_end(bytes, from);
             if i == from {
                 return None;
             }
+            fraction = i32::try_from(i - from).unwrap_or(i32::MAX);
+            let mut run = &bytes[from..i];
+            if mantissa == 0 {
+                // Leading zeros of a fraction add nothing to the mantissa
+                // and take no room in it.
+                let zeros = run.iter().take_while(|&&d| d == b'0').count();
+                run = &run[zeros..];
+            }
+            take(&mut mantissa, &mut taken, run);
         }
         let mut exponent = 0i32;
         if matches!(bytes.get(i), Some(b'e' | b'E')) {
@@ -239,7 +241,7 @@ impl<'a> Cursor<'a> {
                 (true, m) => Some(Scalar::I64(-(m as i64))),
             };
         }
-        let power = exponent - fraction;
+        let power = exponent.saturating_sub(fraction);
         if exact && mantissa < 1 << 53 && (-22..=22).contains(&power) {
             let m = mantissa as f64;
             let v = if power < 0 {
@@ -279,6 +281,68 @@ const POWERS_OF_TEN: [f64; 23] = [
     1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
     1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 ];
+
+/// The digits a mantissa takes before the text decides: any 19 digits
+/// make a number below 10^19 < 2^64.
+const MAX_TAKEN: u32 = 19;
+
+/// `10^n` for the lengths of a digit run a mantissa takes.
+const POWERS_OF_TEN_U64: [u64; MAX_TAKEN as usize + 1] = {
+    let mut p = [1u64; MAX_TAKEN as usize + 1];
+    let mut n = 1;
+    while n < p.len() {
+        p[n] = p[n - 1] * 10;
+        n += 1;
+    }
+    p
+};
+
+/// Where the run of ASCII digits at `from` ends, eight bytes at a time: a
+/// byte `b` is a digit when `b ^ b'0'` is at most 9, and adding `0x76` to
+/// its low seven bits sets the top bit exactly when it is above 9 (the sum
+/// stays below `0x100`, so nothing carries into the next byte).
+fn digits_end(bytes: &[u8], from: usize) -> usize {
+    const LOWS: u64 = 0x7F7F_7F7F_7F7F_7F7F;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while let Some(word) = bytes.get(i..i + 8) {
+        let t = u64::from_le_bytes(word.try_into().expect("8 bytes")) ^ 0x3030_3030_3030_3030;
+        let other = (((t & LOWS) + 0x7676_7676_7676_7676) | t) & HIGHS;
+        if other != 0 {
+            return i + (other.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i + bytes[i..].iter().take_while(|d| d.is_ascii_digit()).count()
+}
+
+/// The value of a run of at most [`MAX_TAKEN`] ASCII digits, eight at a
+/// time where eight are left.
+fn digits_value(run: &[u8]) -> u64 {
+    debug_assert!(run.len() <= MAX_TAKEN as usize);
+    let mut chunks = run.chunks_exact(8);
+    let mut v = 0u64;
+    for chunk in &mut chunks {
+        v = v * 100_000_000 + eight_digits(u64::from_le_bytes(chunk.try_into().expect("8")));
+    }
+    for &d in chunks.remainder() {
+        v = v * 10 + u64::from(d - b'0');
+    }
+    v
+}
+
+/// Eight ASCII digits, the first in the lowest byte, as their number: pairs,
+/// then fours, then the eight, in three multiplications (the classic SWAR
+/// reduction).
+fn eight_digits(word: u64) -> u64 {
+    let v = word.wrapping_sub(0x3030_3030_3030_3030);
+    let v = v.wrapping_mul(10).wrapping_add(v >> 8);
+    const MASK: u64 = 0x0000_00FF_0000_00FF;
+    ((v & MASK)
+        .wrapping_mul(0x000F_4240_0000_0064)
+        .wrapping_add(((v >> 16) & MASK).wrapping_mul(0x0000_2710_0000_0001)))
+        >> 32
+}
 
 /// The first byte at or after `from` that ends a string without escapes
 /// (`"`, `\`, a control character), eight bytes at a time: in a word, the
@@ -328,6 +392,112 @@ fn number(text: &str, integer: bool) -> Option<Scalar<'_>> {
         .map(Scalar::F64)
 }
 
+/// Where the value of a member the schema names goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Member {
+    Key,
+    Timestamp,
+    Field(usize),
+}
+
+/// A schema name as a record usually spells it, `"name":` (no space
+/// before the colon), read as two words: its first eight bytes and its
+/// last eight (overlapping), or its bytes under a mask when it is shorter.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Token {
+    head: u64,
+    tail: u64,
+    mask: u64,
+    len: usize,
+    member: Member,
+}
+
+/// The longest token two words cover.
+const TOKEN_MAX: usize = 16;
+
+/// The schema's names as [`Token`]s, in the order a name is matched (key,
+/// timestamp, fields: a name the schema gives twice goes where
+/// [`Decoder::member_named`] sends it). A name that a string without
+/// escapes cannot spell (a `"`, a `\`, a control character), or too long
+/// for two words, has none: it is always read the long way.
+pub(super) fn tokens(
+    key: &str,
+    timestamp: &str,
+    fields: &[(String, crate::config::FieldSpec)],
+) -> Vec<Token> {
+    [(key, Member::Key), (timestamp, Member::Timestamp)]
+        .into_iter()
+        .chain(
+            fields
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _))| (n.as_str(), Member::Field(i))),
+        )
+        .filter(|(name, _)| string_end(name.as_bytes(), 0).is_none())
+        .map(|(name, member)| (format!("\"{name}\":").into_bytes(), member))
+        .filter(|(token, _)| token.len() <= TOKEN_MAX)
+        .map(|(token, member)| {
+            let len = token.len();
+            let word = |bytes: &[u8]| {
+                let mut w = [0u8; 8];
+                w[..bytes.len()].copy_from_slice(bytes);
+                u64::from_le_bytes(w)
+            };
+            Token {
+                head: word(&token[..len.min(8)]),
+                tail: word(&token[len.saturating_sub(8)..]),
+                mask: if len >= 8 {
+                    u64::MAX
+                } else {
+                    (1u64 << (8 * len)) - 1
+                },
+                len,
+                member,
+            }
+        })
+        .collect()
+}
+
+impl Decoder {
+    /// The member whose token starts at `at`: records of a stream share
+    /// their names, and two word compares cost less than reading the
+    /// string, then comparing it with each name. A token that matches is
+    /// what the long way reads: its name has no escapes, so the string ends
+    /// at the quote before the colon. `None` leaves it to the long way (and
+    /// so does a member within eight bytes of the end).
+    #[inline(always)]
+    fn member_at(&self, bytes: &[u8], at: usize) -> Option<(usize, Member)> {
+        let word = |at: usize| {
+            bytes
+                .get(at..at + 8)
+                .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+        };
+        let head = word(at)?;
+        self.tokens.iter().find_map(|t| {
+            let found = if t.len >= 8 {
+                head == t.head && word(at + t.len - 8) == Some(t.tail)
+            } else {
+                head & t.mask == t.head
+            };
+            found.then_some((t.len, t.member))
+        })
+    }
+
+    /// Where the value of member `name` goes, if the schema names it.
+    fn member_named(&self, name: &str) -> Option<Member> {
+        if same(name, &self.key) {
+            Some(Member::Key)
+        } else if same(name, &self.timestamp) {
+            Some(Member::Timestamp)
+        } else {
+            self.fields
+                .iter()
+                .position(|(n, _)| same(n, name))
+                .map(Member::Field)
+        }
+    }
+}
+
 /// The record's slots, or `None` for serde_json to decide.
 pub(super) fn scan<'a>(schema: &Decoder, text: &'a str) -> Option<Slots<'a>> {
     let mut slots = Slots {
@@ -341,23 +511,26 @@ pub(super) fn scan<'a>(schema: &Decoder, text: &'a str) -> Option<Slots<'a>> {
     c.skip_ws();
     if c.eat(b'}').is_none() {
         loop {
-            c.eat(b'"')?;
-            let name = c.string()?;
-            c.skip_ws();
-            c.eat(b':')?;
+            let member = match schema.member_at(text.as_bytes(), c.at) {
+                Some((len, member)) => {
+                    c.at += len;
+                    Some(member)
+                }
+                None => {
+                    c.eat(b'"')?;
+                    let name = c.string()?;
+                    c.skip_ws();
+                    c.eat(b':')?;
+                    schema.member_named(name)
+                }
+            };
             c.skip_ws();
             let value = c.scalar()?;
-            let slot = if same(name, &schema.key) {
-                Some(&mut slots.key)
-            } else if same(name, &schema.timestamp) {
-                Some(&mut slots.timestamp)
-            } else {
-                schema
-                    .fields
-                    .iter()
-                    .position(|(n, _)| same(n, name))
-                    .map(|i| &mut slots.fields[i])
-            };
+            let slot = member.map(|m| match m {
+                Member::Key => &mut slots.key,
+                Member::Timestamp => &mut slots.timestamp,
+                Member::Field(i) => &mut slots.fields[i],
+            });
             if let Some(slot) = slot {
                 if slot.is_some() {
                     return None; // a duplicate: serde_json's reason
@@ -381,6 +554,7 @@ pub(super) fn scan<'a>(schema: &Decoder, text: &'a str) -> Option<Slots<'a>> {
 mod tests {
     use super::*;
     use crate::config::FieldType;
+    use crate::record::FieldValue;
 
     fn decoder() -> Decoder {
         super::super::test_decoder(
@@ -463,6 +637,42 @@ mod tests {
             let serde = d.decode_text_serde(text);
             assert_eq!(format!("{both:?}"), format!("{serde:?}"), "{text}");
         }
+    }
+
+    /// A schema name with a quote, a backslash or a control character has
+    /// no token: records spelling it with escapes go through serde_json, and
+    /// one spelling it raw is no JSON, refused as serde_json refuses it. A
+    /// long name has none either, and is read the long way.
+    #[test]
+    fn names_needing_escapes_are_read_the_long_way() {
+        let d = super::super::test_decoder(
+            &[
+                ("a\"b", FieldType::I64, true),
+                ("t\tb", FieldType::I64, true),
+                ("a_name_too_long_for_two_words", FieldType::I64, true),
+            ],
+            (i64::MIN, i64::MAX),
+        );
+        assert_eq!(d.tokens.len(), 2, "only key and timestamp have tokens");
+        for text in [
+            r#"{"userId":"u","ts":1,"a\"b":2}"#,
+            "{\"userId\":\"u\",\"ts\":1,\"t\\tb\":3}",
+            "{\"userId\":\"u\",\"ts\":1,\"a\"b\":2}",
+            "{\"userId\":\"u\",\"ts\":1,\"t\tb\":3}",
+        ] {
+            assert!(scan(&d, text).is_none(), "{text}");
+            assert_eq!(
+                format!("{:?}", d.decode_text(text)),
+                format!("{:?}", d.decode_text_serde(text)),
+                "{text}"
+            );
+        }
+        assert!(d.decode_text(r#"{"userId":"u","ts":1,"a\"b":2}"#).is_ok());
+        let long = r#"{"userId":"u","a_name_too_long_for_two_words":5,"ts":1}"#;
+        assert!(scan(&d, long).is_some());
+        let (_, _, fields) = d.decode_text(long).expect("a plain record");
+        let at = d.fields.iter().position(|(n, _)| n.starts_with("a_name"));
+        assert_eq!(fields[at.expect("the field")], Some(FieldValue::I64(5)));
     }
 
     /// The old reading: the number's text, then parsed.
@@ -558,6 +768,44 @@ mod tests {
                 format!("{:?}", parsed(&text)),
                 "{}", text
             );
+        }
+
+        /// A number read inside a record (digits then a delimiter and
+        /// more, so the eight-byte steps see the run end) reads as parsed.
+        #[test]
+        fn a_number_before_more_text_reads_as_parsed(
+            int in proptest::collection::vec(0u8..10, 1..22),
+            fraction in proptest::option::of(proptest::collection::vec(0u8..10, 0..22)),
+            rest in "([,} \\]a-df-z\"][,} \\]a-z\"0-9]{0,11})?",
+        ) {
+            let digits = |d: &[u8]| d.iter().map(|d| char::from(b'0' + d)).collect::<String>();
+            let int = if int[0] == 0 { "0".to_string() } else { digits(&int) };
+            let number = format!("{int}{}", fraction.map(|f| format!(".{}", digits(&f))).unwrap_or_default());
+            let text = format!("{number}{rest}");
+            let mut c = Cursor::new(&text);
+            let read = c.number_value();
+            let expected = parsed(&number);
+            proptest::prop_assert_eq!(format!("{:?}", read), format!("{:?}", expected), "{}", text);
+            if read.is_some() {
+                proptest::prop_assert_eq!(c.at, number.len());
+            }
+        }
+
+        #[test]
+        fn a_digit_run_ends_and_counts_as_a_byte_by_byte_reading_says(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![6 => b'0'..=b'9', 1 => proptest::num::u8::ANY],
+                0..40,
+            ),
+            from in 0usize..8,
+        ) {
+            let from = from.min(bytes.len());
+            let naive = from + bytes[from..].iter().take_while(|d| d.is_ascii_digit()).count();
+            let end = digits_end(&bytes, from);
+            proptest::prop_assert_eq!(end, naive);
+            let run = &bytes[from..end.min(from + MAX_TAKEN as usize)];
+            let value = run.iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
+            proptest::prop_assert_eq!(digits_value(run), value);
         }
 
         #[test]

@@ -135,12 +135,12 @@ pub(super) async fn engine_stage(
                         Decoded::Event(e) => Some(e.arrival),
                         _ => None,
                     });
-                    let mut items = batch.into_iter();
+                    let mut items = Unprocessed { batch, at: 0 };
                     loop {
                         let n = process_batch(&mut engine, &mut items, (emit_raw, queries.as_mut()), clock.now(), &mut out)?;
                         events.increment(n);
                         stats.events.fetch_add(n, Ordering::Relaxed);
-                        if items.as_slice().is_empty() {
+                        if items.rest().is_empty() {
                             clock_out.left(arrival);
                             break;
                         }
@@ -227,28 +227,47 @@ async fn hand_on(
     }
 }
 
+/// A batch the engine works through in place: an event is read where it
+/// lies, not moved out of the batch first (an event is a few hundred bytes;
+/// taking each out of a `vec::IntoIter` and out of its `Decoded` copied it
+/// three times). The batch drops what it holds when it is done.
+struct Unprocessed {
+    batch: Vec<Decoded>,
+    /// The items before it are processed.
+    at: usize,
+}
+
+impl Unprocessed {
+    fn rest(&self) -> &[Decoded] {
+        &self.batch[self.at..]
+    }
+}
+
 /// Runs a batch through the engine into `out`, until it is consumed or an
 /// item leaves a firing burst pending (the caller hands `out` on, drains
 /// the burst and calls again with the rest). Returns how many events it
 /// processed.
 fn process_batch(
     engine: &mut Engine,
-    items: &mut std::vec::IntoIter<Decoded>,
+    items: &mut Unprocessed,
     (emit_raw, mut queries): (bool, Option<&mut Inbox>),
     now: Millis,
     out: &mut Vec<Output>,
 ) -> anyhow::Result<u64> {
     let mut events = 0;
-    out.reserve(items.len());
-    while !items.as_slice().is_empty() {
-        let ahead = items.as_slice();
+    out.reserve(items.rest().len());
+    while !items.rest().is_empty() {
+        let ahead = items.rest();
         let ahead = &ahead[..ahead.len().min(PREFETCH_AHEAD)];
         engine.prefetch(ahead.iter().filter_map(|d| match d {
             Decoded::Event(e) => Some(&*e.key),
             _ => None,
         }));
         for _ in 0..PREFETCH_AHEAD {
-            let Some(d) = items.next() else { break };
+            let Some(d) = items.batch.get_mut(items.at) else {
+                break;
+            };
+            items.at += 1;
             match d {
                 Decoded::Event(e) => {
                     events += 1;
@@ -262,23 +281,30 @@ fn process_batch(
                             data: e.raw.clone(),
                         }));
                     }
-                    engine.process(&e, now, out)?;
+                    engine.process(e, now, out)?;
                 }
-                Decoded::Dead(d) => {
-                    if emit_raw {
-                        out.push(Output::Raw(RawOutput {
-                            position: d.position.clone(),
-                            decoded: None,
-                            watermark: engine.watermark(),
-                            data: d.raw.clone(),
-                        }));
+                // A dead letter goes on as an output, so it is taken out;
+                // its processed slot keeps a placeholder no one reads.
+                Decoded::Dead(_) | Decoded::Unreadable(_) => {
+                    match std::mem::replace(d, Decoded::Advance(Millis::MIN)) {
+                        Decoded::Dead(d) => {
+                            if emit_raw {
+                                out.push(Output::Raw(RawOutput {
+                                    position: d.position.clone(),
+                                    decoded: None,
+                                    watermark: engine.watermark(),
+                                    data: d.raw.clone(),
+                                }));
+                            }
+                            out.push(Output::DeadLetter(d));
+                        }
+                        Decoded::Unreadable(d) => out.push(Output::DeadLetter(d)),
+                        _ => unreachable!("matched above"),
                     }
-                    out.push(Output::DeadLetter(d));
                 }
-                Decoded::Unreadable(d) => out.push(Output::DeadLetter(d)),
-                Decoded::Advance(w) => engine.advance_to(w, out)?,
+                Decoded::Advance(w) => engine.advance_to(*w, out)?,
                 Decoded::Partition(name, status) => {
-                    engine.partition_status(&name, status, now, out)?
+                    engine.partition_status(name, *status, now, out)?
                 }
                 Decoded::Shard(ShardChange::Acquired {
                     shard,
@@ -288,11 +314,15 @@ fn process_batch(
                     next_seq,
                     ..
                 }) => {
-                    let timers =
-                        engine.adopt_shard(&shard, range, (max_event_time, watermark), next_seq)?;
+                    let timers = engine.adopt_shard(
+                        shard,
+                        *range,
+                        (*max_event_time, *watermark),
+                        *next_seq,
+                    )?;
                     tracing::info!(%shard, timers, "shard acquired: the engine adopted its state");
                 }
-                Decoded::Ranges(ranges) => engine.partition_ranges(&ranges, out)?,
+                Decoded::Ranges(ranges) => engine.partition_ranges(ranges, out)?,
                 // Releases travel in barriers.
                 Decoded::Shard(ShardChange::Released(_)) => {}
             }
