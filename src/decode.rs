@@ -127,11 +127,13 @@ impl Decoder {
         }
         // A plain flat object in one scan; anything else, and every
         // error, through serde_json (see `decode/scan.rs`).
-        let slots = match scan::scan(self, text) {
-            Some(slots) => slots,
-            None => self.slots_serde(text)?,
-        };
-        self.typed(slots)
+        // Filled in place: the slots are a few hundred bytes, and a
+        // record's were moved out of the scan and into `typed` otherwise.
+        let mut slots = Slots::new(self.fields.len());
+        if scan::scan(self, text, &mut slots).is_none() {
+            self.slots_serde(text, &mut slots)?;
+        }
+        self.typed(&mut slots)
     }
 
     /// [`decode_text`](Self::decode_text) through serde_json alone, for the
@@ -141,32 +143,30 @@ impl Decoder {
         if text.len() > self.max_record_bytes {
             return Err(self.too_large(text.len()));
         }
-        let slots = self.slots_serde(text)?;
-        self.typed(slots)
+        let mut slots = Slots::new(self.fields.len());
+        self.slots_serde(text, &mut slots)?;
+        self.typed(&mut slots)
     }
 
     /// The schema's slots as serde_json finds them; JSON errors, duplicate
     /// fields and a record that is not an object are reasons.
-    fn slots_serde<'a>(&self, text: &'a str) -> Result<Slots<'a>, String> {
+    /// What the fast path filled before it gave up is read again.
+    fn slots_serde<'a>(&self, text: &'a str, slots: &mut Slots<'a>) -> Result<(), String> {
         let mut de = serde_json::Deserializer::from_str(text);
-        let mut slots = Slots {
-            key: None,
-            timestamp: None,
-            fields: (0..self.fields.len()).map(|_| None).collect(),
-        };
+        *slots = Slots::new(self.fields.len());
         let parsed = RecordSeed {
             schema: self,
-            slots: &mut slots,
+            slots,
         }
         .deserialize(&mut de)
         .map_err(|e| json_reason(&e))?;
         de.end().map_err(|e| json_reason(&e))?;
         parsed?;
-        Ok(slots)
+        Ok(())
     }
 
     /// Key, event time and typed fields from the slots.
-    fn typed(&self, mut slots: Slots<'_>) -> Result<(Key, Millis, Fields), String> {
+    fn typed(&self, slots: &mut Slots<'_>) -> Result<(Key, Millis, Fields), String> {
         let key = match slots.key.take() {
             Some(Scalar::Str(s)) if !s.is_empty() => Key::from(s.as_ref()),
             Some(Scalar::Str(_)) => return Err(format!("field {} is an empty string", self.key)),
@@ -187,8 +187,8 @@ impl Decoder {
             Some(s) => self.event_time(s)?,
         };
         let mut fields = Fields::with_capacity(self.fields.len());
-        for ((name, spec), slot) in self.fields.iter().zip(slots.fields) {
-            fields.push(typed_field(name, *spec, slot)?);
+        for ((name, spec), slot) in self.fields.iter().zip(slots.fields.iter_mut()) {
+            fields.push(typed_field(name, *spec, slot.take())?);
         }
         Ok((key, event_time, fields))
     }
@@ -359,6 +359,16 @@ struct Slots<'a> {
     timestamp: Option<Scalar<'a>>,
     /// Inline: schemas rarely name more fields, and this is per record.
     fields: SmallVec<[Option<Scalar<'a>>; 8]>,
+}
+
+impl Slots<'_> {
+    fn new(fields: usize) -> Self {
+        Slots {
+            key: None,
+            timestamp: None,
+            fields: (0..fields).map(|_| None).collect(),
+        }
+    }
 }
 
 /// Deserializes a top-level object into `slots` (filled in place: they
