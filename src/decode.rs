@@ -149,8 +149,8 @@ impl Decoder {
     }
 
     /// The schema's slots as serde_json finds them; JSON errors, duplicate
-    /// fields and a record that is not an object are reasons.
-    /// What the fast path filled before it gave up is read again.
+    /// fields and a record that is not an object are reasons. What the
+    /// fast path filled before it gave up is read again.
     fn slots_serde<'a>(&self, text: &'a str, slots: &mut Slots<'a>) -> Result<(), String> {
         let mut de = serde_json::Deserializer::from_str(text);
         *slots = Slots::new(self.fields.len());
