@@ -35,21 +35,21 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(schema: &SchemaConfig) -> Self {
-        let fields: Vec<(String, FieldSpec)> = schema
-            .fields
-            .iter()
-            .map(|(name, spec)| (name.clone(), *spec))
-            .collect();
-        let tokens = scan::tokens(&schema.key, &schema.timestamp, &fields);
-        Decoder {
+        let mut decoder = Decoder {
             key: schema.key.clone(),
             timestamp: schema.timestamp.clone(),
-            fields,
-            tokens,
+            fields: schema
+                .fields
+                .iter()
+                .map(|(name, spec)| (name.clone(), *spec))
+                .collect(),
+            tokens: Vec::new(),
             max_record_bytes: schema.max_record_bytes,
             min_event_time: schema.min_event_time,
             max_event_time: schema.max_event_time,
-        }
+        };
+        decoder.tokens = scan::tokens(&decoder);
+        decoder
     }
 
     /// Decodes one record; on failure the record comes back as a dead letter.

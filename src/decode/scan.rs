@@ -69,9 +69,7 @@ impl<'a> Cursor<'a> {
         let mut i = start;
         let digits = |i: &mut usize| {
             let from = *i;
-            while bytes.get(*i).is_some_and(u8::is_ascii_digit) {
-                *i += 1;
-            }
+            *i = digits_end(bytes, from);
             *i - from
         };
         if bytes.get(i) == Some(&b'-') {
@@ -415,26 +413,20 @@ pub(super) struct Token {
 /// The longest token two words cover.
 const TOKEN_MAX: usize = 16;
 
-/// The schema's names as [`Token`]s, in the order a name is matched (key,
-/// timestamp, fields: a name the schema gives twice goes where
-/// [`Decoder::member_named`] sends it). A name that a string without
-/// escapes cannot spell (a `"`, a `\`, a control character), or too long
-/// for two words, has none: it is always read the long way.
-pub(super) fn tokens(
-    key: &str,
-    timestamp: &str,
-    fields: &[(String, crate::config::FieldSpec)],
-) -> Vec<Token> {
-    [(key, Member::Key), (timestamp, Member::Timestamp)]
+/// The schema's names as [`Token`]s. Each goes where
+/// [`Decoder::member_named`] sends its name, so a name the schema gives
+/// twice has the long way's member. A name that a string without escapes
+/// cannot spell (a `"`, a `\`, a control character), or too long for two
+/// words, has none: it is always read the long way.
+pub(super) fn tokens(schema: &Decoder) -> Vec<Token> {
+    [schema.key.as_str(), schema.timestamp.as_str()]
         .into_iter()
-        .chain(
-            fields
-                .iter()
-                .enumerate()
-                .map(|(i, (n, _))| (n.as_str(), Member::Field(i))),
-        )
-        .filter(|(name, _)| string_end(name.as_bytes(), 0).is_none())
-        .map(|(name, member)| (format!("\"{name}\":").into_bytes(), member))
+        .chain(schema.fields.iter().map(|(n, _)| n.as_str()))
+        .filter(|name| string_end(name.as_bytes(), 0).is_none())
+        .map(|name| {
+            let member = schema.member_named(name).expect("a schema name");
+            (format!("\"{name}\":").into_bytes(), member)
+        })
         .filter(|(token, _)| token.len() <= TOKEN_MAX)
         .map(|(token, member)| {
             let len = token.len();
