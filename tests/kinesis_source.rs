@@ -216,7 +216,7 @@ async fn kpl_aggregates_are_split_and_a_restart_inside_one_repeats_nothing() {
         .to_owned();
     let resume = Position {
         partition: Arc::from(shard.as_str()),
-        sequence: Arc::from(seqs[3].as_str()),
+        sequence: seqs[3].as_str().into(),
         sub_sequence: Some(4),
         resume_offset: None,
     };

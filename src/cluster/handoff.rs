@@ -254,7 +254,7 @@ pub fn position_of(shard: &Arc<str>, c: &Checkpoint) -> Option<Position> {
     match c {
         Checkpoint::Sequence { seq, sub } => Some(Position {
             partition: shard.clone(),
-            sequence: Arc::from(seq.as_str()),
+            sequence: seq.as_str().into(),
             sub_sequence: Some(*sub),
             resume_offset: None,
         }),

@@ -5,11 +5,13 @@
 //! others in event time. A record's sequence is its 1-based line number; its
 //! resume offset is the byte offset after the line, where a restart seeks to.
 
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use bytes::BytesMut;
+use smol_str::SmolStr;
 use tokio::fs::File;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
@@ -52,7 +54,7 @@ impl PartitionReader {
         let (mut offset, mut line) = (0, 0);
         if let Some(pos) = ctx.resume_position(&partition) {
             let len = file.metadata().await?.len();
-            let resume = pos.resume_offset.unwrap_or(0);
+            let resume = pos.resume_offset.map_or(0, NonZeroU64::get);
             match pos.sequence.parse::<u64>() {
                 Ok(n) if resume <= len => {
                     offset = resume;
@@ -80,6 +82,10 @@ impl PartitionReader {
 
     /// Reads up to `max` records. At end of file a last line without a
     /// newline is taken only when `accept_unterminated` (the file is final).
+    ///
+    /// Lines are found in the reader's own buffer and copied once, into the
+    /// batch's chunk; only a line the buffer holds part of (its end not yet
+    /// read, or a file's unterminated tail) goes through `partial` first.
     async fn read_batch(
         &mut self,
         max: usize,
@@ -91,50 +97,88 @@ impl PartitionReader {
         // allocation (and its regrowth) per line.
         let mut chunk = BytesMut::new();
         while batch.len() < max {
-            let n = self
+            let buf = self
                 .reader
-                .read_until(b'\n', &mut self.partial)
+                .fill_buf()
                 .await
                 .with_context(|| format!("reading {}", self.partition))?;
-            let complete = self.partial.last() == Some(&b'\n');
-            if n == 0 || !complete {
+            // The line and how much of `buf` it took.
+            let (line, used): (&[u8], usize) = if buf.is_empty() {
                 self.at_end = true;
                 if !accept_unterminated || self.partial.is_empty() {
                     break;
                 }
-            }
-            let consumed = self.partial.len() as u64;
-            self.offset += consumed;
+                (&self.partial, 0)
+            } else if let Some(i) = newline(buf) {
+                if self.partial.is_empty() {
+                    (&buf[..=i], i + 1)
+                } else {
+                    self.partial.extend_from_slice(&buf[..=i]);
+                    (&self.partial, i + 1)
+                }
+            } else {
+                // A line whose end is not in the buffer yet.
+                self.partial.extend_from_slice(buf);
+                let n = buf.len();
+                self.reader.consume(n);
+                continue;
+            };
+            self.offset += line.len() as u64;
             self.line += 1;
-            let mut text = &self.partial[..];
+            let mut text = line;
             while let [rest @ .., b'\n' | b'\r'] = text {
                 text = rest;
             }
-            if text.iter().all(u8::is_ascii_whitespace) {
-                self.partial.clear();
-                continue;
+            if !text.iter().all(u8::is_ascii_whitespace) {
+                if chunk.capacity() < text.len() {
+                    chunk = BytesMut::with_capacity(CHUNK_BYTES.max(text.len()));
+                }
+                chunk.extend_from_slice(text);
+                // Inline in the position: no allocation for a line number.
+                let mut line = itoa::Buffer::new();
+                let sequence = SmolStr::new_inline(line.format(self.line));
+                let mut position = Position::new(self.partition.clone(), sequence);
+                position.resume_offset = NonZeroU64::new(self.offset);
+                batch.push(RawRecord {
+                    position,
+                    arrival,
+                    bytes: chunk.split().freeze(),
+                    replay_watermark: None,
+                });
             }
-            if chunk.capacity() < text.len() {
-                chunk = BytesMut::with_capacity(CHUNK_BYTES.max(text.len()));
-            }
-            chunk.extend_from_slice(text);
-            let bytes = chunk.split().freeze();
+            self.reader.consume(used);
             self.partial.clear();
-            let sequence: Arc<str> = Arc::from(itoa::Buffer::new().format(self.line));
-            let mut position = Position::new(self.partition.clone(), sequence);
-            position.resume_offset = Some(self.offset);
-            batch.push(RawRecord {
-                position,
-                arrival,
-                bytes,
-                replay_watermark: None,
-            });
             if self.at_end {
                 break;
             }
         }
         Ok(batch)
     }
+}
+
+/// Where the first newline of `buf` is, eight bytes at a time. Lines are
+/// short (tens of bytes), and a general search's setup cost more than this
+/// loop over them.
+fn newline(buf: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut words = buf.chunks_exact(8);
+    for (i, word) in (&mut words).enumerate() {
+        let x = u64::from_le_bytes(word.try_into().expect("8 bytes")) ^ (ONES * u64::from(b'\n'));
+        // The high bit of each byte of `x` that is zero; a borrow can mark
+        // bytes above the first zero too, never below it, so the lowest
+        // mark is the first newline.
+        let zero = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zero != 0 {
+            return Some(i * 8 + (zero.trailing_zeros() / 8) as usize);
+        }
+    }
+    let tail = buf.len() - words.remainder().len();
+    words
+        .remainder()
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|p| tail + p)
 }
 
 impl Source for FileSource {
@@ -204,5 +248,27 @@ impl Source for FileSource {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::newline;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+        /// Against a byte-by-byte search, over bytes drawn mostly near the
+        /// newline's value (a borrow across bytes is where a word test
+        /// goes wrong) and high bytes.
+        #[test]
+        fn the_first_newline_is_the_one_a_byte_search_finds(
+            bytes in proptest::collection::vec(
+                proptest::prop_oneof![0u8..=12, 0x80u8..=0x8c, proptest::num::u8::ANY],
+                0..40,
+            ),
+        ) {
+            proptest::prop_assert_eq!(newline(&bytes), bytes.iter().position(|&b| b == b'\n'));
+        }
     }
 }

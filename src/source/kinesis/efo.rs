@@ -32,6 +32,7 @@ use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{ShardIteratorType, StartingPosition, SubscribeToShardEventStream};
 use aws_sdk_kinesis::Client;
 use bytes::Bytes;
+use smol_str::SmolStr;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -320,7 +321,7 @@ impl ShardTask {
                     if self.start.already_delivered(&record.sequence_number) {
                         continue;
                     }
-                    let sequence: Arc<str> = Arc::from(record.sequence_number.as_str());
+                    let sequence = SmolStr::from(record.sequence_number.as_str());
                     let data = Bytes::from(record.data.into_inner());
                     records_total.increment(1);
                     bytes_total.increment(data.len() as u64);
@@ -400,7 +401,7 @@ impl ShardTask {
 /// those a checkpoint already covers.
 fn split_record(
     shard: &Arc<str>,
-    sequence: Arc<str>,
+    sequence: SmolStr,
     data: Bytes,
     arrival: Millis,
     skip_through: Option<u64>,
@@ -517,12 +518,19 @@ mod tests {
         let shard: Arc<str> = Arc::from("s");
         let agg = Bytes::from(aggregate("k", &[b"a", b"b", b"c", b"d"]));
         let mut out = Vec::new();
-        split_record(&shard, Arc::from("7"), agg.clone(), 0, Some(1), &mut out);
+        split_record(
+            &shard,
+            SmolStr::from("7"),
+            agg.clone(),
+            0,
+            Some(1),
+            &mut out,
+        );
         let subs: Vec<_> = out.iter().map(|r| r.position.sub_sequence).collect();
         assert_eq!(subs, vec![Some(2), Some(3)]);
         assert_eq!(&out[0].bytes[..], b"c");
         out.clear();
-        split_record(&shard, Arc::from("7"), agg, 0, None, &mut out);
+        split_record(&shard, SmolStr::from("7"), agg, 0, None, &mut out);
         assert_eq!(out.len(), 4);
         assert_eq!(out[3].position.to_string(), "s/7:3");
     }

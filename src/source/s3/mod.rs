@@ -47,6 +47,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use smol_str::SmolStr;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -375,7 +376,7 @@ impl S3Source {
 /// move forward (numeric sequences compared as numbers).
 #[derive(Default)]
 struct Dedup {
-    last: HashMap<Arc<str>, (Arc<str>, Option<u64>), foldhash::fast::RandomState>,
+    last: HashMap<Arc<str>, (SmolStr, Option<u64>), foldhash::fast::RandomState>,
 }
 
 impl Dedup {
