@@ -53,6 +53,7 @@ impl Decoder {
     }
 
     /// Decodes one record; on failure the record comes back as a dead letter.
+    #[inline]
     pub fn decode(&self, raw: RawRecord) -> Result<Event, Box<DeadLetter>> {
         match self.decode_parts(&raw.bytes) {
             Ok((key, event_time, fields)) => Ok(Event {
@@ -170,9 +171,10 @@ impl Decoder {
         let key = match slots.key.take() {
             Some(Scalar::Str(s)) if !s.is_empty() => Key::from(s.as_ref()),
             Some(Scalar::Str(_)) => return Err(format!("field {} is an empty string", self.key)),
-            // Formatted on the stack, held inline (20 digits at most).
-            Some(Scalar::I64(n)) => Key::from(itoa::Buffer::new().format(n)),
-            Some(Scalar::U64(n)) => Key::from(itoa::Buffer::new().format(n)),
+            // Formatted on the stack, held inline (20 digits at most, so
+            // the general constructor's tests of length are not needed).
+            Some(Scalar::I64(n)) => Key::new_inline(itoa::Buffer::new().format(n)),
+            Some(Scalar::U64(n)) => Key::new_inline(itoa::Buffer::new().format(n)),
             Some(Scalar::Null) | None => return Err(format!("missing field {}", self.key)),
             Some(other) => {
                 return Err(format!(
