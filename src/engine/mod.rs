@@ -329,7 +329,21 @@ impl Engine {
     /// due at once (its window is due already) in a domain whose watermark
     /// did not move.
     fn fire_also(&mut self, domain: Option<u32>, out: &mut Vec<Output>) -> Result<(), EngineError> {
-        // Called per event: the lists keep their allocations.
+        // Called per event, and usually nothing is due: with no burst
+        // pending and no partition's watermark moved, only `domain` and the
+        // pipeline's can have a timer due, and their first timers tell.
+        if self.pending_domains.is_empty() && !self.wm.any_changed() {
+            let quiet = |d: u32| {
+                self.op
+                    .first_timer(d)
+                    .is_none_or(|(_, due, _)| !rules::due(due, self.wm.of(d)))
+            };
+            if quiet(GLOBAL) && domain.is_none_or(quiet) {
+                self.firing = false;
+                return Ok(());
+            }
+        }
+        // The lists keep their allocations.
         let mut todo = std::mem::take(&mut self.fire_todo);
         todo.clear();
         todo.append(&mut self.pending_domains);

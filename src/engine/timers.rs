@@ -293,7 +293,7 @@ impl Operator {
     /// usually nothing is due: when `domain` is the smallest one present
     /// (always, outside per-shard mode) the map's first entry answers
     /// without a search.
-    fn first_timer(&self, domain: u32) -> Option<(u32, i64, u16)> {
+    pub(super) fn first_timer(&self, domain: u32) -> Option<(u32, i64, u16)> {
         let (&first, _) = self.timers.first_key_value()?;
         match first.0.cmp(&domain) {
             std::cmp::Ordering::Equal => Some(first),

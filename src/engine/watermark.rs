@@ -163,6 +163,12 @@ impl Watermarks {
         }
     }
 
+    /// Whether a partition's own watermark moved since the last
+    /// [`drain_changed`](Self::drain_changed).
+    pub fn any_changed(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
     /// Calls `f` with each partition whose own watermark moved since the
     /// last call.
     pub fn drain_changed(&mut self, mut f: impl FnMut(u32)) {
