@@ -14,8 +14,10 @@
 //! lines share: a firing writes the results of one window end for key
 //! after key, and the vectors of a run share one list of names. So a
 //! window's times are formatted once per window rather than three times a
-//! line, and a vector's names are escaped once per list. A line whose key,
-//! feature or id needs escaping is written piece by piece as before.
+//! line, its revision once per change of revision rather than twice a line,
+//! each feature's pieces joined with the window's once per window, and a
+//! vector's names are escaped once per list. A line whose key, feature or
+//! id needs escaping is written piece by piece as before.
 
 use std::ptr;
 
@@ -31,11 +33,16 @@ use crate::time::Millis;
 /// depend on what it remembers.
 #[derive(Default)]
 pub struct LineWriter {
-    /// The `(start, end)` of the last window written, `/E/` (its end in
-    /// an id) and `,"window_start":S,"window_end":E,"value":` for it.
+    /// The `(start, end)` of the last window written and
+    /// `,"window_start":S,"window_end":E,"value":` for it.
     window: Option<(Millis, Millis)>,
-    window_id: Vec<u8>,
     window_tail: Vec<u8>,
+    /// The revision of the last window result written, the rest of its id
+    /// after the key up to the second key, `/E/R","key":"`, and its line's
+    /// end, `,"revision":R}`. A line is then seven pieces.
+    revision: Option<u32>,
+    id_tail: Vec<u8>,
+    line_end: Vec<u8>,
     /// The pieces of the features written (names recur window after window).
     features: Vec<FeaturePieces>,
     /// Where in `features` the last line's feature was: a firing writes
@@ -68,48 +75,60 @@ impl LineWriter {
         if needs_escape(key) {
             return window_result(buf, w);
         }
-        if self.window != Some((w.window_start, w.window_end)) {
-            self.window = Some((w.window_start, w.window_end));
-            self.window_id.clear();
-            self.window_id.push(b'/');
-            int(&mut self.window_id, w.window_end);
-            self.window_id.push(b'/');
+        let window = (w.window_start, w.window_end);
+        if self.window != Some(window) {
+            self.window = Some(window);
             self.window_tail.clear();
             self.window_tail.extend_from_slice(b",\"window_start\":");
             int(&mut self.window_tail, w.window_start);
             self.window_tail.extend_from_slice(b",\"window_end\":");
             int(&mut self.window_tail, w.window_end);
             self.window_tail.extend_from_slice(b",\"value\":");
+            self.revision = None;
+        }
+        if self.revision != Some(w.revision) {
+            self.revision = Some(w.revision);
+            self.id_tail.clear();
+            self.id_tail.push(b'/');
+            int(&mut self.id_tail, w.window_end);
+            self.id_tail.push(b'/');
+            int(&mut self.id_tail, w.revision);
+            self.id_tail.extend_from_slice(b"\",\"key\":\"");
+            self.line_end.clear();
+            self.line_end.extend_from_slice(b",\"revision\":");
+            int(&mut self.line_end, w.revision);
+            self.line_end.push(b'}');
         }
         let Some(f) = self.feature_pieces(w) else {
             return window_result(buf, w);
         };
-        let f = &self.features[f];
-        let mut revision = itoa::Buffer::new();
-        let revision = revision.format(w.revision).as_bytes();
+        let f = &mut self.features[f];
+        if f.tail_window != Some(window) {
+            f.tail_window = Some(window);
+            f.tail.clear();
+            f.tail.extend_from_slice(b"\",\"feature\":\"");
+            f.tail.extend_from_slice(f.name.as_bytes());
+            f.tail.push(b'"');
+            f.tail.extend_from_slice(&self.window_tail);
+        }
         let mut number = Number::default();
         let value = number.format(w.value);
         buf.reserve(
             LINE_FIXED
                 + f.head.len()
-                + f.mid.len()
-                + 2 * (key.len() + revision.len())
-                + self.window_id.len()
-                + self.window_tail.len()
-                + value.len(),
+                + 2 * key.len()
+                + self.id_tail.len()
+                + f.tail.len()
+                + value.len()
+                + self.line_end.len(),
         );
         put(buf, &f.head);
         put(buf, key);
-        put(buf, &self.window_id);
-        put(buf, revision);
-        put(buf, b"\",\"key\":\"");
+        put(buf, &self.id_tail);
         put(buf, key);
-        put(buf, &f.mid);
-        buf.extend_from_slice(&self.window_tail);
+        buf.extend_from_slice(&f.tail);
         put(buf, value);
-        put(buf, b",\"revision\":");
-        put(buf, revision);
-        put(buf, b"}");
+        put(buf, &self.line_end);
     }
 
     /// The index in `features` of `w`'s feature (made if it is new), or
@@ -137,13 +156,11 @@ impl LineWriter {
                 let mut head = b"{\"kind\":\"window\",\"id\":\"".to_vec();
                 head.extend_from_slice(name.as_bytes());
                 head.push(b'/');
-                let mut mid = b"\",\"feature\":\"".to_vec();
-                mid.extend_from_slice(name.as_bytes());
-                mid.push(b'"');
                 self.features.push(FeaturePieces {
                     name: w.feature.clone(),
                     head,
-                    mid,
+                    tail_window: None,
+                    tail: Vec::new(),
                 });
                 self.features.len() - 1
             }
@@ -206,11 +223,13 @@ impl LineWriter {
 }
 
 /// What the lines of one feature share: `{"kind":"window","id":"F/` before
-/// the key, and `","feature":"F"` after the id's key.
+/// the key, and after the second key, for the window `tail_window`,
+/// `","feature":"F","window_start":S,"window_end":E,"value":`.
 struct FeaturePieces {
     name: SmolStr,
     head: Vec<u8>,
-    mid: Vec<u8>,
+    tail_window: Option<(Millis, Millis)>,
+    tail: Vec<u8>,
 }
 
 /// Features whose pieces a writer keeps (a pipeline's features, usually).
@@ -515,14 +534,15 @@ mod tests {
         let mut outputs = Vec::new();
         for (i, key) in STRINGS.iter().enumerate() {
             for (start, end) in [(0, 60_000), (0, 60_000), (60_000, 120_000), (0, 60_000)] {
-                for feature in ["amount_count", "a\"b", "amount_sum"] {
+                for (f, feature) in ["amount_count", "a\"b", "amount_sum"].iter().enumerate() {
                     outputs.push(Output::Window(WindowResult {
                         key: (*key).into(),
-                        feature: feature.into(),
+                        feature: (*feature).into(),
                         window_start: start,
                         window_end: end,
                         value: values()[i % values().len()],
-                        revision: i as u32,
+                        // Revisions change within a window and across.
+                        revision: (i + f / 2) as u32,
                     }));
                 }
             }
