@@ -32,7 +32,9 @@ use crate::record::Key;
 use crate::state::{hash_key, StateStore};
 use crate::time::Millis;
 
-use super::operator::{EngineStats, KeyEntry, KeyRef, KeyState, Operator, SpecPlan, States};
+use super::operator::{
+    EngineStats, KeyEntry, KeyRef, KeyState, Lookup, Operator, SpecPlan, States,
+};
 use super::window::prefetch_lines;
 use super::EngineError;
 
@@ -47,7 +49,7 @@ pub const PREFETCH_AHEAD: usize = 32;
 pub(super) fn key_states<'a>(states: &'a mut States, key: &str, specs: usize) -> &'a mut KeyEntry {
     // By reference: the key's owned form (an allocation for one longer
     // than 23 bytes, a UUID) is made only when the entry is.
-    states.entry_ref(key).or_insert_with(|| KeyEntry {
+    states.entry_ref(&Lookup(key)).or_insert_with(|| KeyEntry {
         hash: hash_key(key),
         slots: (0..specs).map(|_| None).collect(),
         newest: Millis::MIN,
@@ -111,7 +113,7 @@ impl Operator {
     /// their cache misses overlap instead of stalling the events one by one.
     pub(super) fn prefetch<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
         for key in keys {
-            if let Some(entry) = self.states.get(key) {
+            if let Some(entry) = self.states.get(&Lookup(key)) {
                 for st in entry.slots.iter().flatten() {
                     // The state itself spans three lines, and the probe
                     // brought in only the one with the key.

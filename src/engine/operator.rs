@@ -207,6 +207,26 @@ pub(super) type KeyRef<'a> = (&'a [u8; 16], &'a str);
 /// key does not chase a pointer to another cache line.
 pub(super) type States = hashbrown::HashMap<SmolStr, KeyEntry, foldhash::fast::RandomState>;
 
+/// A key as the per-event and firing paths look it up in [`States`]: hashed
+/// as the stored `SmolStr` is (as its `str`), compared in a few word loads
+/// ([`same`](crate::decode::scan::same)) instead of a call to `memcmp`,
+/// which for keys this short costs more than the compare.
+#[derive(Hash)]
+pub(super) struct Lookup<'a>(pub(super) &'a str);
+
+impl hashbrown::Equivalent<SmolStr> for Lookup<'_> {
+    #[inline]
+    fn equivalent(&self, key: &SmolStr) -> bool {
+        crate::decode::scan::same(self.0, key)
+    }
+}
+
+impl From<&Lookup<'_>> for SmolStr {
+    fn from(key: &Lookup<'_>) -> SmolStr {
+        SmolStr::from(key.0)
+    }
+}
+
 /// The timer index: the keys of each spec whose timer is at an instant,
 /// ordered by that instant (a window end or a purge time).
 /// Timers by (domain, due, spec): a domain's timers are one range of the

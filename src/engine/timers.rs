@@ -44,7 +44,9 @@ use crate::state::{Cf, StateDelta, StateStore};
 
 use super::aggregate::Acc;
 use super::cache::{key_states, slot_state, touch, PREFETCH_AHEAD};
-use super::operator::{EngineStats, KeyEntry, KeyRef, KeyState, Operator, SpecPlan, Timers};
+use super::operator::{
+    EngineStats, KeyEntry, KeyRef, KeyState, Lookup, Operator, SpecPlan, Timers,
+};
 use super::rules;
 use super::watermark::GLOBAL;
 use super::window::Geometry;
@@ -91,7 +93,14 @@ impl KeyState {
             .revisions
             .front()
             .map(|(j, _)| geo.purge_due_of_window(*j, lateness));
-        [fire, slice, rev].into_iter().flatten().min()
+        // Called after every event and visit: three options compared in
+        // place, not through an iterator over them.
+        let min = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, None) => a,
+            (None, b) => b,
+        };
+        min(min(fire, slice), rev)
     }
 
     /// Takes the next revision of window `j`.
@@ -336,7 +345,7 @@ impl Operator {
         let KeyEntry { hash, slots, .. } = if *store_may_have {
             key_states(states, key, specs.len())
         } else {
-            match states.get_mut(&**key) {
+            match states.get_mut(&Lookup(key)) {
                 Some(entry) => entry,
                 None => return Ok(()), // a stale entry of a dropped state
             }
