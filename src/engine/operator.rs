@@ -244,3 +244,60 @@ pub(super) type Timers = BTreeMap<(u32, i64, u16), VecDeque<Key>>;
 /// per-shard mode, where this is empty) follows the pipeline watermark.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Domains(pub(super) Vec<(u128, u128, u32)>);
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use smol_str::SmolStr;
+
+    use super::{KeyEntry, Lookup, States};
+
+    /// A `Lookup` finds what the map holds under the same key, and only
+    /// that: it hashes as the stored key does, and compares whole keys
+    /// (keys of every length the word compare treats apart, and keys that
+    /// share a prefix or a suffix).
+    #[test]
+    fn a_lookup_finds_exactly_its_own_key() {
+        let keys = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "abcd",
+            "abcdefg",
+            "abcdefgh",
+            "abcdefghijklmnop",
+            "abcdefghijklmnopq",
+            "u-0123456789abcdefghij",
+            "123e4567-e89b-12d3-a456-426614174000",
+            "42989",
+            "42988",
+            "x2989",
+        ];
+        let mut states = States::default();
+        for (i, k) in keys.iter().enumerate() {
+            let hasher = states.hasher();
+            assert_eq!(
+                hasher.hash_one(Lookup(k)),
+                hasher.hash_one(SmolStr::from(*k))
+            );
+            states.entry_ref(&Lookup(k)).or_insert_with(|| KeyEntry {
+                hash: [i as u8; 16],
+                slots: Default::default(),
+                newest: 0,
+            });
+        }
+        assert_eq!(states.len(), keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(
+                states.get(&Lookup(k)).map(|e| e.hash),
+                Some([i as u8; 16]),
+                "{k}"
+            );
+            assert_eq!(states.get(*k).map(|e| e.hash), Some([i as u8; 16]), "{k}");
+        }
+        assert!(states.get(&Lookup("abcdefghijklmnoq")).is_none());
+        assert!(states.get(&Lookup("42987")).is_none());
+    }
+}

@@ -250,16 +250,76 @@ const VALUE_MAX: usize = 24;
 struct Number {
     int: itoa::Buffer,
     float: zmij::Buffer,
+    short: [u8; SHORT_MAX],
 }
 
 impl Number {
     fn format(&mut self, v: Option<Value>) -> &[u8] {
         match v {
             Some(Value::Int(n)) => self.int.format(n).as_bytes(),
-            Some(Value::Float(f)) if f.is_finite() => self.float.format_finite(f).as_bytes(),
-            Some(Value::Float(_)) | None => b"null",
+            Some(Value::Float(f)) => match short_decimal(f, &mut self.short) {
+                Some(at) => &self.short[at..],
+                None if f.is_finite() => self.float.format_finite(f).as_bytes(),
+                None => b"null",
+            },
+            None => b"null",
         }
     }
+}
+
+/// The longest text [`short_decimal`] writes: a sign, nine integer digits,
+/// a point and two decimals.
+const SHORT_MAX: usize = 13;
+
+/// `v`'s shortest round-trip text, as the general formatter writes it, when
+/// `v` is a decimal of at most two fraction digits below 10^9 in magnitude
+/// (an amount, a price, and so their sums, maxima and minima): written from
+/// its digits, right-aligned in `out`, without the general search for the
+/// shortest ones. Returns where the text starts; `None` for any other value
+/// (the general formatter's).
+///
+/// Why the text is the shortest: `c = |v| * 100` is an integer below 2^53
+/// whose quotient by 100, correctly rounded (as IEEE division is), is
+/// `|v|`, so the decimal `c / 100` reads back as `v`. Below 10^9 an ulp is
+/// at most 2^-23, so every other decimal of as many fraction digits, and
+/// every one of fewer (other than `c / 100` with its trailing zero cut), is
+/// at least 0.01 away: none reads back as `v`. That decimal is then printed
+/// the way the general formatter prints numbers of this size: point
+/// notation with at least one fraction digit.
+fn short_decimal(v: f64, out: &mut [u8; SHORT_MAX]) -> Option<usize> {
+    let a = v.abs();
+    // Also refuses NaN.
+    if !(a < 1e9) {
+        return None;
+    }
+    let c = a * 100.0;
+    let cents = c as u64;
+    if cents as f64 != c || cents as f64 / 100.0 != a {
+        return None;
+    }
+    let mut at = SHORT_MAX;
+    let fraction = (cents % 100) as u8;
+    if fraction % 10 != 0 {
+        at -= 1;
+        out[at] = b'0' + fraction % 10;
+    }
+    at -= 2;
+    out[at] = b'.';
+    out[at + 1] = b'0' + fraction / 10;
+    let mut int = cents / 100;
+    loop {
+        at -= 1;
+        out[at] = b'0' + (int % 10) as u8;
+        int /= 10;
+        if int == 0 {
+            break;
+        }
+    }
+    if v.is_sign_negative() {
+        at -= 1;
+        out[at] = b'-';
+    }
+    Some(at)
 }
 
 /// Appends `s`, for which `buf` has room (else it grows as
@@ -497,6 +557,71 @@ mod tests {
         v.extend([0, -1, 42, i64::MIN, i64::MAX].map(|n| Some(Value::Int(n))));
         v.push(None);
         v
+    }
+
+    /// The short path writes what the general formatter writes, for
+    /// decimals of two fraction digits on both sides of 10^9 and their
+    /// neighbouring doubles (one ulp off, so not such decimals), whatever
+    /// doubles, and the edges.
+    #[test]
+    fn short_decimals_are_written_as_the_general_formatter_writes_them() {
+        let general = |v: f64| zmij::Buffer::new().format_finite(v).to_owned();
+        let check = |v: f64| {
+            let mut number = Number::default();
+            let written = String::from_utf8(number.format(Some(Value::Float(v))).to_vec()).unwrap();
+            assert_eq!(written, general(v), "{v:e} ({:#x})", v.to_bits());
+        };
+        let edges = [
+            0.0,
+            -0.0,
+            0.01,
+            -0.01,
+            0.1,
+            0.5,
+            1.0,
+            2.0,
+            10.0,
+            0.07,
+            1.05,
+            999_999_999.99,
+            999_999_999.0,
+            1e9,
+            -1e9,
+            1e9 - 0.01,
+            123_456_789.12,
+            5e-3,
+            0.015,
+            1e-5,
+            1e8,
+        ];
+        for v in edges {
+            check(v);
+            check(f64::from_bits(v.to_bits() + 1));
+            if v != 0.0 {
+                check(f64::from_bits(v.to_bits() - 1));
+            }
+        }
+        for cents in (0..20_000i64).chain(99_999_990_000..100_000_010_000) {
+            for v in [cents as f64 / 100.0, -(cents as f64) / 100.0] {
+                check(v);
+            }
+        }
+        proptest::proptest!(proptest::prelude::ProptestConfig::with_cases(20_000), |(
+            cents in -200_000_000_000i64..200_000_000_000,
+            ulps in -2i64..=2,
+            bits in proptest::num::u64::ANY,
+        )| {
+            let v = cents as f64 / 100.0;
+            check(v);
+            let near = f64::from_bits((v.to_bits() as i64 + ulps) as u64);
+            if near.is_finite() {
+                check(near);
+            }
+            let any = f64::from_bits(bits);
+            if any.is_finite() {
+                check(any);
+            }
+        });
     }
 
     #[test]

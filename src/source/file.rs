@@ -135,8 +135,8 @@ impl PartitionReader {
                 }
                 chunk.extend_from_slice(text);
                 // Inline in the position: no allocation for a line number.
-                let mut line = itoa::Buffer::new();
-                let sequence = SmolStr::new_inline(line.format(self.line));
+                let mut digits = itoa::Buffer::new();
+                let sequence = SmolStr::new_inline(digits.format(self.line));
                 let mut position = Position::new(self.partition.clone(), sequence);
                 position.resume_offset = NonZeroU64::new(self.offset);
                 batch.push(RawRecord {
