@@ -288,8 +288,7 @@ const SHORT_MAX: usize = 13;
 /// notation with at least one fraction digit.
 fn short_decimal(v: f64, out: &mut [u8; SHORT_MAX]) -> Option<usize> {
     let a = v.abs();
-    // Also refuses NaN.
-    if !(a < 1e9) {
+    if a.is_nan() || a >= 1e9 {
         return None;
     }
     let c = a * 100.0;
@@ -299,7 +298,7 @@ fn short_decimal(v: f64, out: &mut [u8; SHORT_MAX]) -> Option<usize> {
     }
     let mut at = SHORT_MAX;
     let fraction = (cents % 100) as u8;
-    if fraction % 10 != 0 {
+    if !fraction.is_multiple_of(10) {
         at -= 1;
         out[at] = b'0' + fraction % 10;
     }
