@@ -273,9 +273,9 @@ const SHORT_MAX: usize = 13;
 
 /// `v`'s shortest round-trip text, as the general formatter writes it, when
 /// `v` is a decimal of at most two fraction digits below 10^9 in magnitude
-/// (an amount, a price, and so their sums, maxima and minima): written from
-/// its digits, right-aligned in `out`, without the general search for the
-/// shortest ones. Returns where the text starts; `None` for any other value
+/// (an amount, a price, their maxima and minima, often their sums): written
+/// from its digits, right-aligned in `out`, without the general search for
+/// the shortest ones. Returns where the text starts; `None` for any other value
 /// (the general formatter's).
 ///
 /// Why the text is the shortest: `c = |v| * 100` is an integer below 2^53
