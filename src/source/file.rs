@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use smol_str::SmolStr;
 use tokio::fs::File;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
@@ -94,8 +94,10 @@ impl PartitionReader {
         let mut batch = Vec::with_capacity(max.min(1024));
         let arrival = now_millis();
         // The records' bytes are slices of shared chunks, not one
-        // allocation (and its regrowth) per line.
+        // allocation (and its regrowth) per line; the lengths of those in
+        // `chunk` that have no slice of it yet.
         let mut chunk = BytesMut::new();
+        let mut unsliced = Vec::with_capacity(max.min(1024));
         while batch.len() < max {
             let buf = self
                 .reader
@@ -130,10 +132,12 @@ impl PartitionReader {
                 text = rest;
             }
             if !text.iter().all(u8::is_ascii_whitespace) {
-                if chunk.capacity() < text.len() {
+                if chunk.capacity() - chunk.len() < text.len() {
+                    hand_out(&mut chunk, &mut batch, &mut unsliced);
                     chunk = BytesMut::with_capacity(CHUNK_BYTES.max(text.len()));
                 }
                 chunk.extend_from_slice(text);
+                unsliced.push(text.len());
                 // Inline in the position: no allocation for a line number.
                 let mut digits = itoa::Buffer::new();
                 let sequence = SmolStr::new_inline(digits.format(self.line));
@@ -142,7 +146,7 @@ impl PartitionReader {
                 batch.push(RawRecord {
                     position,
                     arrival,
-                    bytes: chunk.split().freeze(),
+                    bytes: Bytes::new(),
                     replay_watermark: None,
                 });
             }
@@ -152,8 +156,27 @@ impl PartitionReader {
                 break;
             }
         }
+        hand_out(&mut chunk, &mut batch, &mut unsliced);
         Ok(batch)
     }
+}
+
+/// Gives the last `lens.len()` records of `batch` their bytes: consecutive
+/// slices of what `chunk` holds, frozen once, so that each record takes a
+/// count of the chunk rather than a split of it (which cost more than
+/// copying its line).
+fn hand_out(chunk: &mut BytesMut, batch: &mut [RawRecord], lens: &mut Vec<usize>) {
+    if lens.is_empty() {
+        return;
+    }
+    let frozen = chunk.split().freeze();
+    let first = batch.len() - lens.len();
+    let mut at = 0;
+    for (record, &n) in batch[first..].iter_mut().zip(lens.iter()) {
+        record.bytes = frozen.slice(at..at + n);
+        at += n;
+    }
+    lens.clear();
 }
 
 /// Where the first newline of `buf` is, eight bytes at a time. Lines are
