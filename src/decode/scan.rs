@@ -457,29 +457,21 @@ impl Decoder {
     /// what the long way reads: its name has no escapes, so the string ends
     /// at the quote before the colon. `None` leaves it to the long way (and
     /// so does a member within eight bytes of the end).
-    ///
-    /// The search starts at token `from` and wraps around: records usually
-    /// name their members in one order, so passing the one after the last
-    /// match finds the next at once. At most one token can match at a
-    /// place (`"name":` ends at its own quote), so the order changes
-    /// nothing else. Returns the token's length, member and successor.
     #[inline(always)]
-    fn member_at(&self, bytes: &[u8], at: usize, from: usize) -> Option<(usize, Member, usize)> {
+    fn member_at(&self, bytes: &[u8], at: usize) -> Option<(usize, Member)> {
         let word = |at: usize| {
             bytes
                 .get(at..at + 8)
                 .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
         };
         let head = word(at)?;
-        let n = self.tokens.len();
-        (from.min(n)..n).chain(0..from.min(n)).find_map(|i| {
-            let t = &self.tokens[i];
+        self.tokens.iter().find_map(|t| {
             let found = if t.len >= 8 {
                 head == t.head && word(at + t.len - 8) == Some(t.tail)
             } else {
                 head & t.mask == t.head
             };
-            found.then_some((t.len, t.member, i + 1))
+            found.then_some((t.len, t.member))
         })
     }
 
@@ -506,13 +498,10 @@ pub(super) fn scan<'a>(schema: &Decoder, text: &'a str, slots: &mut Slots<'a>) -
     c.eat(b'{')?;
     c.skip_ws();
     if c.eat(b'}').is_none() {
-        // Where the next member's token is looked for first.
-        let mut next = 0;
         loop {
-            let member = match schema.member_at(text.as_bytes(), c.at, next) {
-                Some((len, member, after)) => {
+            let member = match schema.member_at(text.as_bytes(), c.at) {
+                Some((len, member)) => {
                     c.at += len;
-                    next = after;
                     Some(member)
                 }
                 None => {
@@ -609,9 +598,8 @@ mod tests {
             (r#"{"userId":"u","ts":1,"amount":+1}"#, false),
             (r#"{"userId":"u","ts":1,"amount":"1"}"#, true),
             (r#"{"userId":"u","userId":"v","ts":1}"#, false),
-            // Members in other orders than the schema's, so that the
-            // search from the last match wraps around, and duplicates
-            // found after a wrap.
+            // Members in other orders than the schema's, and duplicates
+            // of a member that came first.
             (r#"{"amount":2.5,"ts":7,"userId":"u"}"#, true),
             (r#"{"ts":7,"amount":2.5,"userId":"u","x":1}"#, true),
             (r#"{"amount":1,"userId":"u","ts":7,"amount":2}"#, false),
