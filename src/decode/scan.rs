@@ -342,21 +342,38 @@ fn eight_digits(word: u64) -> u64 {
         >> 32
 }
 
+/// Every byte of a word holding `n`.
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// Marks (with its high bit) each byte of `word` below `n`, for `n` at most
+/// 0x80; bytes with their high bit set (UTF-8) are never marked. A borrow
+/// can mark bytes above a marked one too, never below it, so the lowest
+/// mark is exact: little-endian, the first such byte of the text. A word
+/// read from text is tested this way eight bytes at a time.
+#[inline(always)]
+pub(crate) fn bytes_below(word: u64, n: u8) -> u64 {
+    word.wrapping_sub(ONES * u64::from(n)) & !word & (ONES * 0x80)
+}
+
+/// Marks each byte of `word` equal to `b`, as [`bytes_below`] marks.
+#[inline(always)]
+pub(crate) fn bytes_equal(word: u64, b: u8) -> u64 {
+    bytes_below(word ^ (ONES * u64::from(b)), 1)
+}
+
+/// Marks each byte of `word` that JSON escapes in a string (`"`, `\`, a
+/// control character), as [`bytes_below`] marks.
+#[inline(always)]
+pub(crate) fn escaped_bytes(word: u64) -> u64 {
+    bytes_below(word, 0x20) | bytes_equal(word, b'"') | bytes_equal(word, b'\\')
+}
+
 /// The first byte at or after `from` that ends a string without escapes
-/// (`"`, `\`, a control character), eight bytes at a time: in a word, the
-/// lowest byte flagged is always a true hit (a borrow only flags bytes
-/// above one), and little-endian order makes it the first in the text.
+/// (`"`, `\`, a control character), eight bytes at a time.
 fn string_end(bytes: &[u8], from: usize) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-    let below_space = |v: u64| v.wrapping_sub(ONES * 0x20) & !v & HIGHS;
     let mut i = from;
     while let Some(word) = bytes.get(i..i + 8) {
-        let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-        let hit = below_space(v)
-            | zero(v ^ (ONES * u64::from(b'"')))
-            | zero(v ^ (ONES * u64::from(b'\\')));
+        let hit = escaped_bytes(u64::from_le_bytes(word.try_into().expect("8 bytes")));
         if hit != 0 {
             return Some(i + (hit.trailing_zeros() / 8) as usize);
         }

@@ -134,24 +134,40 @@ impl DecodeState {
     fn pass_on(&mut self, batch: Vec<DecodedRecord>) -> Vec<Decoded> {
         self.barriers
             .passed_on(batch.iter().map(DecodedRecord::position));
-        self.hand_on(batch.into_iter().map(|r| (r.replay_watermark, r.event)))
+        self.hand_on(batch, |r| r.replay_watermark, |r| r.event)
     }
 
     /// [`pass_on`](Self::pass_on) of a source's raw records, each decoded
     /// straight into the batch handed on rather than into a batch of its
-    /// own first, and pushed as it comes out of the decoder (an event is a
-    /// few hundred bytes, each copy of it lands in memory not yet in the
-    /// cache; going through `hand_on`'s tuples copied it three times more).
+    /// own first.
     fn decode_and_pass_on(&mut self, decoder: &Decoder, batch: Vec<RawRecord>) -> Vec<Decoded> {
         self.barriers.passed_on(batch.iter().map(|r| &r.position));
+        self.hand_on(batch, |r| r.replay_watermark, |raw| decoder.decode(raw))
+    }
+
+    /// The batch handed on of records whose positions were noted: each
+    /// event (when in range) or dead letter, after the archived watermark
+    /// before it when that moved on. An item's event is pushed as `event`
+    /// gives it and taken back when out of range: an event is a few
+    /// hundred bytes, each copy of it lands in memory not yet in the cache,
+    /// and passing it on in a tuple per record copied it three times more.
+    fn hand_on<T>(
+        &mut self,
+        batch: Vec<T>,
+        replay_watermark: impl Fn(&T) -> Option<Millis>,
+        mut event: impl FnMut(T) -> Result<Event, Box<DeadLetter>>,
+    ) -> Vec<Decoded> {
         let n = batch.len() as u64;
         let mut dead = 0;
         let mut out = Vec::with_capacity(batch.len());
-        for raw in batch {
-            if let Some(w) = raw.replay_watermark {
-                self.replayed(w, &mut out);
+        for item in batch {
+            if let Some(w) = replay_watermark(&item) {
+                if self.replayed_watermark.is_none_or(|r| w > r) {
+                    self.replayed_watermark = Some(w);
+                    out.push(Decoded::Advance(w));
+                }
             }
-            out.push(match decoder.decode(raw) {
+            out.push(match event(item) {
                 Ok(event) => Decoded::Event(event),
                 Err(d) => {
                     dead += 1;
@@ -168,14 +184,6 @@ impl DecodeState {
         out
     }
 
-    /// Notes an archived watermark, passing it on when it moved on.
-    fn replayed(&mut self, w: Millis, out: &mut Vec<Decoded>) {
-        if self.replayed_watermark.is_none_or(|r| w > r) {
-            self.replayed_watermark = Some(w);
-            out.push(Decoded::Advance(w));
-        }
-    }
-
     /// Whether an event at `t` is in the range (counted when not).
     fn in_range(&self, t: Millis) -> bool {
         let Some((from, to)) = self.range else {
@@ -186,36 +194,6 @@ impl DecodeState {
             return false;
         }
         true
-    }
-
-    /// The batch handed on of records whose positions were noted: each
-    /// event (when in range) or dead letter, after the archived watermark
-    /// before it when that moved on.
-    fn hand_on(
-        &mut self,
-        records: impl ExactSizeIterator<Item = (Option<Millis>, Result<Event, Box<DeadLetter>>)>,
-    ) -> Vec<Decoded> {
-        let n = records.len() as u64;
-        let mut dead = 0;
-        let mut out = Vec::with_capacity(records.len());
-        for (replay_watermark, event) in records {
-            if let Some(w) = replay_watermark {
-                self.replayed(w, &mut out);
-            }
-            match event {
-                Ok(event) => {
-                    if self.in_range(event.event_time) {
-                        out.push(Decoded::Event(event))
-                    }
-                }
-                Err(d) => {
-                    dead += 1;
-                    out.push(Decoded::Dead(d));
-                }
-            }
-        }
-        self.count(n, dead);
-        out
     }
 
     fn count(&self, records: u64, dead: u64) {

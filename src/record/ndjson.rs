@@ -23,7 +23,7 @@ use std::ptr;
 
 use smol_str::SmolStr;
 
-use crate::decode::scan::same;
+use crate::decode::scan::{escaped_bytes, same};
 
 use super::{FeatureNames, FeatureRecord, FeatureVector, Output, Value, WindowResult};
 use crate::time::Millis;
@@ -276,7 +276,8 @@ const SHORT_MAX: usize = 13;
 /// (an amount, a price, their maxima and minima, often their sums): written
 /// from its digits, right-aligned in `out`, without the general search for
 /// the shortest ones. Returns where the text starts; `None` for any other value
-/// (the general formatter's).
+/// (the general formatter's). The digits are written here, from the last,
+/// rather than by `itoa`: its text would then be copied next to the point.
 ///
 /// Why the text is the shortest: `c = |v| * 100` is an integer below 2^53
 /// whose quotient by 100, correctly rounded (as IEEE division is), is
@@ -391,17 +392,6 @@ fn string_body(buf: &mut Vec<u8>, s: &str) {
 /// eight bytes (or two overlapping four-byte loads under eight), re-testing
 /// a few bytes rather than looping over the rest one by one.
 fn needs_escape(s: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // Per byte, the high bit of the result is set where the byte is zero
-    // (a byte `b` below 0x80 maps to `b - 1` with its high bit only when
-    // it was 0), ignoring bytes that had their high bit (UTF-8, never
-    // escaped). Exact for "any byte of the word", which is all this asks.
-    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-    let below_space = |v: u64| v.wrapping_sub(ONES * 0x20) & !v & HIGHS;
-    let hit = |v: u64| {
-        below_space(v) | zero(v ^ (ONES * u64::from(b'"'))) | zero(v ^ (ONES * u64::from(b'\\')))
-    };
     let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
     let half = |c: &[u8]| u64::from(u32::from_le_bytes(c.try_into().expect("4 bytes")));
     let n = s.len();
@@ -409,15 +399,17 @@ fn needs_escape(s: &[u8]) -> bool {
         return s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
     }
     if n < 8 {
-        return hit(half(&s[..4]) | half(&s[n - 4..]) << 32) != 0;
+        // Two loads in one word: a mark is exact for "any byte of the
+        // word", which is all this asks.
+        return escaped_bytes(half(&s[..4]) | half(&s[n - 4..]) << 32) != 0;
     }
     let mut chunks = s.chunks_exact(8);
     let mut found = 0u64;
     for c in &mut chunks {
-        found |= hit(word(c));
+        found |= escaped_bytes(word(c));
     }
     if !chunks.remainder().is_empty() {
-        found |= hit(word(&s[n - 8..]));
+        found |= escaped_bytes(word(&s[n - 8..]));
     }
     found != 0
 }

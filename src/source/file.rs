@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
 use super::{Source, SourceContext};
 use crate::config::FileSourceConfig;
+use crate::decode::scan::bytes_equal;
 use crate::flow::BoxFuture;
 use crate::record::{PartitionStatus, Position, RawRecord};
 use crate::time::now_millis;
@@ -183,17 +184,11 @@ fn hand_out(chunk: &mut BytesMut, batch: &mut [RawRecord], lens: &mut Vec<usize>
 /// short (tens of bytes), and a general search's setup cost more than this
 /// loop over them.
 fn newline(buf: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
     let mut words = buf.chunks_exact(8);
     for (i, word) in (&mut words).enumerate() {
-        let x = u64::from_le_bytes(word.try_into().expect("8 bytes")) ^ (ONES * u64::from(b'\n'));
-        // The high bit of each byte of `x` that is zero; a borrow can mark
-        // bytes above the first zero too, never below it, so the lowest
-        // mark is the first newline.
-        let zero = x.wrapping_sub(ONES) & !x & HIGHS;
-        if zero != 0 {
-            return Some(i * 8 + (zero.trailing_zeros() / 8) as usize);
+        let hit = bytes_equal(u64::from_le_bytes(word.try_into().expect("8 bytes")), b'\n');
+        if hit != 0 {
+            return Some(i * 8 + (hit.trailing_zeros() / 8) as usize);
         }
     }
     let tail = buf.len() - words.remainder().len();
